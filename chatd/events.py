@@ -1,0 +1,108 @@
+"""What the hub fans out: chat messages and presence changes.
+
+An event is immutable once published and carries a cache of its encodings,
+keyed by wire format, so that one room broadcast encodes once per format (one
+WebSocket frame, one SignalR JSON record, one protobuf...) however many
+recipients share that format.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def rfc3339(seconds: float) -> str:
+    """UTC RFC 3339 with milliseconds, the one timestamp form on every protocol."""
+    dt = datetime.fromtimestamp(seconds, timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+class Event:
+    """Base of everything delivered to sessions; ``room`` routes it."""
+
+    __slots__ = ("room", "_encoded")
+    kind = "event"
+
+    def __init__(self, room: str) -> None:
+        self.room = room
+        self._encoded: dict[str, Any] = {}
+
+    def encoded(self, fmt: str, encode: Callable[[Any], T]) -> T:
+        """``encode(self)``, computed once per format and shared by every recipient."""
+        try:
+            return self._encoded[fmt]
+        except KeyError:
+            value = self._encoded[fmt] = encode(self)
+            return value
+
+
+class Message(Event):
+    """A chat message as stored and delivered: ids, order and origin are the hub's."""
+
+    __slots__ = ("id", "seq", "user", "text", "time", "protocol")
+    kind = "message"
+
+    def __init__(
+        self, id: str, seq: int, room: str, user: str, text: str, time: float, protocol: str
+    ) -> None:
+        super().__init__(room)
+        self.id = id
+        self.seq = seq
+        self.user = user
+        self.text = text
+        self.time = time
+        self.protocol = protocol
+
+    @property
+    def timestamp(self) -> str:
+        return rfc3339(self.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The documented wire shape, shared by the JSON protocols."""
+        return {
+            "type": "message",
+            "id": self.id,
+            "seq": self.seq,
+            "room": self.room,
+            "user": self.user,
+            "message": self.text,
+            "timestamp": self.timestamp,
+            "protocol": self.protocol,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Message {self.room}#{self.seq} from {self.user!r} via {self.protocol}>"
+
+
+class Presence(Event):
+    """A user entered (``join``) or left (``leave``) a room; ``count`` is who is there now."""
+
+    __slots__ = ("action", "user", "time", "protocol", "count")
+    kind = "presence"
+
+    def __init__(
+        self, room: str, action: str, user: str, time: float, protocol: str, count: int
+    ) -> None:
+        super().__init__(room)
+        self.action = action
+        self.user = user
+        self.time = time
+        self.protocol = protocol
+        self.count = count
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": "presence",
+            "action": self.action,
+            "room": self.room,
+            "user": self.user,
+            "timestamp": rfc3339(self.time),
+            "protocol": self.protocol,
+            "count": self.count,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Presence {self.user!r} {self.action} {self.room}>"

@@ -1,0 +1,136 @@
+"""HTTP pieces shared by the listeners: JSON resources, health, the info page,
+and the Origin policy that the WebSocket upgrade and SignalR's CORS both use."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
+
+import orjson
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from chatd import __version__
+from chatd.events import rfc3339
+
+
+def _hostname(value: str | None) -> str | None:
+    """The host part of an ``Origin`` URL or a ``Host`` header, lower-cased."""
+    if not value:
+        return None
+    if "//" not in value:
+        value = "//" + value
+    try:
+        return (urlsplit(value).hostname or "").lower() or None
+    except ValueError:
+        return None
+
+
+class OriginPolicy:
+    """Which browser origins may open connections.
+
+    With no configured origins, a page served from the same host name (on
+    any port: the browser client lives on another port) is allowed, and so
+    is a request with no ``Origin`` at all (non-browser clients send none).
+    Configured entries are exact origins (``https://chat.example.com``) or
+    ``*`` for any.
+    """
+
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        self.allowed = {o.strip().rstrip("/").lower() for o in allowed if o.strip()}
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        if origin is None or origin == "":
+            return True
+        if "*" in self.allowed:
+            return True
+        if origin.rstrip("/").lower() in self.allowed:
+            return True
+        if self.allowed:
+            return False
+        origin_host = _hostname(origin)
+        return origin_host is not None and origin_host == _hostname(host)
+
+
+def write_json(request: Request, body: Any, code: int = 200) -> bytes:
+    """Set the JSON headers and status on ``request``; return the body to render."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return orjson.dumps(body)
+
+
+class JsonResource(Resource):
+    """``GET`` answers ``body()`` as JSON (a status code may come with it)."""
+
+    isLeaf = True
+
+    def __init__(self, body: Callable[[], tuple[int, Any]]) -> None:
+        super().__init__()
+        self._body = body
+
+    def render_GET(self, request: Request) -> bytes:
+        code, body = self._body()
+        return write_json(request, body, code)
+
+    render_HEAD = render_GET
+
+
+def go_duration(seconds: float) -> str:
+    """Format like Go's ``time.Duration.String()`` (``1h2m3.5s``), the seed's uptime form."""
+    seconds = max(0.0, seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = ""
+    if hours:
+        out += f"{int(hours)}h"
+    if hours or minutes:
+        out += f"{int(minutes)}m"
+    return out + f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def health(hub, service: str) -> tuple[int, dict]:
+    """The health document: 200 while the hub serves, 503 once shutdown starts."""
+    ok = hub.healthy
+    return (200 if ok else 503), {
+        "status": "healthy" if ok else "unhealthy",
+        "service": service,
+        "timestamp": rfc3339(hub.clock.seconds()),
+        "clients": len(hub.sessions),
+        "uptime": go_duration(hub.uptime()),
+    }
+
+
+_INFO = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>chatd</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40em; margin: 2em auto">
+<h1>chatd {version}</h1>
+<p>A real-time chat daemon: WebSocket, SignalR and gRPC clients share the same rooms.</p>
+<ul>
+<li>WebSocket (JSON): <code>/ws</code></li>
+<li><a href="/health">/health</a>, <a href="/stats">/stats</a></li>
+</ul>
+<p>{clients} clients connected, {rooms} rooms active.</p>
+</body></html>
+"""
+
+
+class InfoPage(Resource):
+    """``GET /``: what this server is and where its endpoints are."""
+
+    isLeaf = True
+
+    def __init__(self, hub) -> None:
+        super().__init__()
+        self._hub = hub
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'")
+        return _INFO.format(
+            version=escape(__version__),
+            clients=len(self._hub.sessions),
+            rooms=len(self._hub.rooms()),
+        ).encode()

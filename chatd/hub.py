@@ -1,0 +1,406 @@
+"""The hub: the one owner of rooms, sessions, presence, order, history and stats.
+
+Everything here runs on the reactor thread only. Protocol adapters register a
+:class:`Session` per connection and call the hub's methods; the hub never
+knows which protocol a session speaks. Data flows one way::
+
+    adapter -> Hub.publish -> Broker.publish -> Hub.deliver -> Session.deliver
+
+The broker and the history store are seams: :class:`LocalBroker` and
+:class:`MemoryHistory` serve a single process; a Redis broker (fan-out across
+processes) or a durable store slot in behind the same small interfaces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections import deque
+from typing import Iterable, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from chatd import validate
+from chatd.events import Event, Message, Presence
+from chatd.validate import ChatError, Limits
+
+log = Logger()
+
+_session_ids = itertools.count(1)
+
+
+class ServerFull(ChatError):
+    """``MAX_CONNECTIONS`` sessions are open already."""
+
+
+class Session:
+    """One client connection as the hub sees it, whatever its protocol.
+
+    Adapters subclass it and implement :meth:`deliver` (encode and write,
+    never blocking) and :meth:`close`. ``user`` is fixed once set (see
+    :meth:`Hub.identify`); ``rooms`` is maintained by the hub only.
+    """
+
+    protocol = "unknown"
+
+    def __init__(self, peer: str = "") -> None:
+        self.id = next(_session_ids)
+        self.peer = peer
+        self.user: str | None = None
+        self.rooms: set[str] = set()
+
+    def deliver(self, event: Event) -> None:
+        """Send ``event`` to the client; must not raise for a slow client."""
+        raise NotImplementedError
+
+    def close(self, reason: str) -> None:
+        """End the connection, telling the client ``reason`` in its protocol's form."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.user or '-'}@{self.peer}>"
+
+
+@implementer(IPushProducer)
+class SendBudget:
+    """A bound on what a session may have queued for a slow reader.
+
+    Registered as the streaming producer of a Twisted transport: the
+    transport pauses it when its own buffer is full and resumes it once
+    drained. While paused every written byte is counted; past ``limit`` the
+    overflow callback closes the session so the room's other members carry on
+    and memory stays bounded.
+    """
+
+    def __init__(self, limit: int, on_overflow) -> None:
+        self.limit = limit
+        self.paused = False
+        self.queued = 0
+        self.overflowed = False
+        self._on_overflow = on_overflow
+
+    def attach(self, transport) -> None:
+        # twisted.web's HTTPChannel registered itself on the transport before
+        # the WebSocket upgrade handed the transport over; take its place.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        transport.registerProducer(self, True)
+
+    def charge(self, nbytes: int) -> bool:
+        """Account for ``nbytes`` about to be written; False once over budget."""
+        if self.overflowed:
+            return False
+        if self.paused:
+            self.queued += nbytes
+            if self.queued > self.limit:
+                self.overflowed = True
+                self._on_overflow()
+                return False
+        return True
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.queued = 0
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class History(Protocol):
+    """Where messages are kept for ``history`` and resume; reads are synchronous.
+
+    A durable store keeps the recent window in memory for reads and writes
+    behind (batched, off the reactor), so this interface stays synchronous.
+    """
+
+    def append(self, message: Message) -> None: ...
+
+    def recent(self, room: str, limit: int) -> list[Message]: ...
+
+    def since(self, room: str, seq: int) -> list[Message]: ...
+
+
+class MemoryHistory:
+    """The last ``limit`` messages of each room, in memory."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        self._rooms: dict[str, deque[Message]] = {}
+
+    def append(self, message: Message) -> None:
+        ring = self._rooms.get(message.room)
+        if ring is None:
+            ring = self._rooms[message.room] = deque(maxlen=self.limit)
+        ring.append(message)
+
+    def recent(self, room: str, limit: int) -> list[Message]:
+        ring = self._rooms.get(room)
+        if not ring or limit <= 0:
+            return []
+        return list(ring)[-limit:]
+
+    def since(self, room: str, seq: int) -> list[Message]:
+        ring = self._rooms.get(room)
+        if not ring:
+            return []
+        return [m for m in ring if m.seq > seq]
+
+    def last_seq(self, room: str) -> int:
+        ring = self._rooms.get(room)
+        return ring[-1].seq if ring else 0
+
+
+class Broker(Protocol):
+    """Carries published events to every process's hub (just this one, locally)."""
+
+    def publish(self, event: Event) -> None: ...
+
+
+class LocalBroker:
+    """In-process fan-out: hand the event straight back to the hub, in order."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def publish(self, event: Event) -> None:
+        self._hub.deliver(event)
+
+
+class _Room:
+    __slots__ = ("name", "sessions", "users", "seq")
+
+    def __init__(self, name: str, seq: int) -> None:
+        self.name = name
+        self.sessions: dict[int, Session] = {}
+        self.users: dict[str, int] = {}  # user -> number of that user's sessions here
+        self.seq = seq
+
+
+class _Rate:
+    """Events per second over a sliding window of whole seconds."""
+
+    def __init__(self, clock: IReactorTime, window: int = 10) -> None:
+        self._clock = clock
+        self._window = window
+        self._buckets: deque[list[int]] = deque()
+
+    def add(self, n: int = 1) -> None:
+        now = int(self._clock.seconds())
+        if self._buckets and self._buckets[-1][0] == now:
+            self._buckets[-1][1] += n
+        else:
+            self._buckets.append([now, n])
+            while self._buckets[0][0] <= now - self._window:
+                self._buckets.popleft()
+
+    def per_second(self) -> float:
+        now = int(self._clock.seconds())
+        total = sum(n for t, n in self._buckets if now - self._window < t < now)
+        return round(total / (self._window - 1), 3)
+
+
+class Hub(Service):
+    """The chat state machine; see the module docstring for the flow."""
+
+    name = "hub"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        limits: Limits | None = None,
+        max_connections: int = 10000,
+        history: History | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        self.clock = clock
+        self.limits = limits or Limits()
+        self.max_connections = max_connections
+        self.history_store = history or MemoryHistory(self.limits.history_limit)
+        self.broker = broker or LocalBroker(self)
+        self.sessions: dict[int, Session] = {}
+        self._rooms: dict[str, _Room] = {}
+        self._by_protocol: dict[str, int] = {}
+        self.started_at = clock.seconds()
+        self.messages_total = 0
+        self.deliveries_total = 0
+        self.connections_total = 0
+        self._rate = _Rate(clock)
+        self.accepting = False
+
+    # -- service -----------------------------------------------------------
+
+    def startService(self) -> None:
+        self.started_at = self.clock.seconds()
+        self.accepting = True
+        super().startService()
+
+    def stopService(self):
+        self.accepting = False
+        return super().stopService()
+
+    @property
+    def healthy(self) -> bool:
+        return self.running and self.accepting
+
+    # -- sessions ----------------------------------------------------------
+
+    def connect(self, session: Session) -> None:
+        """Register a new connection; raises :class:`ServerFull` past the limit."""
+        if len(self.sessions) >= self.max_connections:
+            raise ServerFull(f"server full: {self.max_connections} connections open, try again later")
+        self.sessions[session.id] = session
+        self._by_protocol[session.protocol] = self._by_protocol.get(session.protocol, 0) + 1
+        self.connections_total += 1
+
+    def disconnect(self, session: Session) -> None:
+        """Forget a connection: it leaves every room (presence goes out). Idempotent."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        self._by_protocol[session.protocol] -= 1
+        for name in list(session.rooms):
+            self._leave(session, name)
+
+    def identify(self, session: Session, user: object) -> str:
+        """Set the session's user name, which cannot change once set."""
+        name = validate.user(user)
+        if session.user is None:
+            session.user = name
+        elif session.user != name:
+            raise ChatError(f"user name is fixed for this connection: {session.user}")
+        return name
+
+    # -- rooms -------------------------------------------------------------
+
+    def join(self, session: Session, room: object, since_seq: int | None = None) -> list[str]:
+        """Add the session to a room and return the room's users.
+
+        The session must have a user. With ``since_seq`` the kept messages
+        after that seq are delivered to the session before it goes live, in
+        the same reactor turn, so the replay and the live stream have neither
+        a gap nor an overlap.
+        """
+        name = validate.room(room)
+        if session.user is None:
+            raise ChatError("a user name is needed to join a room")
+        if session.id not in self.sessions:
+            raise ChatError("connection is closed")
+        r = self._room(name)
+        if since_seq is not None:
+            for message in self.history_store.since(name, since_seq):
+                session.deliver(message)
+        if session.id in r.sessions:
+            return list(r.users)
+        r.sessions[session.id] = session
+        session.rooms.add(name)
+        count = r.users.get(session.user, 0)
+        r.users[session.user] = count + 1
+        if count == 0:
+            self.broker.publish(
+                Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))
+            )
+        return list(r.users)
+
+    def leave(self, session: Session, room: object) -> None:
+        """Remove the session from a room it is in."""
+        name = validate.room(room)
+        if name not in session.rooms:
+            raise ChatError(f"not in room {name}")
+        self._leave(session, name)
+
+    def _leave(self, session: Session, name: str) -> None:
+        session.rooms.discard(name)
+        r = self._rooms.get(name)
+        if r is None or r.sessions.pop(session.id, None) is None:
+            return
+        user = session.user or ""
+        left = r.users[user] - 1
+        if left:
+            r.users[user] = left
+        else:
+            del r.users[user]
+            self.broker.publish(
+                Presence(name, "leave", user, self.clock.seconds(), session.protocol, len(r.users))
+            )
+
+    def _room(self, name: str) -> _Room:
+        r = self._rooms.get(name)
+        if r is None:
+            r = self._rooms[name] = _Room(name, self.history_store.last_seq(name))
+        return r
+
+    def members(self, room: object) -> list[str]:
+        """The users in a room now, in the order they came."""
+        r = self._rooms.get(validate.room(room))
+        return list(r.users) if r else []
+
+    def rooms(self) -> dict[str, int]:
+        """Every room with anyone in it, and how many users it has."""
+        return {name: len(r.users) for name, r in self._rooms.items() if r.users}
+
+    def sessions_of(self, user: str) -> list[Session]:
+        return [s for s in self.sessions.values() if s.user == user]
+
+    # -- messages ----------------------------------------------------------
+
+    def publish(self, room: object, user: object, text: object, protocol: str) -> Message:
+        """Validate, number, store and fan out one chat message; returns it as stored."""
+        name = validate.room(room)
+        sender = validate.user(user)
+        body = validate.message(text, self.limits)
+        r = self._room(name)
+        r.seq += 1
+        message = Message(uuid.uuid4().hex, r.seq, name, sender, body, self.clock.seconds(), protocol)
+        self.history_store.append(message)
+        self.messages_total += 1
+        self._rate.add()
+        self.broker.publish(message)
+        return message
+
+    def deliver(self, event: Event) -> None:
+        """Hand an event to every local session in its room (called by the broker)."""
+        r = self._rooms.get(event.room)
+        if r is None:
+            return
+        # A delivery may close a slow session, which edits the room: iterate a copy.
+        sessions: Iterable[Session] = list(r.sessions.values())
+        for session in sessions:
+            try:
+                session.deliver(event)
+            except Exception:
+                log.failure("delivery to {session} failed", session=session)
+        if event.kind == "message":
+            self.deliveries_total += len(r.sessions)
+        if not r.sessions and not self.history_store.last_seq(r.name):
+            del self._rooms[r.name]
+
+    def history(self, room: object, limit: object = None) -> list[Message]:
+        """The last ``limit`` kept messages of a room, oldest first."""
+        return self.history_store.recent(validate.room(room), validate.limit(limit, self.limits))
+
+    # -- statistics --------------------------------------------------------
+
+    def uptime(self) -> float:
+        return self.clock.seconds() - self.started_at
+
+    def stats(self) -> dict:
+        """The figures ``/stats``, gRPC ``GetStats`` and the manhole report."""
+        per_protocol = {p: n for p, n in sorted(self._by_protocol.items())}
+        for p in ("websocket", "signalr", "grpc"):
+            per_protocol.setdefault(p, 0)
+        return {
+            "connections": {"total": len(self.sessions), **per_protocol},
+            "connections_accepted": self.connections_total,
+            "rooms": len(self.rooms()),
+            "messages": {
+                "total": self.messages_total,
+                "per_second": self._rate.per_second(),
+                "deliveries": self.deliveries_total,
+            },
+            "uptime": round(self.uptime(), 3),
+        }

@@ -1,0 +1,195 @@
+"""``twistd chatd``: command-line options and the service tree.
+
+Every listener is a Twisted endpoint string, so ``tcp:``, ``ssl:``, ``unix:``
+and ``systemd:`` all work the same way. Each option falls back to an
+environment variable, then to a default; a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import defer, endpoints
+from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from chatd import websocket
+from chatd.http import InfoPage, JsonResource, OriginPolicy, health
+from chatd.hub import Hub
+from chatd.validate import Limits
+
+# option -> (environment variable, default, help). A bare number means tcp:N.
+LISTENERS: dict[str, tuple[str, str, str]] = {
+    "ws": ("WS_PORT", "tcp:8080", "WebSocket (/ws) and HTTP (/health, /stats) listener"),
+}
+
+# option -> (environment variable, default, help); whole numbers, at least 1.
+INTEGERS: dict[str, tuple[str, int, str]] = {
+    "max-connections": ("MAX_CONNECTIONS", 10000, "most client connections open at once, all protocols together"),
+    "read-buffer-size": ("READ_BUFFER_SIZE", 65536, "largest inbound WebSocket message, in bytes"),
+    "write-buffer-size": (
+        "WRITE_BUFFER_SIZE",
+        1048576,
+        "bytes that may wait for a slow client before it is disconnected",
+    ),
+    "history-limit": ("HISTORY_LIMIT", 100, "messages kept per room for history and resume"),
+    "max-message-length": ("MAX_MESSAGE_LENGTH", 4096, "longest chat message, in characters"),
+}
+
+# option -> (environment variable, default, help); free text.
+STRINGS: dict[str, tuple[str, str, str]] = {
+    "allowed-origins": (
+        "ALLOWED_ORIGINS",
+        "",
+        "comma-separated browser origins allowed to connect, or *; "
+        "empty allows pages from the same host on any port",
+    ),
+}
+
+
+def _doc(env: str, default: Any, text: str) -> str:
+    return f"{text} [env {env}; default {default or 'none'}]"
+
+
+class Options(usage.Options):
+    """Options of ``twistd chatd``; see ``twistd chatd --help``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the chatd chat daemon. Listeners are Twisted endpoint strings "
+        "(tcp:8080, ssl:8443:privateKey=key.pem:certKey=cert.pem, unix:/run/chatd.sock, "
+        "systemd:domain=INET:index=0); a bare number means tcp:N. Each option falls back "
+        "to its environment variable; a flag wins over the environment."
+    )
+    optParameters = (
+        [[name, None, None, _doc(*spec)] for name, spec in LISTENERS.items()]
+        + [[name, None, None, _doc(*spec)] for name, spec in INTEGERS.items()]
+        + [[name, None, None, _doc(*spec)] for name, spec in STRINGS.items()]
+    )
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
+    def _value(self, name: str, env: str, default: Any) -> Any:
+        if self[name] is not None:
+            return self[name]
+        return self.environ.get(env, default)
+
+    def postOptions(self) -> None:
+        for name, (env, default, _) in LISTENERS.items():
+            self[name] = endpoint_description(name, self._value(name, env, default))
+        for name, (env, default, _) in INTEGERS.items():
+            raw = self._value(name, env, default)
+            try:
+                value = int(raw)
+            except (TypeError, ValueError):
+                raise usage.UsageError(f"--{name} must be a whole number, not {raw!r}") from None
+            if value < 1:
+                raise usage.UsageError(f"--{name} must be at least 1, not {value}")
+            self[name] = value
+        for name, (env, default, _) in STRINGS.items():
+            self[name] = str(self._value(name, env, default))
+
+
+def endpoint_description(name: str, value: str) -> str:
+    """Normalise and check a listener: a bare port number becomes ``tcp:N``."""
+    value = str(value).strip()
+    if value.isdigit():
+        value = f"tcp:{value}"
+    try:
+        # Parsing does not listen; a throwaway reactor of None is enough to
+        # catch unknown endpoint types and malformed arguments at start.
+        endpoints.serverFromString(None, value)
+    except Exception as e:
+        raise usage.UsageError(f"--{name}: bad endpoint {value!r}: {e}") from None
+    return value
+
+
+class Listener(StreamServerEndpointService):
+    """An endpoint listener that fails loudly and tells when it is listening.
+
+    A listener that cannot bind stops the start (twistd exits non-zero)
+    instead of logging and running deaf. ``whenListening()`` lets tests and
+    the readiness notification wait until the socket is bound (``tcp:0``
+    picks a free port).
+    """
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.port: Any = None
+        self._waiters: list[defer.Deferred] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if port is None:
+                d.errback(RuntimeError(f"listener {self.name} failed to start"))
+            else:
+                d.callback(port)
+        return port
+
+    def whenListening(self) -> defer.Deferred:
+        """A Deferred firing with the listening port (``IListeningPort``)."""
+        if self.port is not None:
+            return defer.succeed(self.port)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+def _origins(options: Options) -> OriginPolicy:
+    return OriginPolicy(o for o in options["allowed-origins"].split(","))
+
+
+def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory) -> Site:
+    """The WebSocket listener's site: ``/ws``, ``/health``, ``/stats`` and ``/``."""
+    root = Resource()
+    root.putChild(b"", InfoPage(hub))
+    root.putChild(b"ws", websocket.resource(factory))
+    root.putChild(b"health", JsonResource(lambda: health(hub, "websocket")))
+    root.putChild(b"stats", JsonResource(lambda: (200, hub.stats())))
+    site = Site(root)
+    site.noisy = False
+    return site
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """Build the service tree: the hub first (it starts first, stops last), then listeners."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    top = MultiService()
+    top.setName("chatd")
+
+    limits = Limits(
+        max_message_length=options["max-message-length"],
+        history_limit=options["history-limit"],
+    )
+    hub = Hub(reactor, limits=limits, max_connections=options["max-connections"])
+    hub.setServiceParent(top)
+
+    origins = _origins(options)
+    ws_factory = websocket.ChatWebSocketFactory(
+        hub,
+        origins,
+        read_limit=options["read-buffer-size"],
+        write_limit=options["write-buffer-size"],
+    )
+    ws = Listener(
+        endpoints.serverFromString(reactor, options["ws"]), ws_site(hub, ws_factory)
+    )
+    ws.setName("ws")
+    ws.setServiceParent(top)
+    return top

@@ -1,0 +1,85 @@
+"""The one validator every protocol adapter shares.
+
+Each function takes a value straight off the wire (any type) and returns the
+clean value or raises :class:`ChatError` with a reason meant for the peer.
+Adapters turn a ``ChatError`` into their own protocol's error form, so the
+rules and the wording are the same over WebSocket, SignalR and gRPC.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+ROOM_RULE = "1-64 characters of A-Z a-z 0-9 _ . -"
+USER_RULE = "1-32 characters, letters, digits, spaces and _ . - (no leading or trailing space)"
+
+_ROOM_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# \w is Unicode-aware: non-Latin letters and digits are welcome in names.
+_USER_RE = re.compile(r"[\w.\-]([\w .\-]{0,30}[\w.\-])?")
+
+
+class ChatError(Exception):
+    """Bad input or a refused request; ``reason`` is shown to the peer as is."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits, configured once (``chatd.tap``) and shared by all adapters."""
+
+    max_message_length: int = 4096
+    history_limit: int = 100
+
+
+def room(value: Any) -> str:
+    """A room name: ``ROOM_RULE``."""
+    if not isinstance(value, str):
+        raise ChatError("room must be a string")
+    if not _ROOM_RE.fullmatch(value):
+        raise ChatError(f"invalid room name: must be {ROOM_RULE}")
+    return value
+
+
+def user(value: Any) -> str:
+    """A user name: ``USER_RULE``."""
+    if not isinstance(value, str):
+        raise ChatError("user must be a string")
+    if not _USER_RE.fullmatch(value):
+        raise ChatError(f"invalid user name: must be {USER_RULE}")
+    return value
+
+
+def message(value: Any, limits: Limits) -> str:
+    """Message text: non-empty, not only white space, at most the configured length."""
+    if not isinstance(value, str):
+        raise ChatError("message must be a string")
+    if not value.strip():
+        raise ChatError("message must not be empty")
+    if len(value) > limits.max_message_length:
+        raise ChatError(
+            f"message too long: {len(value)} characters, the limit is {limits.max_message_length}"
+        )
+    return value
+
+
+def limit(value: Any, limits: Limits) -> int:
+    """A history length: an integer from 1 to the history limit; missing means all kept."""
+    if value is None:
+        return limits.history_limit
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ChatError("limit must be an integer")
+    if value < 1:
+        raise ChatError("limit must be at least 1")
+    return min(value, limits.history_limit)
+
+
+def since_seq(value: Any) -> int:
+    """A sequence number to resume after (0 means from the oldest kept message)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ChatError("since_seq must be a non-negative integer")
+    return value

@@ -1,0 +1,260 @@
+"""The plain WebSocket protocol: JSON text frames at ``/ws``.
+
+Client to server (one JSON object per text frame)::
+
+    {"user": U, "message": M, "room": R}          seed form: join R as U if needed, then send M
+    {"type": "join", "room": R, "user": U}        -> {"type": "joined", "room", "user", "members"}
+    {"type": "leave", "room": R}                  -> {"type": "left", "room"}
+    {"type": "message", "room": R, "message": M}  (must have joined R)
+    {"type": "history", "room": R, "limit": N}    -> {"type": "history", "room", "messages": [...]}
+    {"type": "ping"}                              -> {"type": "pong"}
+
+Any request may carry ``"ref"`` (string or number); replies and errors echo it.
+
+Server to client::
+
+    {"type": "message", "id", "seq", "room", "user", "message", "timestamp", "protocol"}
+    {"type": "presence", "action": "join"|"leave", "room", "user", "timestamp", "protocol", "count"}
+    {"type": "error", "error": REASON, "request": TYPE}
+
+Close codes: 1013 server full, 1008 too slow (send buffer exceeded) or bad
+origin, 1001 server going away, 4000 closed by an operator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import orjson
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from chatd import validate
+from chatd.events import Event
+from chatd.http import OriginPolicy
+from chatd.hub import Hub, SendBudget, ServerFull, Session
+from chatd.validate import ChatError
+
+_log = Logger()  # Autobahn claims ``self.log`` on protocols.
+
+PROTOCOL = "websocket"
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_KICKED = 4000
+
+
+def _prepare(event: Event) -> PreparedMessage:
+    # Server frames are unmasked, so one frame serves every recipient.
+    return PreparedMessage(orjson.dumps(event.as_dict()), False, False, True)
+
+
+def _close_reason(reason: str) -> str:
+    data = reason.encode()[:120]
+    return data.decode("utf-8", "ignore")
+
+
+class WebSocketSession(Session):
+    """The hub's handle on one WebSocket connection."""
+
+    protocol = PROTOCOL
+
+    def __init__(self, proto: ChatServerProtocol, peer: str, write_limit: int) -> None:
+        super().__init__(peer)
+        self._proto = proto
+        self.budget = SendBudget(write_limit, self._too_slow)
+        self.close_reason: str | None = None
+
+    def deliver(self, event: Event) -> None:
+        frame = event.encoded(PROTOCOL, _prepare)
+        if self.budget.charge(len(frame.payloadHybi)):
+            self._proto.sendPreparedMessage(frame)
+
+    def send(self, body: dict) -> None:
+        """A reply to this client only."""
+        payload = orjson.dumps(body)
+        if self.budget.charge(len(payload)):
+            self._proto.sendMessage(payload)
+
+    def close(self, reason: str, code: int = CLOSE_KICKED) -> None:
+        self.close_reason = reason
+        self._proto.factory.hub.disconnect(self)
+        self._proto.sendClose(code, _close_reason(reason))
+
+    def _too_slow(self) -> None:
+        self.close(
+            f"too slow: more than {self.budget.limit} bytes waiting to be sent", CLOSE_POLICY
+        )
+
+
+class ChatServerProtocol(WebSocketServerProtocol):
+    """One WebSocket connection: parse, validate, call the hub, reply."""
+
+    factory: ChatWebSocketFactory
+    session: WebSocketSession | None = None
+
+    def onConnect(self, request):
+        origin = request.headers.get("origin")
+        if not self.factory.origins.allows(origin, request.host):
+            _log.info("{peer} refused: origin {origin} not allowed", peer=request.peer, origin=origin)
+            raise ConnectionDeny(403, "origin not allowed")
+        return None
+
+    def onOpen(self) -> None:
+        hub = self.factory.hub
+        session = WebSocketSession(self, self.peer, self.factory.write_limit)
+        try:
+            hub.connect(session)
+        except ServerFull as e:
+            _log.info("{peer} refused: {reason}", peer=self.peer, reason=e.reason)
+            self.sendClose(CLOSE_TRY_AGAIN_LATER, _close_reason(e.reason))
+            return
+        self.session = session
+        session.budget.attach(self.transport)
+        _log.info("{peer} connected over websocket", peer=self.peer)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None or session.id not in self.factory.hub.sessions:
+            return
+        request: Any = None
+        try:
+            if isBinary:
+                raise ChatError("binary frames are not supported: send JSON text")
+            try:
+                request = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise ChatError("malformed JSON") from None
+            if not isinstance(request, dict):
+                request = None
+                raise ChatError("a request must be a JSON object")
+            kind = request.get("type")
+            handler = _HANDLERS.get(kind)
+            if handler is None:
+                if kind is None:
+                    raise ChatError("missing type (or the user, message and room of a chat message)")
+                raise ChatError(f"unknown type: {str(kind)[:64]}")
+            reply = handler(self.factory.hub, session, request)
+        except ChatError as e:
+            error: dict[str, Any] = {"type": "error", "error": e.reason}
+            if isinstance(request, dict):
+                error["request"] = request.get("type", "message")
+                _echo_ref(request, error)
+            session.send(error)
+            return
+        if reply is not None:
+            _echo_ref(request, reply)
+            session.send(reply)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+        self.factory.hub.disconnect(session)
+        why = session.close_reason or reason or ("closed" if wasClean else "connection lost")
+        _log.info(
+            "{peer} ({user}) disconnected: {why} (code {code})",
+            peer=session.peer,
+            user=session.user or "-",
+            why=why,
+            code=code,
+        )
+
+
+def _echo_ref(request: dict, reply: dict) -> None:
+    ref = request.get("ref")
+    if isinstance(ref, (str, int)) and not isinstance(ref, bool):
+        reply["ref"] = ref
+
+
+def _join(hub: Hub, session: Session, request: dict) -> dict:
+    room = validate.room(request.get("room"))
+    hub.identify(session, request.get("user", session.user))
+    members = hub.join(session, room)
+    return {"type": "joined", "room": room, "user": session.user, "members": members}
+
+
+def _leave(hub: Hub, session: Session, request: dict) -> dict:
+    hub.leave(session, request.get("room"))
+    return {"type": "left", "room": request["room"]}
+
+
+def _message(hub: Hub, session: Session, request: dict) -> None:
+    room = validate.room(request.get("room"))
+    if "user" in request:
+        hub.identify(session, request["user"])
+    if room not in session.rooms:
+        raise ChatError(f"not in room {room}: join it first")
+    hub.publish(room, session.user, request.get("message"), PROTOCOL)
+
+
+def _seed(hub: Hub, session: Session, request: dict) -> None:
+    """The seed's bare ``{"user", "message", "room"}``: join as needed, then send."""
+    room = validate.room(request.get("room"))
+    validate.message(request.get("message"), hub.limits)
+    hub.identify(session, request.get("user"))
+    if room not in session.rooms:
+        hub.join(session, room)
+    hub.publish(room, session.user, request["message"], PROTOCOL)
+
+
+def _history(hub: Hub, session: Session, request: dict) -> dict:
+    messages = hub.history(request.get("room"), request.get("limit"))
+    return {"type": "history", "room": request["room"], "messages": [m.as_dict() for m in messages]}
+
+
+def _ping(hub: Hub, session: Session, request: dict) -> dict:
+    return {"type": "pong"}
+
+
+_HANDLERS: dict[Any, Callable[[Hub, Session, dict], dict | None]] = {
+    None: _seed,
+    "join": _join,
+    "leave": _leave,
+    "message": _message,
+    "history": _history,
+    "ping": _ping,
+}
+
+
+class ChatWebSocketFactory(WebSocketServerFactory):
+    """Autobahn factory carrying the hub and the per-connection limits."""
+
+    protocol = ChatServerProtocol
+
+    def __init__(
+        self,
+        hub: Hub,
+        origins: OriginPolicy | None = None,
+        read_limit: int = 65536,
+        write_limit: int = 1 << 20,
+    ) -> None:
+        super().__init__()
+        self.hub = hub
+        self.origins = origins or OriginPolicy()
+        self.write_limit = write_limit
+        self.setProtocolOptions(
+            maxFramePayloadSize=read_limit,
+            maxMessagePayloadSize=read_limit,
+            autoPingInterval=30,
+            autoPingTimeout=30,
+            openHandshakeTimeout=15,
+            closeHandshakeTimeout=2,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def close_all(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
+        """Close every WebSocket session (used at shutdown)."""
+        for session in list(self.hub.sessions.values()):
+            if isinstance(session, WebSocketSession):
+                session.close(reason, code)
+
+
+def resource(factory: ChatWebSocketFactory) -> WebSocketResource:
+    """The ``/ws`` resource for a ``twisted.web`` site."""
+    return WebSocketResource(factory)
