@@ -60,6 +60,14 @@ class Session:
         """End the connection, telling the client ``reason`` in its protocol's form."""
         raise NotImplementedError
 
+    def going_away(self, reason: str) -> None:
+        """End the connection because the server is shutting down.
+
+        Protocols that can say "come back later" do so here (WebSocket 1001,
+        SignalR Close with ``allowReconnect``, gRPC ``UNAVAILABLE``).
+        """
+        self.close(reason)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.user or '-'}@{self.peer}>"
 

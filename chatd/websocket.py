@@ -85,6 +85,9 @@ class WebSocketSession(Session):
         self._proto.factory.hub.disconnect(self)
         self._proto.sendClose(code, _close_reason(reason))
 
+    def going_away(self, reason: str) -> None:
+        self.close(reason, CLOSE_GOING_AWAY)
+
     def _too_slow(self) -> None:
         self.close(
             f"too slow: more than {self.budget.limit} bytes waiting to be sent", CLOSE_POLICY
@@ -247,12 +250,6 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             closeHandshakeTimeout=2,
             perMessageCompressionAccept=lambda offers: None,
         )
-
-    def close_all(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
-        """Close every WebSocket session (used at shutdown)."""
-        for session in list(self.hub.sessions.values()):
-            if isinstance(session, WebSocketSession):
-                session.close(reason, code)
 
 
 def resource(factory: ChatWebSocketFactory) -> WebSocketResource:
