@@ -8,15 +8,16 @@ recipients share that format.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
 def rfc3339(seconds: float) -> str:
     """UTC RFC 3339 with milliseconds, the one timestamp form on every protocol."""
-    dt = datetime.fromtimestamp(seconds, timezone.utc)
+    dt = datetime.fromtimestamp(seconds, UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 

@@ -3,8 +3,9 @@ and the Origin policy that the WebSocket upgrade and SignalR's CORS both use."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from html import escape
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson

@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import deque
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IPushProducer, IReactorTime

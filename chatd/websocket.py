@@ -23,7 +23,8 @@ origin, 1001 server going away, 4000 closed by an operator.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
@@ -53,9 +54,11 @@ def _prepare(event: Event) -> PreparedMessage:
     return PreparedMessage(orjson.dumps(event.as_dict()), False, False, True)
 
 
-def _close_reason(reason: str) -> str:
-    data = reason.encode()[:120]
-    return data.decode("utf-8", "ignore")
+def _send_close(proto: WebSocketServerProtocol, code: int, reason: str) -> None:
+    # Autobahn's sendClose() only lets applications use 1000 and 3000-4999;
+    # a server may rightly say 1001, 1008 or 1013 (RFC 6455 section 7.4.1).
+    data = reason.encode()[:123].decode("utf-8", "ignore").encode()
+    proto.sendCloseFrame(code=code, reasonUtf8=data, isReply=False)
 
 
 class WebSocketSession(Session):
@@ -83,7 +86,7 @@ class WebSocketSession(Session):
     def close(self, reason: str, code: int = CLOSE_KICKED) -> None:
         self.close_reason = reason
         self._proto.factory.hub.disconnect(self)
-        self._proto.sendClose(code, _close_reason(reason))
+        _send_close(self._proto, code, reason)
 
     def going_away(self, reason: str) -> None:
         self.close(reason, CLOSE_GOING_AWAY)
@@ -114,7 +117,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             hub.connect(session)
         except ServerFull as e:
             _log.info("{peer} refused: {reason}", peer=self.peer, reason=e.reason)
-            self.sendClose(CLOSE_TRY_AGAIN_LATER, _close_reason(e.reason))
+            _send_close(self, CLOSE_TRY_AGAIN_LATER, e.reason)
             return
         self.session = session
         session.budget.attach(self.transport)
@@ -136,10 +139,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 request = None
                 raise ChatError("a request must be a JSON object")
             kind = request.get("type")
+            if kind is None and not request.keys() & {"user", "message", "room"}:
+                raise ChatError("missing type (or the user, message and room of a chat message)")
             handler = _HANDLERS.get(kind)
             if handler is None:
-                if kind is None:
-                    raise ChatError("missing type (or the user, message and room of a chat message)")
                 raise ChatError(f"unknown type: {str(kind)[:64]}")
             reply = handler(self.factory.hub, session, request)
         except ChatError as e:

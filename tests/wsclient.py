@@ -12,6 +12,9 @@ class Client:
     """One WebSocket connection speaking chatd's JSON protocol."""
 
     def __init__(self, url: str, **kwargs: Any) -> None:
+        # Read everything as it comes (no client-side backpressure), so closing
+        # never waits behind frames the test did not care to read.
+        kwargs.setdefault("max_queue", None)
         self._cm = connect(url, open_timeout=10, **kwargs)
         self.ws = self._cm.__enter__()
 

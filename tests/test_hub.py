@@ -1,0 +1,311 @@
+"""The hub on its own: fake sessions, a fake clock, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from chatd.events import Event
+from chatd.hub import Hub, MemoryHistory, SendBudget, ServerFull, Session
+from chatd.validate import ChatError, Limits
+
+
+class FakeSession(Session):
+    protocol = "fake"
+
+    def __init__(self, user: str | None = None) -> None:
+        super().__init__("test")
+        self.user = user
+        self.events: list[Event] = []
+        self.closed: str | None = None
+
+    def deliver(self, event: Event) -> None:
+        self.events.append(event)
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+    def messages(self) -> list:
+        return [e for e in self.events if e.kind == "message"]
+
+    def presence(self) -> list[tuple[str, str]]:
+        return [(e.action, e.user) for e in self.events if e.kind == "presence"]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(1_700_000_000)
+    return c
+
+
+@pytest.fixture
+def hub(clock: Clock) -> Hub:
+    h = Hub(clock, limits=Limits(max_message_length=50, history_limit=5), max_connections=3)
+    h.startService()
+    return h
+
+
+def connected(hub: Hub, user: str) -> FakeSession:
+    s = FakeSession(user)
+    hub.connect(s)
+    return s
+
+
+def test_message_reaches_every_member_of_its_room_only(hub: Hub) -> None:
+    alice, bob, carol = connected(hub, "alice"), connected(hub, "bob"), connected(hub, "carol")
+    hub.join(alice, "r1")
+    hub.join(bob, "r1")
+    hub.join(carol, "r2")
+    sent = hub.publish("r1", "alice", "hello", "fake")
+    assert [m.text for m in alice.messages()] == ["hello"]
+    assert bob.messages() == [sent]
+    assert carol.messages() == []
+
+
+def test_one_encoding_per_format_is_shared_by_all_recipients(hub: Hub) -> None:
+    calls = []
+
+    class Encoding(FakeSession):
+        def deliver(self, event: Event) -> None:
+            self.events.append(event.encoded("fmt", lambda e: calls.append(e) or b"frame"))
+
+    sessions = [Encoding(f"u{i}") for i in range(3)]
+    for s in sessions:
+        hub.connect(s)
+        hub.join(s, "r")
+    calls.clear()
+    hub.publish("r", "u0", "hi", "fake")
+    assert len(calls) == 1
+    assert all(s.events[-1] == b"frame" for s in sessions)
+
+
+def test_seq_strictly_increases_per_room_and_ids_are_unique(hub: Hub) -> None:
+    a = [hub.publish("a", "x", f"m{i}", "fake") for i in range(10)]
+    b = [hub.publish("b", "x", f"m{i}", "fake") for i in range(3)]
+    assert [m.seq for m in a] == list(range(1, 11))
+    assert [m.seq for m in b] == [1, 2, 3]
+    assert len({m.id for m in a + b}) == 13
+
+
+def test_timestamps_come_from_the_clock(hub: Hub, clock: Clock) -> None:
+    clock.advance(1.5)
+    m = hub.publish("r", "x", "hi", "fake")
+    assert m.time == clock.seconds()
+    assert m.as_dict()["timestamp"] == "2023-11-14T22:13:21.500Z"
+
+
+def test_history_keeps_the_last_n(hub: Hub) -> None:
+    for i in range(8):
+        hub.publish("r", "x", f"m{i}", "fake")
+    assert [m.text for m in hub.history("r", 3)] == ["m5", "m6", "m7"]
+    assert [m.text for m in hub.history("r", 100)] == ["m3", "m4", "m5", "m6", "m7"]
+    assert [m.text for m in hub.history("r", None)] == ["m3", "m4", "m5", "m6", "m7"]
+    assert hub.history("empty", 3) == []
+
+
+def test_seq_continues_after_a_room_empties(hub: Hub) -> None:
+    s = connected(hub, "alice")
+    hub.join(s, "r")
+    hub.publish("r", "alice", "one", "fake")
+    hub.leave(s, "r")
+    hub.join(s, "r")
+    assert hub.publish("r", "alice", "two", "fake").seq == 2
+
+
+def test_join_since_seq_replays_then_goes_live_without_gap_or_duplicate(hub: Hub) -> None:
+    for i in range(4):
+        hub.publish("r", "x", f"m{i}", "fake")
+    s = connected(hub, "late")
+    hub.join(s, "r", since_seq=2)
+    hub.publish("r", "x", "live", "fake")
+    assert [m.seq for m in s.messages()] == [3, 4, 5]
+
+
+def test_presence_on_join_leave_and_disconnect(hub: Hub) -> None:
+    alice, bob = connected(hub, "alice"), connected(hub, "bob")
+    assert hub.join(alice, "r") == ["alice"]
+    assert hub.join(bob, "r") == ["alice", "bob"]
+    hub.leave(bob, "r")
+    hub.join(bob, "r")
+    hub.disconnect(bob)
+    assert alice.presence() == [
+        ("join", "alice"),
+        ("join", "bob"),
+        ("leave", "bob"),
+        ("join", "bob"),
+        ("leave", "bob"),
+    ]
+    assert hub.members("r") == ["alice"]
+    assert bob.rooms == set()
+
+
+def test_a_user_with_two_connections_leaves_when_the_last_one_goes(hub: Hub) -> None:
+    watcher = connected(hub, "watcher")
+    hub.join(watcher, "r")
+    one, two = connected(hub, "alice"), connected(hub, "alice")
+    hub.join(one, "r")
+    hub.join(two, "r")
+    hub.disconnect(one)
+    assert hub.members("r") == ["watcher", "alice"]
+    hub.disconnect(two)
+    assert watcher.presence() == [("join", "watcher"), ("join", "alice"), ("leave", "alice")]
+
+
+def test_disconnect_is_idempotent(hub: Hub) -> None:
+    s = connected(hub, "a")
+    hub.join(s, "r")
+    hub.disconnect(s)
+    hub.disconnect(s)
+    assert hub.stats()["connections"]["total"] == 0
+
+
+def test_user_name_is_fixed_once_set(hub: Hub) -> None:
+    s = FakeSession()
+    hub.connect(s)
+    assert hub.identify(s, "alice") == "alice"
+    assert hub.identify(s, "alice") == "alice"
+    with pytest.raises(ChatError, match="fixed"):
+        hub.identify(s, "mallory")
+    assert s.user == "alice"
+
+
+def test_join_needs_a_user(hub: Hub) -> None:
+    s = FakeSession()
+    hub.connect(s)
+    with pytest.raises(ChatError, match="user name is needed"):
+        hub.join(s, "r")
+
+
+@pytest.mark.parametrize(
+    "room, user, text, reason",
+    [
+        ("", "u", "hi", "invalid room name"),
+        ("a" * 65, "u", "hi", "invalid room name"),
+        ("bad room", "u", "hi", "invalid room name"),
+        (5, "u", "hi", "room must be a string"),
+        ("r", "", "hi", "invalid user name"),
+        ("r", " lead", "hi", "invalid user name"),
+        ("r", "u" * 33, "hi", "invalid user name"),
+        ("r", "u", "", "must not be empty"),
+        ("r", "u", "   ", "must not be empty"),
+        ("r", "u", "x" * 51, "too long"),
+        ("r", "u", None, "message must be a string"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(hub: Hub, room, user, text, reason) -> None:
+    member = connected(hub, "m")
+    hub.join(member, "r")
+    before = hub.stats()
+    with pytest.raises(ChatError, match=reason):
+        hub.publish(room, user, text, "fake")
+    assert member.messages() == []
+    assert hub.stats() == before
+    assert hub.history("r", 5) == []
+
+
+def test_unicode_names_and_the_length_limit_in_characters(hub: Hub) -> None:
+    m = hub.publish("r", "Zoë Ångström", "é" * 50, "fake")
+    assert m.user == "Zoë Ångström"
+
+
+def test_max_connections(hub: Hub) -> None:
+    for i in range(3):
+        connected(hub, f"u{i}")
+    with pytest.raises(ServerFull, match="server full"):
+        hub.connect(FakeSession("one-too-many"))
+    assert hub.stats()["connections"]["total"] == 3
+
+
+def test_a_failing_session_does_not_stop_the_fan_out(hub: Hub) -> None:
+    class Broken(FakeSession):
+        def deliver(self, event: Event) -> None:
+            raise RuntimeError("boom")
+
+    broken = Broken("broken")
+    hub.connect(broken)
+    hub.join(broken, "r")
+    ok = connected(hub, "ok")
+    hub.join(ok, "r")
+    hub.publish("r", "ok", "still here", "fake")
+    assert [m.text for m in ok.messages()] == ["still here"]
+
+
+def test_a_session_closed_during_delivery_does_not_disturb_the_others(hub: Hub) -> None:
+    class Quitter(FakeSession):
+        def deliver(self, event: Event) -> None:
+            if event.kind == "message":
+                hub.disconnect(self)
+
+    q = Quitter("q")
+    hub.connect(q)
+    hub.join(q, "r")
+    ok = connected(hub, "ok")
+    hub.join(ok, "r")
+    hub.publish("r", "ok", "hi", "fake")
+    assert [m.text for m in ok.messages()] == ["hi"]
+    assert hub.members("r") == ["ok"]
+
+
+def test_stats_count_connections_rooms_and_message_rate(hub: Hub, clock: Clock) -> None:
+    a, b = connected(hub, "a"), connected(hub, "b")
+    hub.join(a, "r1")
+    hub.join(b, "r2")
+    for _ in range(9):  # one a second over the last nine whole seconds
+        clock.advance(1)
+        hub.publish("r1", "a", "x", "fake")
+    clock.advance(1)
+    stats = hub.stats()
+    assert stats["connections"]["total"] == 2
+    assert stats["connections"]["fake"] == 2
+    assert stats["rooms"] == 2
+    assert stats["messages"]["total"] == 9
+    assert stats["messages"]["deliveries"] == 9
+    assert stats["messages"]["per_second"] == 1.0
+
+
+def test_health_follows_the_service_state(hub: Hub) -> None:
+    assert hub.healthy
+    hub.stopService()
+    assert not hub.healthy
+
+
+def test_memory_history_since() -> None:
+    h = MemoryHistory(limit=3)
+    hub = Hub(Clock(), history=h)
+    for i in range(5):
+        hub.publish("r", "x", f"m{i}", "fake")
+    assert [m.seq for m in h.since("r", 0)] == [3, 4, 5]
+    assert [m.seq for m in h.since("r", 4)] == [5]
+    assert h.since("other", 0) == []
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.producer = None
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def test_send_budget_closes_only_past_its_limit_while_paused() -> None:
+    overflows = []
+    budget = SendBudget(100, lambda: overflows.append(True))
+    transport = FakeTransport()
+    transport.producer = object()  # twisted.web's channel, replaced on attach
+    budget.attach(transport)
+    assert transport.producer is budget
+    assert budget.charge(1000)  # not paused: the transport takes it
+    budget.pauseProducing()
+    assert budget.charge(60)
+    budget.resumeProducing()
+    budget.pauseProducing()
+    assert budget.charge(60)
+    assert not budget.charge(60)
+    assert overflows == [True]
+    assert not budget.charge(1)
+    assert overflows == [True]

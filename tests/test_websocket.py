@@ -1,0 +1,331 @@
+"""The WebSocket protocol over real sockets, driven by the ``websockets`` library."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.wsclient import Client
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def on_reactor(f, *args):
+    """Read hub state from a test thread safely: run ``f`` on the reactor thread."""
+    from twisted.internet import reactor
+
+    return blockingCallFromThread(reactor, f, *args)
+
+
+def wait_for(condition, attempts: int = 200) -> None:
+    """Poll an observable condition (each poll is a real request), bounded."""
+    for _ in range(attempts):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition never became true")
+
+
+def assert_silent(client: Client) -> None:
+    """Nothing (more) arrives: proven by a ping answered with the very next frame."""
+    client.send(type="ping")
+    assert client.recv() == {"type": "pong"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_members_receive_and_other_rooms_do_not(chatd) -> None:
+    def scenario():
+        with Client(chatd.ws_url) as a, Client(chatd.ws_url) as b, Client(chatd.ws_url) as c:
+            a.join("lobby", "alice")
+            b.join("lobby", "bob")
+            c.join("elsewhere", "carol")
+            a.send(type="message", room="lobby", message="hello bob")
+            got_a, got_b = a.recv_type("message"), b.recv_type("message")
+            assert got_a == got_b
+            assert got_b["user"] == "alice"
+            assert got_b["message"] == "hello bob"
+            assert got_b["room"] == "lobby"
+            assert got_b["protocol"] == "websocket"
+            assert got_b["seq"] == 1
+            assert set(got_b) == {"type", "id", "seq", "room", "user", "message", "timestamp", "protocol"}
+            assert got_b["timestamp"].endswith("Z")
+            assert_silent(c)
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_seed_form_joins_and_publishes(chatd) -> None:
+    def scenario():
+        with Client(chatd.ws_url) as a, Client(chatd.ws_url) as b:
+            b.join("general", "bob")
+            a.send(user="alice", message="hi from the seed", room="general")
+            assert b.recv_type("presence")["user"] == "alice"
+            got = b.recv_type("message")
+            assert (got["user"], got["message"]) == ("alice", "hi from the seed")
+            assert a.recv_type("message")["id"] == got["id"]
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_200_messages_arrive_in_order(chatd) -> None:
+    def scenario():
+        with Client(chatd.ws_url) as a, Client(chatd.ws_url) as b:
+            a.join("r", "alice")
+            b.join("r", "bob")
+            for i in range(200):
+                a.send(type="message", room="r", message=f"m{i}")
+            got = [b.recv_type("message") for _ in range(200)]
+            assert [m["message"] for m in got] == [f"m{i}" for i in range(200)]
+            seqs = [m["seq"] for m in got]
+            assert seqs == sorted(seqs) and len(set(seqs)) == 200
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_leave_and_disconnect_emit_presence(chatd) -> None:
+    def scenario():
+        with Client(chatd.ws_url) as a:
+            joined = a.join("r", "alice")
+            assert joined["members"] == ["alice"]
+            b = Client(chatd.ws_url)
+            assert b.join("r", "bob")["members"] == ["alice", "bob"]
+            p = a.recv_type("presence")
+            assert (p["action"], p["user"], p["count"]) == ("join", "bob", 2)
+            b.send(type="leave", room="r")
+            assert b.recv_type("left") == {"type": "left", "room": "r"}
+            p = a.recv_type("presence")
+            assert (p["action"], p["user"], p["count"]) == ("leave", "bob", 1)
+            b.join("r", "bob")
+            a.recv_type("presence")
+            b.close()
+            p = a.recv_type("presence")
+            assert (p["action"], p["user"], p["count"]) == ("leave", "bob", 1)
+
+    await deferToThread(scenario)
+
+
+BAD_INPUTS = [
+    ("{not json", "malformed JSON", None),
+    ("[1, 2]", "a request must be a JSON object", None),
+    ('"just a string"', "a request must be a JSON object", None),
+    ('{"type": "dance"}', "unknown type: dance", "dance"),
+    ('{"type": 7}', "unknown type: 7", 7),
+    ('{"hello": "world"}', "missing type", "message"),
+    ('{"type": "join", "user": "zed"}', "room must be a string", "join"),
+    ('{"type": "join", "room": "ok", "user": 12}', "user must be a string", "join"),
+    ('{"type": "join", "room": "bad room!", "user": "zed"}', "invalid room name", "join"),
+    ('{"type": "join", "room": "ok", "user": "<script>"}', "invalid user name", "join"),
+    ('{"type": "join", "room": "ok", "user": "mallory"}', "user name is fixed", "join"),
+    ('{"type": "message", "room": "r", "message": ""}', "message must not be empty", "message"),
+    ('{"type": "message", "room": "r", "message": 5}', "message must be a string", "message"),
+    ('{"type": "message", "room": "r", "message": "' + "x" * 4097 + '"}', "message too long", "message"),
+    ('{"type": "message", "room": "other", "message": "hi"}', "not in room other", "message"),
+    ('{"type": "leave", "room": "never"}', "not in room never", "leave"),
+    ('{"type": "history", "room": "r", "limit": "ten"}', "limit must be an integer", "history"),
+    ('{"type": "history", "room": "r", "limit": 0}', "limit must be at least 1", "history"),
+    ('{"user": "alice", "message": "hi", "room": "a b"}', "invalid room name", "message"),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input_gets_an_error_and_changes_nothing(chatd) -> None:
+    def scenario():
+        with Client(chatd.ws_url) as a, Client(chatd.ws_url) as watcher:
+            a.join("r", "alice")
+            watcher.join("r", "watcher")
+            a.recv_type("presence")  # watcher's join
+            before = chatd.hub.stats()
+            for raw, reason, request_type in BAD_INPUTS:
+                a.send_raw(raw)
+                error = a.recv()
+                assert error["type"] == "error", raw
+                assert reason in error["error"], (raw, error)
+                assert error.get("request") == request_type, (raw, error)
+                assert_silent(a)
+            a.send_raw(b"\x00binary")
+            assert "binary" in a.recv_type("error")["error"]
+            # The connection still works and nobody else saw anything.
+            assert_silent(watcher)
+            assert chatd.hub.stats()["messages"] == before["messages"]
+            assert chatd.hub.members("r") == ["alice", "watcher"]
+            assert a.join("r", "alice")["members"] == ["alice", "watcher"]
+            a.send(type="message", room="r", message="still works", ref=42)
+            assert watcher.recv_type("message")["message"] == "still works"
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_and_errors_echo_ref(chatd) -> None:
+    def scenario():
+        with Client(chatd.ws_url) as a:
+            a.send(type="ping", ref="p1")
+            assert a.recv() == {"type": "pong", "ref": "p1"}
+            a.send(type="leave", room="nowhere", ref=7)
+            assert a.recv()["ref"] == 7
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_returns_the_last_n(start) -> None:
+    running = await start("--history-limit", "5")
+
+    def scenario():
+        with Client(running.ws_url) as a:
+            a.join("r", "alice")
+            for i in range(8):
+                a.send(type="message", room="r", message=f"m{i}")
+                a.recv_type("message")
+            a.send(type="history", room="r", limit=3)
+            reply = a.recv_type("history")
+            assert [m["message"] for m in reply["messages"]] == ["m5", "m6", "m7"]
+            assert [m["seq"] for m in reply["messages"]] == [6, 7, 8]
+            a.send(type="history", room="r")
+            assert [m["message"] for m in a.recv_type("history")["messages"]] == [
+                f"m{i}" for i in range(3, 8)
+            ]
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_and_stats_report_the_right_counts(chatd) -> None:
+    def scenario():
+        code, body = get_json(chatd.http_url + "/health")
+        assert code == 200
+        assert set(body) == {"status", "service", "timestamp", "clients", "uptime"}
+        assert (body["status"], body["service"], body["clients"]) == ("healthy", "websocket", 0)
+        with Client(chatd.ws_url) as a, Client(chatd.ws_url) as b:
+            a.join("r1", "alice")
+            b.join("r2", "bob")
+            for i in range(3):
+                a.send(type="message", room="r1", message=f"m{i}")
+                a.recv_type("message")
+            assert get_json(chatd.http_url + "/health")[1]["clients"] == 2
+            code, stats = get_json(chatd.http_url + "/stats")
+            assert code == 200
+            assert stats["connections"]["total"] == 2
+            assert stats["connections"]["websocket"] == 2
+            assert stats["rooms"] == 2
+            assert stats["messages"]["total"] == 3
+            assert stats["uptime"] >= 0
+        with urllib.request.urlopen(chatd.http_url + "/", timeout=10) as r:
+            assert b"chatd" in r.read()
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_refuses_the_next_with_a_reason(start) -> None:
+    running = await start("--max-connections", "2")
+
+    def scenario():
+        with Client(running.ws_url) as a, Client(running.ws_url) as b:
+            a.join("r", "a")
+            b.join("r", "b")
+            a.recv_type("presence")
+            c = Client(running.ws_url)
+            with pytest.raises(ConnectionClosed) as info:
+                c.recv()
+            assert info.value.rcvd.code == 1013
+            assert "server full" in info.value.rcvd.reason
+            assert_silent(a)
+        # Once they have left, a new one gets in.
+        wait_for(lambda: get_json(running.http_url + "/health")[1]["clients"] == 0)
+        with Client(running.ws_url) as d:
+            assert_silent(d)
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_check(chatd) -> None:
+    port = chatd.ports["ws"]
+
+    def scenario():
+        with Client(chatd.ws_url, origin=f"http://127.0.0.1:{port + 1}") as same_host:
+            assert_silent(same_host)
+        with pytest.raises(InvalidStatus) as info:
+            Client(chatd.ws_url, origin="http://evil.example")
+        assert info.value.response.status_code == 403
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_configured_origins(start) -> None:
+    running = await start("--allowed-origins", "https://chat.example.com")
+
+    def scenario():
+        with Client(running.ws_url, origin="https://chat.example.com") as ok:
+            assert_silent(ok)
+        with pytest.raises(InvalidStatus):
+            Client(running.ws_url, origin="http://127.0.0.1:1234")
+
+    await deferToThread(scenario)
+
+
+def _stalled_websocket(port: int) -> socket.socket:
+    """A raw client that completes the handshake, joins, then never reads again."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += s.recv(1)
+    assert b" 101 " in response
+    payload = json.dumps({"type": "join", "room": "r", "user": "sloth"}).encode()
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    return s
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_is_closed_and_the_room_carries_on(start) -> None:
+    running = await start("--write-buffer-size", "262144")
+    big = "x" * 4000
+
+    def scenario():
+        slow = _stalled_websocket(running.ports["ws"])
+        try:
+            with Client(running.ws_url) as sender, Client(running.ws_url) as reader:
+                sender.join("r", "sender")
+                reader.join("r", "reader")
+                count = 0
+                while "sloth" in on_reactor(running.hub.members, "r"):
+                    assert count < 20000, "the stalled reader was never closed"
+                    for _ in range(20):
+                        sender.send(type="message", room="r", message=big)
+                        count += 1
+                    for _ in range(20):
+                        sender.recv_type("message")
+                for _ in range(count):
+                    assert reader.recv_type("message")["message"] == big
+                assert_silent(reader)
+        finally:
+            slow.close()
+
+    await deferToThread(scenario)
