@@ -1,0 +1,51 @@
+"""chatd started as users start it: ``twistd -n chatd``, a real process."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.daemon import TWISTD, Daemon
+from tests.wsclient import Client
+
+
+def test_twistd_chatd_serves_health_and_relays_chat() -> None:
+    with Daemon() as daemon:
+        health = daemon.wait_healthy()
+        assert (health["status"], health["service"]) == ("healthy", "websocket")
+        with Client(daemon.ws_url) as a, Client(daemon.ws_url) as b:
+            a.join("lobby", "alice")
+            b.join("lobby", "bob")
+            b.send(type="message", room="lobby", message="over a real process")
+            got = a.recv_type("message")
+            assert (got["user"], got["message"]) == ("bob", "over a real process")
+        log = daemon.stop()
+    assert daemon.proc.returncode == 0, log
+    assert "connected over websocket" in log
+    assert "(alice) disconnected" in log
+    assert "over a real process" not in log  # no message bodies in the log
+
+
+def test_a_bad_option_fails_with_a_one_line_usage_error() -> None:
+    result = subprocess.run(
+        [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", "--max-connections", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--max-connections must be a whole number" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_port_in_use_stops_the_start() -> None:
+    with Daemon() as first:
+        first.wait_healthy()
+        taken = first.ports["ws"]
+        result = subprocess.run(
+            [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", "--ws", f"tcp:{taken}:interface=127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert "Address already in use" in result.stdout + result.stderr
