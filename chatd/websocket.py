@@ -9,7 +9,9 @@ Client to server (one JSON object per text frame)::
     {"type": "history", "room": R, "limit": N}    -> {"type": "history", "room", "messages": [...]}
     {"type": "ping"}                              -> {"type": "pong"}
 
-Any request may carry ``"ref"`` (string or number); replies and errors echo it.
+Any request may carry ``"ref"`` (string or number); replies and errors echo it,
+and a chat message with a ``ref`` is acknowledged once stored with
+``{"type": "sent", "room", "id", "seq", "ref"}``.
 
 Server to client::
 
@@ -34,7 +36,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from chatd import validate
-from chatd.events import Event
+from chatd.events import Event, Message
 from chatd.http import OriginPolicy
 from chatd.hub import Hub, SendBudget, ServerFull, Session
 from chatd.validate import ChatError
@@ -92,6 +94,7 @@ class WebSocketSession(Session):
         self.close(reason, CLOSE_GOING_AWAY)
 
     def _too_slow(self) -> None:
+        self._proto.factory.hub.metrics.too_slow(PROTOCOL)
         self.close(
             f"too slow: more than {self.budget.limit} bytes waiting to be sent", CLOSE_POLICY
         )
@@ -116,6 +119,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         try:
             hub.connect(session)
         except ServerFull as e:
+            hub.metrics.error("server_full", PROTOCOL)
             _log.info("{peer} refused: {reason}", peer=self.peer, reason=e.reason)
             _send_close(self, CLOSE_TRY_AGAIN_LATER, e.reason)
             return
@@ -146,6 +150,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 raise ChatError(f"unknown type: {str(kind)[:64]}")
             reply = handler(self.factory.hub, session, request)
         except ChatError as e:
+            self.factory.hub.metrics.error("bad_request", PROTOCOL)
             error: dict[str, Any] = {"type": "error", "error": e.reason}
             if isinstance(request, dict):
                 error["request"] = request.get("type", "message")
@@ -190,23 +195,30 @@ def _leave(hub: Hub, session: Session, request: dict) -> dict:
     return {"type": "left", "room": request["room"]}
 
 
-def _message(hub: Hub, session: Session, request: dict) -> None:
+def _message(hub: Hub, session: Session, request: dict) -> dict | None:
     room = validate.room(request.get("room"))
     if "user" in request:
         hub.identify(session, request["user"])
     if room not in session.rooms:
         raise ChatError(f"not in room {room}: join it first")
-    hub.publish(room, session.user, request.get("message"), PROTOCOL)
+    return _sent(request, hub.publish(room, session.user, request.get("message"), PROTOCOL))
 
 
-def _seed(hub: Hub, session: Session, request: dict) -> None:
+def _seed(hub: Hub, session: Session, request: dict) -> dict | None:
     """The seed's bare ``{"user", "message", "room"}``: join as needed, then send."""
     room = validate.room(request.get("room"))
     validate.message(request.get("message"), hub.limits)
     hub.identify(session, request.get("user"))
     if room not in session.rooms:
         hub.join(session, room)
-    hub.publish(room, session.user, request["message"], PROTOCOL)
+    return _sent(request, hub.publish(room, session.user, request["message"], PROTOCOL))
+
+
+def _sent(request: dict, message: Message) -> dict | None:
+    """The acknowledgement of a stored message, for senders that asked (gave a ``ref``)."""
+    if "ref" not in request:
+        return None
+    return {"type": "sent", "room": message.room, "id": message.id, "seq": message.seq}
 
 
 def _history(hub: Hub, session: Session, request: dict) -> dict:

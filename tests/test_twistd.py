@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+from tests.conftest import require
 from tests.daemon import TWISTD, Daemon
 from tests.wsclient import Client
 
@@ -49,3 +50,23 @@ def test_a_port_in_use_stops_the_start() -> None:
         )
         assert result.returncode != 0
         assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_the_installed_package_runs_from_any_directory(tmp_path) -> None:
+    """``pip install .`` ships the package and the plugin dropin (what ``make run`` uses)."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run(
+        [str(TWISTD.with_name("python")), "-c", "import chatd, twisted.plugins.chatd_plugin; print(chatd.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    require(probe.returncode == 0 and "site-packages" in probe.stdout, "chatd is not installed (run make test)")
+    result = subprocess.run(
+        [str(TWISTD), "chatd", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--ws=" in result.stdout
+    assert "Traceback" not in result.stderr

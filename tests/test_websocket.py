@@ -180,6 +180,10 @@ async def test_replies_and_errors_echo_ref(chatd) -> None:
             assert a.recv() == {"type": "pong", "ref": "p1"}
             a.send(type="leave", room="nowhere", ref=7)
             assert a.recv()["ref"] == 7
+            a.send(user="alice", room="r", message="acknowledge me", ref="m1")
+            echo = a.recv_type("message")  # delivered to the room, then acknowledged
+            ack = a.recv_type("sent")
+            assert ack == {"type": "sent", "room": "r", "id": echo["id"], "seq": echo["seq"], "ref": "m1"}
 
     await deferToThread(scenario)
 
