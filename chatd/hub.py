@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from chatd import validate
 from chatd.events import Event, Message, Presence
+from chatd.metrics import HubMetrics
 from chatd.validate import ChatError, Limits
 
 log = Logger()
@@ -241,6 +242,8 @@ class Hub(Service):
         self.connections_total = 0
         self._rate = _Rate(clock)
         self.accepting = False
+        self.closing = False  # set once shutdown begins: new connections are refused
+        self.metrics = HubMetrics(self)
 
     # -- service -----------------------------------------------------------
 
@@ -251,6 +254,7 @@ class Hub(Service):
 
     def stopService(self):
         self.accepting = False
+        self.closing = True
         return super().stopService()
 
     @property
@@ -261,6 +265,8 @@ class Hub(Service):
 
     def connect(self, session: Session) -> None:
         """Register a new connection; raises :class:`ServerFull` past the limit."""
+        if self.closing:
+            raise ServerFull("server shutting down, try again shortly")
         if len(self.sessions) >= self.max_connections:
             raise ServerFull(f"server full: {self.max_connections} connections open, try again later")
         self.sessions[session.id] = session
@@ -368,6 +374,7 @@ class Hub(Service):
         self.history_store.append(message)
         self.messages_total += 1
         self._rate.add()
+        self.metrics.received(protocol)
         self.broker.publish(message)
         return message
 
@@ -382,9 +389,13 @@ class Hub(Service):
             try:
                 session.deliver(event)
             except Exception:
+                self.metrics.error("delivery_failed", session.protocol)
                 log.failure("delivery to {session} failed", session=session)
         if event.kind == "message":
             self.deliveries_total += len(r.sessions)
+            self.metrics.fanned_out("message", self.clock.seconds() - event.time)
+        else:
+            self.metrics.fanned_out(event.kind, None)
         if not r.sessions and not self.history_store.last_seq(r.name):
             del self._rooms[r.name]
 

@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from chatd import websocket
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
+from chatd.ops import add_operations, check_options, metrics_resource
 from chatd.validate import Limits
 
 # option -> (environment variable, default, help). A bare number means tcp:N.
@@ -38,6 +39,7 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
     ),
     "history-limit": ("HISTORY_LIMIT", 100, "messages kept per room for history and resume"),
     "max-message-length": ("MAX_MESSAGE_LENGTH", 4096, "longest chat message, in characters"),
+    "drain-timeout": ("DRAIN_TIMEOUT", 10, "seconds a shutdown waits for clients to leave before closing the rest"),
 }
 
 # option -> (environment variable, default, help); free text.
@@ -47,6 +49,17 @@ STRINGS: dict[str, tuple[str, str, str]] = {
         "",
         "comma-separated browser origins allowed to connect, or *; "
         "empty allows pages from the same host on any port",
+    ),
+    "manhole": (
+        "MANHOLE",
+        "",
+        "endpoint of the SSH console into the live process (a bare port binds loopback only); off when empty",
+    ),
+    "manhole-keys": ("MANHOLE_KEYS", "", "authorized_keys file of the public keys allowed into the manhole"),
+    "manhole-host-key": (
+        "MANHOLE_HOST_KEY",
+        "",
+        "the manhole's SSH host key, created if missing (default $STATE_DIRECTORY/manhole_host_key)",
     ),
 }
 
@@ -94,6 +107,7 @@ class Options(usage.Options):
             self[name] = value
         for name, (env, default, _) in STRINGS.items():
             self[name] = str(self._value(name, env, default))
+        check_options(self)
 
 
 def endpoint_description(name: str, value: str) -> str:
@@ -159,6 +173,7 @@ def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory) -> Site:
     root.putChild(b"ws", websocket.resource(factory))
     root.putChild(b"health", JsonResource(lambda: health(hub, "websocket")))
     root.putChild(b"stats", JsonResource(lambda: (200, hub.stats())))
+    root.putChild(b"metrics", metrics_resource(hub))
     site = Site(root)
     site.noisy = False
     return site
@@ -192,4 +207,5 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     ws.setName("ws")
     ws.setServiceParent(top)
+    add_operations(top, hub, options, reactor)  # keep last: see chatd.ops
     return top

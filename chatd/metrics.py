@@ -1,0 +1,142 @@
+"""Prometheus metrics, one registry per hub (never the process-global one).
+
+Two kinds of figures:
+
+* what the hub already counts (connections per protocol, rooms, deliveries,
+  uptime) is read at scrape time by :class:`HubCollector`, so the hot path
+  pays nothing for it;
+* what the hub does not otherwise keep is counted by :class:`HubMetrics`,
+  which the hub owns as ``hub.metrics``: messages received per protocol,
+  events fanned out, sessions closed for slowness, errors by kind, gRPC
+  streams, and a histogram of publish-to-deliver latency. Fan-out counts once
+  per event, never once per recipient.
+
+Adapters report through ``hub.metrics``: ``error(kind, protocol)`` for a
+refused or failed request, ``too_slow(protocol)`` when a session is closed
+for not reading, and ``hub.metrics.grpc_streams.inc()/dec()`` around a
+server stream. All of these are thread-safe (prometheus_client locks), so a
+gRPC worker thread may call them directly.
+
+Served at ``/metrics`` on the WebSocket listener (``MetricsResource``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.twisted import MetricsResource
+
+__all__ = ["HubCollector", "HubMetrics", "MetricsResource"]
+
+PROTOCOLS = ("websocket", "signalr", "grpc")
+
+# Local fan-out is sub-millisecond; a broker hop adds milliseconds; seconds mean trouble.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class HubCollector(Collector):
+    """Figures the hub keeps anyway, read when Prometheus scrapes."""
+
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterator[Any]:
+        hub = self._hub
+        stats = hub.stats()
+        connections = GaugeMetricFamily(
+            "chatd_connections", "Client connections open now, per protocol", labels=["protocol"]
+        )
+        for protocol, count in stats["connections"].items():
+            if protocol != "total":
+                connections.add_metric([protocol], count)
+        yield connections
+        yield CounterMetricFamily(
+            "chatd_connections_accepted",
+            "Client connections accepted since start",
+            value=hub.connections_total,
+        )
+        yield GaugeMetricFamily("chatd_rooms", "Rooms with at least one member", value=stats["rooms"])
+        yield CounterMetricFamily(
+            "chatd_deliveries",
+            "Chat messages handed to a recipient session (one per recipient)",
+            value=hub.deliveries_total,
+        )
+        yield GaugeMetricFamily(
+            "chatd_accepting",
+            "1 while the server takes new clients, 0 while draining",
+            value=int(hub.healthy),
+        )
+        yield GaugeMetricFamily("chatd_uptime_seconds", "Seconds since the hub started", value=hub.uptime())
+
+
+class HubMetrics:
+    """The hub's own counters and its registry; see the module docstring."""
+
+    def __init__(self, hub: Any) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._received = Counter(
+            "chatd_messages_received",
+            "Chat messages accepted for publishing, per protocol",
+            ["protocol"],
+            registry=r,
+        )
+        self._out = Counter(
+            "chatd_events_out",
+            "Events fanned out to a room (once per event, not per recipient)",
+            ["kind"],
+            registry=r,
+        )
+        self._slow = Counter(
+            "chatd_sessions_closed_slow",
+            "Sessions closed because their send buffer overflowed",
+            ["protocol"],
+            registry=r,
+        )
+        self._errors = Counter(
+            "chatd_errors", "Refused or failed requests, by kind", ["kind", "protocol"], registry=r
+        )
+        self.grpc_streams = Gauge("chatd_grpc_streams", "gRPC server streams open now", registry=r)
+        self.latency = Histogram(
+            "chatd_publish_to_deliver_seconds",
+            "From publish to the last local recipient handed the message",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Children cached: a labels() lookup takes a lock and builds a tuple.
+        self._received_by: dict[str, Any] = {}
+        self._out_by: dict[str, Any] = {}
+        for protocol in PROTOCOLS:
+            self._received_by[protocol] = self._received.labels(protocol)
+            self._slow.labels(protocol)
+        for kind in ("message", "presence"):
+            self._out_by[kind] = self._out.labels(kind)
+        r.register(HubCollector(hub))
+
+    def received(self, protocol: str) -> None:
+        """One message published by a client speaking ``protocol``."""
+        child = self._received_by.get(protocol)
+        if child is None:
+            child = self._received_by[protocol] = self._received.labels(protocol)
+        child.inc()
+
+    def fanned_out(self, kind: str, latency: float | None) -> None:
+        """One event handed to its room; ``latency`` (seconds since publish) for messages."""
+        child = self._out_by.get(kind)
+        if child is None:
+            child = self._out_by[kind] = self._out.labels(kind)
+        child.inc()
+        if latency is not None:
+            self.latency.observe(max(0.0, latency))
+
+    def too_slow(self, protocol: str) -> None:
+        """A session closed because it did not read fast enough."""
+        self._slow.labels(protocol).inc()
+
+    def error(self, kind: str, protocol: str = "none") -> None:
+        """A refused or failed request: ``kind`` is a short fixed word, never user text."""
+        self._errors.labels(kind, protocol).inc()
