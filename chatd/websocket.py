@@ -263,6 +263,8 @@ class ChatWebSocketFactory(WebSocketServerFactory):
             autoPingTimeout=30,
             openHandshakeTimeout=15,
             closeHandshakeTimeout=2,
+            # Tell a misbehaving client why (e.g. 1009 message too big) before dropping it.
+            failByDrop=False,
             perMessageCompressionAccept=lambda offers: None,
         )
 

@@ -82,7 +82,7 @@ async def start_chatd(*extra: str, environ: dict[str, str] | None = None) -> Run
         when = getattr(svc, "whenListening", None)
         if when is not None:
             port = await when()
-            running.ports[svc.name] = port.getHost().port if hasattr(port, "getHost") else port
+            running.ports[svc.name] = getattr(port.getHost(), "port", None) if hasattr(port, "getHost") else port
     return running
 
 

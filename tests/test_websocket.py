@@ -333,3 +333,34 @@ async def test_a_slow_reader_is_closed_and_the_room_carries_on(start) -> None:
             slow.close()
 
     await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_frame_is_refused_with_1009(start) -> None:
+    running = await start("--read-buffer-size", "1024")
+
+    def scenario():
+        with Client(running.ws_url) as a:
+            a.send_raw(json.dumps({"type": "ping", "pad": "x" * 2000}))
+            with pytest.raises(ConnectionClosed) as info:
+                a.recv()
+            assert info.value.rcvd.code == 1009
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unix_socket_listener_works_like_tcp(start, tmp_path) -> None:
+    from websockets.sync.client import unix_connect
+
+    path = tmp_path / "chatd.sock"
+    running = await start("--ws", f"unix:{path}")
+
+    def scenario():
+        with unix_connect(str(path), "ws://localhost/ws") as ws:
+            ws.send(json.dumps({"type": "join", "room": "r", "user": "unixy"}))
+            frames = [json.loads(ws.recv(timeout=10)) for _ in range(2)]
+            assert {"type": "joined", "room": "r", "user": "unixy", "members": ["unixy"]} in frames
+
+    await deferToThread(scenario)
+    assert running.hub.stats()["connections_accepted"] == 1
