@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatd import websocket
+from chatd import webclient, websocket
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
 from chatd.ops import add_operations, check_options, metrics_resource
@@ -26,6 +26,7 @@ from chatd.validate import Limits
 # option -> (environment variable, default, help). A bare number means tcp:N.
 LISTENERS: dict[str, tuple[str, str, str]] = {
     "ws": ("WS_PORT", "tcp:8080", "WebSocket (/ws) and HTTP (/health, /stats) listener"),
+    "web": ("WEB_PORT", "tcp:3000", "browser client: the chat page, /config.json and /stats"),
 }
 
 # option -> (environment variable, default, help); whole numbers, at least 1.
@@ -207,5 +208,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     ws.setName("ws")
     ws.setServiceParent(top)
+
+    web = Listener(
+        endpoints.serverFromString(reactor, options["web"]),
+        webclient.web_site(hub, webclient.ListenerMap(top, options.get)),
+    )
+    web.setName("web")
+    web.setServiceParent(top)
     add_operations(top, hub, options, reactor)  # keep last: see chatd.ops
     return top

@@ -1,0 +1,311 @@
+"""The browser client's listener (``--web``): the page, its config, and stats.
+
+chatd serves its own page so that ``http://host:3000`` is the whole setup:
+no separate static server, no build step. The page is plain files (``web/``
+in a source checkout, ``chatd/web`` once installed) plus two JSON documents
+made here:
+
+``GET /config.json``
+    Where the page's protocols listen, as seen by *this* request: the host
+    name the browser used, each listener's real port (``tcp:0`` in tests),
+    and ``wss``/``https`` when the listener is ``ssl:`` or the page itself
+    came over TLS. A listener on a ``unix:`` socket is assumed to sit behind
+    a reverse proxy on the page's own origin, so its URL is the page's
+    origin plus the listener's path. A protocol that is not configured is
+    ``null``.
+``GET /stats``
+    The hub's figures, same-origin so the page needs no CORS.
+
+Every response carries the security headers; the HTML page gets a
+Content-Security-Policy whose ``connect-src`` names exactly the origins that
+``/config.json`` hands out, and no inline script or style is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from chatd import __version__
+from chatd.http import JsonResource, health, write_json
+
+log = Logger()
+
+#: listener name -> (path on that listener, scheme pair (plain, secure)).
+PROTOCOL_PATHS: dict[str, tuple[str, tuple[str, str]]] = {
+    "websocket": ("/ws", ("ws", "wss")),
+    "signalr": ("/signalr", ("http", "https")),
+}
+
+#: How many kept messages the page asks for when it opens a room.
+HISTORY_SHOWN = 50
+
+#: protocol -> the tap listener option that serves it.
+PROTOCOL_LISTENERS = {"websocket": "ws", "signalr": "signalr"}
+
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}")
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}")
+
+_BASE_HEADERS = {
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+    b"x-frame-options": b"DENY",
+    b"cross-origin-opener-policy": b"same-origin",
+    b"cross-origin-resource-policy": b"same-origin",
+    b"permissions-policy": b"camera=(), microphone=(), geolocation=(), payment=(), usb=()",
+}
+
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".json": "application/json",
+}
+
+
+def static_dir() -> Path:
+    """Where the page's files are: installed next to the package, or ``web/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "web", here.parent / "web"):
+        if (candidate / "index.html").is_file():
+            return candidate
+    raise FileNotFoundError(f"the browser client's files are missing (looked in {here / 'web'})")
+
+
+def page_is_secure(request: Request) -> bool:
+    """True when the browser reached the page over TLS, directly or through a proxy."""
+    if request.isSecure():
+        return True
+    forwarded = request.getHeader(b"x-forwarded-proto")
+    return forwarded is not None and forwarded.split(b",")[0].strip().lower() == b"https"
+
+
+def page_host(request: Request) -> str:
+    """The host name the browser used for the page, safe to put into URLs and headers.
+
+    The ``Host`` header is the peer's to choose; anything that is not a
+    plain DNS name or IP literal falls back to the address that accepted the
+    connection, so a forged header cannot inject into the CSP or the config.
+    """
+    raw = (request.getHeader(b"host") or b"").decode("latin-1")
+    try:
+        name = urlsplit("//" + raw).hostname or ""
+    except ValueError:
+        name = ""
+    if name and ":" not in name and _HOST_RE.fullmatch(name):
+        return name
+    if name and _IPV6_RE.fullmatch(name):
+        return f"[{name}]"
+    local = request.getHost()
+    host = getattr(local, "host", "") or "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
+def _page_origin(request: Request) -> str:
+    scheme = "https" if page_is_secure(request) else "http"
+    raw = (request.getHeader(b"host") or b"").decode("latin-1")
+    try:
+        port = urlsplit("//" + raw).port
+    except ValueError:
+        port = None
+    host = page_host(request)
+    return f"{scheme}://{host}:{port}" if port else f"{scheme}://{host}"
+
+
+class ListenerMap:
+    """Finds a listener's description and bound port when asked, not when built.
+
+    Listeners are started after the web site is built (``tcp:0`` picks the
+    port then), and another listener may be added to the tree after this
+    one; looking them up per request keeps the web listener independent of
+    the order of ``makeService``.
+    """
+
+    def __init__(self, services: Any, descriptions: Callable[[str], str | None]) -> None:
+        self._services = services
+        self._descriptions = descriptions
+
+    def lookup(self, name: str) -> tuple[str, Any] | None:
+        """``(endpoint description, IListeningPort or None)`` of a listener, or None if absent."""
+        description = self._descriptions(name)
+        if not description:
+            return None
+        try:
+            service = self._services.getServiceNamed(name)
+        except KeyError:
+            return None
+        return description, getattr(service, "port", None)
+
+
+def protocol_url(protocol: str, found: tuple[str, Any] | None, request: Request) -> str | None:
+    """The URL a browser on ``request``'s page uses to reach ``protocol``'s listener."""
+    if found is None:
+        return None
+    description, port = found
+    path, (plain, secure_scheme) = PROTOCOL_PATHS[protocol]
+    kind = description.split(":", 1)[0].lower()
+    secure = kind == "ssl" or page_is_secure(request)
+    scheme = secure_scheme if secure else plain
+    address = port.getHost() if port is not None else None
+    number = getattr(address, "port", None)
+    if kind == "unix" or number is None:
+        # Not reachable by port from a browser: a reverse proxy on the page's
+        # origin forwards the path.
+        origin = _page_origin(request)
+        if protocol == "websocket":
+            origin = origin.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        return origin + path
+    return f"{scheme}://{page_host(request)}:{number}{path}"
+
+
+def client_config(listeners: ListenerMap, request: Request, limits: Any = None) -> dict[str, Any]:
+    """The document at ``/config.json``; ``limits`` (the hub's) adds the input bounds."""
+    urls = {
+        protocol: protocol_url(protocol, listeners.lookup(name), request)
+        for protocol, name in PROTOCOL_LISTENERS.items()
+    }
+    config: dict[str, Any] = {
+        "version": __version__,
+        "protocols": [p for p, url in urls.items() if url],
+        **urls,
+        "stats": "/stats",
+    }
+    if limits is not None:
+        config["maxMessageLength"] = limits.max_message_length
+        config["historyLimit"] = min(HISTORY_SHOWN, limits.history_limit)
+    return config
+
+
+def connect_sources(config: dict[str, Any]) -> list[str]:
+    """The origins the page may connect to: each protocol URL's origin (SignalR's in both schemes)."""
+    sources = ["'self'"]
+    for protocol in PROTOCOL_LISTENERS:
+        url = config.get(protocol)
+        if not url:
+            continue
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        sources.append(origin)
+        if parts.scheme in ("http", "https"):
+            ws = "wss" if parts.scheme == "https" else "ws"
+            sources.append(f"{ws}://{parts.netloc}")
+    return list(dict.fromkeys(sources))
+
+
+def content_security_policy(config: dict[str, Any]) -> str:
+    """No inline script or style, nothing from elsewhere, no framing."""
+    return "; ".join(
+        [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' data:",
+            "connect-src " + " ".join(connect_sources(config)),
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+
+
+def set_security_headers(request: Request, csp: str | None = None) -> None:
+    for name, value in _BASE_HEADERS.items():
+        request.setHeader(name, value)
+    if page_is_secure(request):
+        request.setHeader(b"strict-transport-security", b"max-age=31536000")
+    if csp is not None:
+        request.setHeader(b"content-security-policy", csp.encode())
+
+
+class StaticFile(Resource):
+    """One of the page's files, read once at start and served from memory.
+
+    The set of files is fixed when the site is built, so no request path
+    can reach anything else on disk and there is no directory listing. An
+    ETag lets the browser revalidate cheaply on every load (``no-cache``),
+    so an upgraded daemon's page shows at once.
+    """
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, content_type: str, listeners: ListenerMap | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.content_type = content_type.encode()
+        self.etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
+        self._listeners = listeners
+
+    def render_GET(self, request: Request) -> bytes:
+        csp = None
+        if self._listeners is not None:
+            csp = content_security_policy(client_config(self._listeners, request))
+        set_security_headers(request, csp)
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"cache-control", b"no-cache")
+        if request.setETag(self.etag) == http.CACHED:
+            return b""
+        return self.body
+
+
+def static_files(directory: Path, listeners: ListenerMap) -> dict[bytes, StaticFile]:
+    """The servable files of ``directory`` by URL name; HTML pages get the CSP."""
+    files: dict[bytes, StaticFile] = {}
+    for path in sorted(directory.iterdir()):
+        content_type = _CONTENT_TYPES.get(path.suffix)
+        if content_type is None or not path.is_file() or path.name.startswith("."):
+            continue
+        html = path.suffix == ".html"
+        files[path.name.encode()] = StaticFile(path.read_bytes(), content_type, listeners if html else None)
+    return files
+
+
+class ConfigResource(Resource):
+    """``GET /config.json``: see the module docstring."""
+
+    isLeaf = True
+
+    def __init__(self, listeners: ListenerMap, limits: Any = None) -> None:
+        super().__init__()
+        self._listeners = listeners
+        self._limits = limits
+
+    def render_GET(self, request: Request) -> bytes:
+        set_security_headers(request)
+        return write_json(request, client_config(self._listeners, request, self._limits))
+
+    render_HEAD = render_GET
+
+
+class _SecureJson(JsonResource):
+    def render_GET(self, request: Request) -> bytes:
+        set_security_headers(request)
+        return super().render_GET(request)
+
+    render_HEAD = render_GET
+
+
+def web_site(hub: Any, listeners: ListenerMap, files: Path | None = None) -> Site:
+    """The web listener's site: the page's files, ``/config.json``, ``/stats``, ``/health``."""
+    directory = files or static_dir()
+    log.info("serving the browser client from {directory}", directory=str(directory))
+    root = Resource()
+    for name, resource in static_files(directory, listeners).items():
+        root.putChild(name, resource)
+    root.putChild(b"", root.children[b"index.html"])
+    root.putChild(b"config.json", ConfigResource(listeners, hub.limits))
+    root.putChild(b"stats", _SecureJson(lambda: (200, hub.stats())))
+    root.putChild(b"health", _SecureJson(lambda: health(hub, "web")))
+    site = Site(root)
+    site.noisy = False
+    return site
