@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatd import webclient, websocket
+from chatd import signalr, webclient, websocket
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
 from chatd.ops import add_operations, check_options, metrics_resource
@@ -26,6 +26,7 @@ from chatd.validate import Limits
 # option -> (environment variable, default, help). A bare number means tcp:N.
 LISTENERS: dict[str, tuple[str, str, str]] = {
     "ws": ("WS_PORT", "tcp:8080", "WebSocket (/ws) and HTTP (/health, /stats) listener"),
+    "signalr": ("SIGNALR_PORT", "tcp:8081", "ASP.NET Core SignalR listener (/signalr, /signalr/health)"),
     "web": ("WEB_PORT", "tcp:3000", "browser client: the chat page, /config.json and /stats"),
 }
 
@@ -208,6 +209,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     ws.setName("ws")
     ws.setServiceParent(top)
+
+    signalr_site = signalr.site(
+        hub, reactor, origins, read_limit=options["read-buffer-size"],
+        options=signalr.Options(write_limit=options["write-buffer-size"]),
+    )
+    sr = Listener(endpoints.serverFromString(reactor, options["signalr"]), signalr_site)
+    sr.setName("signalr")
+    sr.setServiceParent(top)
 
     web = Listener(
         endpoints.serverFromString(reactor, options["web"]),

@@ -1,0 +1,339 @@
+"""The chat hub: SignalR hub methods mapped onto :class:`chatd.hub.Hub`.
+
+Client to server (method names match case-insensitively, as in ASP.NET Core)::
+
+    SendMessage(user, message)          publish to the default room ("general")
+    SendToRoom(room, user, message)     join ``room`` if needed, then publish
+    JoinRoom(room[, user])              -> the room's users
+    LeaveRoom(room)
+    GetHistory(room[, limit])           -> [message dict, ...], oldest first
+    GetUsers(room)                      -> [user, ...]
+    StreamRoom(room)                    stream: each new message of ``room`` as a message dict
+    UploadMessages(room, user, stream)  client-to-server stream: each item is a message -> count
+
+Server to client::
+
+    ReceiveMessage(user, message, room)
+    UserJoined(user, room)
+    UserLeft(user, room)
+
+A message dict is the WebSocket protocol's shape (``id``, ``seq``, ``room``,
+``user``, ``message``, ``timestamp``, ``protocol``).
+
+User names: a connection is in the default room from the start so that the
+ASP.NET Core chat tutorial works unmodified. It is named by the ``user``
+query parameter of its URL if there is one; otherwise it is listed as
+``guest-N`` until the first ``SendMessage``/``SendToRoom``/``JoinRoom``/
+``UploadMessages`` that names a user, which renames it once (presence shows
+the guest leaving and the user joining). After that the name is fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.logger import Logger
+
+from chatd import validate
+from chatd.events import Event
+from chatd.hub import Hub, Session
+from chatd.signalr import protocol as p
+from chatd.signalr.connection import HubConnection
+from chatd.validate import ChatError
+
+log = Logger()
+
+PROTOCOL = "signalr"
+DEFAULT_ROOM = "general"
+
+_JSON = p.JsonCodec()
+_MSGPACK = p.MessagePackCodec()
+#: the per-event encoding cache key of each hub protocol
+_CACHE_KEYS = {"json": "signalr-json", "messagepack": "signalr-msgpack"}
+_ENCODERS = {"json": _JSON.encode, "messagepack": _MSGPACK.encode}
+
+
+def event_invocation(event: Event) -> dict:
+    """The client method call that tells a client about ``event``."""
+    if event.kind == "message":
+        return p.invocation("ReceiveMessage", [event.user, event.text, event.room])  # type: ignore[attr-defined]
+    target = "UserJoined" if event.action == "join" else "UserLeft"  # type: ignore[attr-defined]
+    return p.invocation(target, [event.user, event.room])  # type: ignore[attr-defined]
+
+
+def _encoder(codec_name: str) -> Callable[[Event], bytes]:
+    encode = _ENCODERS[codec_name]
+    return lambda event: encode(event_invocation(event))
+
+
+_EVENT_ENCODERS = {name: _encoder(name) for name in _ENCODERS}
+
+
+class SignalRSession(Session):
+    """The hub's handle on one SignalR connection."""
+
+    protocol = PROTOCOL
+
+    def __init__(self, connection: HubConnection, chat: ChatHub) -> None:
+        super().__init__(connection.peer)
+        self.connection = connection
+        self._chat = chat
+
+    def deliver(self, event: Event) -> None:
+        name = self.connection.protocol_name
+        if name is None:
+            return
+        self.connection.send_record(event.encoded(_CACHE_KEYS[name], _EVENT_ENCODERS[name]))
+        if event.kind == "message" and self._chat.streams:
+            self._chat.stream_event(event)
+
+    def close(self, reason: str) -> None:
+        self.connection.close(error=reason)
+
+    def going_away(self, reason: str) -> None:
+        self.connection.close(error=reason, allow_reconnect=True)
+
+
+class _Upload:
+    """A client-to-server stream feeding ``UploadMessages``."""
+
+    __slots__ = ("invocation_id", "room", "count", "error")
+
+    def __init__(self, invocation_id: str | None, room: str) -> None:
+        self.invocation_id = invocation_id
+        self.room = room
+        self.count = 0
+        self.error: str | None = None
+
+
+class ChatHub:
+    """The dispatcher of one connection: invocations in, hub calls, replies out."""
+
+    def __init__(self, hub: Hub, connection: HubConnection, default_room: str = DEFAULT_ROOM) -> None:
+        self.hub = hub
+        self.connection = connection
+        self.default_room = default_room
+        self.session = SignalRSession(connection, self)
+        #: invocation id -> room of each running StreamRoom
+        self.streams: dict[str, str] = {}
+        #: rooms joined only on behalf of a StreamRoom (left again when it ends)
+        self._stream_rooms: set[str] = set()
+        #: stream id -> upload
+        self._uploads: dict[str, _Upload] = {}
+        self._provisional = False
+        hub.connect(self.session)
+        try:
+            if connection.user is not None:
+                hub.identify(self.session, connection.user)
+            else:
+                hub.identify(self.session, f"guest-{self.session.id}")
+                self._provisional = True
+            hub.join(self.session, default_room)
+        except ChatError:
+            hub.disconnect(self.session)
+            raise
+
+    # -- dispatch ------------------------------------------------------------
+
+    def on_message(self, message: dict) -> None:
+        kind = message["type"]
+        if kind in (p.INVOCATION, p.STREAM_INVOCATION):
+            self._invoke(message)
+        elif kind == p.STREAM_ITEM:
+            self._upload_item(message["invocationId"], message["item"])
+        elif kind == p.COMPLETION:
+            self._upload_done(message["invocationId"], message.get("error"))
+        elif kind == p.CANCEL_INVOCATION:
+            self._cancel(message["invocationId"])
+
+    def on_close(self) -> None:
+        self.streams.clear()
+        self._uploads.clear()
+        self.hub.disconnect(self.session)
+
+    def _invoke(self, message: dict) -> None:
+        target = message["target"]
+        invocation_id = message.get("invocationId")
+        streaming = message["type"] == p.STREAM_INVOCATION
+        stream_ids = message.get("streamIds") or []
+        try:
+            spec = _METHODS.get(target.lower())
+            if spec is None:
+                raise ChatError(f"Unknown hub method '{target}'")
+            if spec.kind == "stream" and not streaming:
+                raise ChatError(
+                    f"The client attempted to invoke the streaming '{target}' method with a non-streaming invocation."
+                )
+            if spec.kind != "stream" and streaming:
+                raise ChatError(
+                    f"The client attempted to invoke the non-streaming '{target}' method with a streaming invocation."
+                )
+            expected_streams = 1 if spec.kind == "upload" else 0
+            if len(stream_ids) != expected_streams:
+                raise ChatError(f"Client sent {len(stream_ids)} stream(s), Hub method expects {expected_streams}.")
+            args = message["arguments"]
+            if not spec.min_args <= len(args) <= spec.max_args:
+                expects = (
+                    str(spec.max_args) if spec.min_args == spec.max_args else f"{spec.min_args} to {spec.max_args}"
+                )
+                raise ChatError(f"Invocation provides {len(args)} argument(s) but target expects {expects}.")
+            if spec.kind == "upload":
+                result = spec.handler(self, invocation_id, stream_ids[0], *args)
+            elif spec.kind == "stream":
+                result = spec.handler(self, invocation_id, *args)
+            else:
+                result = spec.handler(self, *args)
+        except ChatError as e:
+            log.debug("{peer}: {target} failed: {reason}", peer=self.session.peer, target=target, reason=e.reason)
+            if invocation_id is not None:
+                self.connection.send(p.completion(invocation_id, error=e.reason))
+            return
+        if invocation_id is None or spec.kind != "call":
+            return
+        if result is _VOID:
+            self.connection.send(p.completion(invocation_id, void=True))
+        else:
+            self.connection.send(p.completion(invocation_id, result))
+
+    # -- naming --------------------------------------------------------------
+
+    def _name(self, user: Any) -> str:
+        name = validate.user(user)
+        session = self.session
+        if not self._provisional:
+            return self.hub.identify(session, name)
+        self._provisional = False
+        if name != session.user:
+            rooms = sorted(session.rooms)
+            for room in rooms:
+                self.hub.leave(session, room)
+            session.user = None
+            self.hub.identify(session, name)
+            for room in rooms:
+                self.hub.join(session, room)
+        return name
+
+    def _ensure_in(self, room: str) -> None:
+        self._stream_rooms.discard(room)
+        if room not in self.session.rooms:
+            self.hub.join(self.session, room)
+
+    # -- hub methods ---------------------------------------------------------
+
+    def send_message(self, user: Any, message: Any) -> object:
+        return self.send_to_room(self.default_room, user, message)
+
+    def send_to_room(self, room: Any, user: Any, message: Any) -> object:
+        room = validate.room(room)
+        validate.user(user)
+        validate.message(message, self.hub.limits)
+        self._name(user)
+        self._ensure_in(room)
+        self.hub.publish(room, self.session.user, message, PROTOCOL)
+        return _VOID
+
+    def join_room(self, room: Any, user: Any = None) -> list[str]:
+        room = validate.room(room)
+        if user is not None:
+            self._name(user)
+        self._stream_rooms.discard(room)
+        return self.hub.join(self.session, room)
+
+    def leave_room(self, room: Any) -> object:
+        self.hub.leave(self.session, room)
+        self._stream_rooms.discard(room)
+        for invocation_id, watched in list(self.streams.items()):
+            if watched == room:
+                self._end_stream(invocation_id)
+        return _VOID
+
+    def get_history(self, room: Any, limit: Any = None) -> list[dict]:
+        return [m.as_dict() for m in self.hub.history(room, limit)]
+
+    def get_users(self, room: Any) -> list[str]:
+        return self.hub.members(room)
+
+    # -- server-to-client streams -------------------------------------------
+
+    def stream_room(self, invocation_id: str, room: Any) -> None:
+        room = validate.room(room)
+        if room not in self.session.rooms:
+            self.hub.join(self.session, room)
+            self._stream_rooms.add(room)
+        self.streams[invocation_id] = room
+
+    def stream_event(self, event: Event) -> None:
+        item = None
+        for invocation_id, room in list(self.streams.items()):
+            if room == event.room:
+                if item is None:
+                    item = event.as_dict()  # type: ignore[attr-defined]
+                self.connection.send(p.stream_item(invocation_id, item))
+
+    def _cancel(self, invocation_id: str) -> None:
+        if invocation_id in self.streams:
+            self._end_stream(invocation_id)
+
+    def _end_stream(self, invocation_id: str) -> None:
+        room = self.streams.pop(invocation_id)
+        self.connection.send(p.completion(invocation_id, void=True))
+        if room in self._stream_rooms and room not in self.streams.values():
+            self._stream_rooms.discard(room)
+            if room in self.session.rooms:
+                self.hub.leave(self.session, room)
+
+    # -- client-to-server streams -------------------------------------------
+
+    def upload_messages(self, invocation_id: str | None, stream_id: str, room: Any, user: Any) -> None:
+        room = validate.room(room)
+        self._name(user)
+        self._ensure_in(room)
+        self._uploads[stream_id] = _Upload(invocation_id, room)
+
+    def _upload_item(self, stream_id: str, item: Any) -> None:
+        upload = self._uploads.get(stream_id)
+        if upload is None or upload.error is not None:
+            return
+        try:
+            if upload.room not in self.session.rooms:
+                raise ChatError(f"not in room {upload.room}")
+            self.hub.publish(upload.room, self.session.user, item, PROTOCOL)
+            upload.count += 1
+        except ChatError as e:
+            upload.error = e.reason
+
+    def _upload_done(self, stream_id: str, error: str | None) -> None:
+        upload = self._uploads.pop(stream_id, None)
+        if upload is None or upload.invocation_id is None:
+            return
+        if upload.error is not None:
+            self.connection.send(p.completion(upload.invocation_id, error=upload.error))
+        elif error:
+            self.connection.send(p.completion(upload.invocation_id, error=f"the client stream failed: {error}"))
+        else:
+            self.connection.send(p.completion(upload.invocation_id, upload.count))
+
+
+_VOID = object()
+
+
+class _Method:
+    __slots__ = ("handler", "min_args", "max_args", "kind")
+
+    def __init__(self, handler: Callable[..., Any], min_args: int, max_args: int, kind: str = "call") -> None:
+        self.handler = handler
+        self.min_args = min_args
+        self.max_args = max_args
+        self.kind = kind  # "call" | "stream" (server to client) | "upload" (client to server)
+
+
+_METHODS: dict[str, _Method] = {
+    "sendmessage": _Method(ChatHub.send_message, 2, 2),
+    "sendtoroom": _Method(ChatHub.send_to_room, 3, 3),
+    "joinroom": _Method(ChatHub.join_room, 1, 2),
+    "leaveroom": _Method(ChatHub.leave_room, 1, 1),
+    "gethistory": _Method(ChatHub.get_history, 1, 2),
+    "getusers": _Method(ChatHub.get_users, 1, 1),
+    "streamroom": _Method(ChatHub.stream_room, 1, 1, "stream"),
+    "uploadmessages": _Method(ChatHub.upload_messages, 2, 2, "upload"),
+}

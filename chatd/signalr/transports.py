@@ -1,0 +1,622 @@
+"""SignalR over HTTP: negotiate, WebSockets, Server-Sent Events, long polling.
+
+The resources here route requests to :class:`HubConnection` objects kept by
+a :class:`ConnectionManager`, following ASP.NET Core's
+``HttpConnectionDispatcher`` (dotnet/aspnetcore ``TransportProtocols.md``)::
+
+    POST   /signalr/negotiate[?negotiateVersion=1]   -> connection id, token, transports
+    GET    /signalr[?id=T]  + Upgrade: websocket      -> WebSockets (no id: skipNegotiation)
+    GET    /signalr?id=T    + Accept: text/event-stream -> Server-Sent Events
+    GET    /signalr?id=T                               -> a long poll
+    POST   /signalr?id=T                               -> records from the client (SSE, long polling)
+    DELETE /signalr?id=T                               -> stop long polling
+    OPTIONS (any)                                       -> CORS preflight
+    GET    /signalr/health                             -> the health document
+
+``id`` is the connection token (negotiate version 1) or the connection id
+(version 0). Errors: no id -> 400, unknown id -> 404, another transport ->
+400, a second WebSocket or event stream on one id -> 409, other methods -> 405.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from chatd.http import JsonResource, OriginPolicy, health, write_json
+from chatd.hub import Hub, SendBudget
+from chatd.signalr.chat import ChatHub
+from chatd.signalr.connection import CLOSED, HubConnection, Options
+from chatd import validate
+from chatd.validate import ChatError
+
+log = Logger()
+
+WEBSOCKETS = "WebSockets"
+SERVER_SENT_EVENTS = "ServerSentEvents"
+LONG_POLLING = "LongPolling"
+
+AVAILABLE_TRANSPORTS = [
+    {"transport": WEBSOCKETS, "transferFormats": ["Text", "Binary"]},
+    {"transport": SERVER_SENT_EVENTS, "transferFormats": ["Text"]},
+    {"transport": LONG_POLLING, "transferFormats": ["Text", "Binary"]},
+]
+
+_NO_CACHE = b"no-cache, no-store"
+_CORS_METHODS = b"GET, POST, DELETE, OPTIONS"
+_CORS_HEADERS = b"X-Requested-With, X-SignalR-User-Agent, Authorization, Content-Type"
+
+
+def _new_id() -> str:
+    """16 random bytes, base64url: URL-safe as clients append it unencoded."""
+    return secrets.token_urlsafe(16)
+
+
+def query(request: Request, name: str) -> str | None:
+    """A query parameter, its name matched case-insensitively (as ASP.NET does)."""
+    wanted = name.lower().encode()
+    for key, values in request.args.items():
+        if key.lower() == wanted and values:
+            return values[0].decode("utf-8", "replace")
+    return None
+
+
+def _peer(request: Request) -> str:
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    return f"{host}:{address.port}" if host is not None else str(address)
+
+
+class ConnectionManager:
+    """Every SignalR connection of this listener, by the ``id`` clients present."""
+
+    def __init__(self, hub: Hub, clock: IReactorTime, options: Options) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.options = options
+        self.connections: dict[str, HubConnection] = {}
+        #: token -> the long-polling transport of a connection that uses one
+        self.long_polls: dict[str, LongPollingTransport] = {}
+
+    def create(self, peer: str, user: str | None, stateful: bool = False, version: int = 1) -> HubConnection:
+        connection_id = _new_id()
+        token = _new_id() if version >= 1 else connection_id
+        connection = HubConnection(
+            self.clock,
+            lambda conn: ChatHub(self.hub, conn),
+            self.options,
+            connection_id=connection_id,
+            token=token,
+            stateful_allowed=stateful,
+            on_closed=self._closed,
+            peer=peer,
+            user=user,
+        )
+        self.connections[token] = connection
+        return connection
+
+    def get(self, token: str | None) -> HubConnection | None:
+        return self.connections.get(token) if token else None
+
+    def _closed(self, connection: HubConnection) -> None:
+        transport = self.long_polls.get(connection.token)
+        if transport is not None and not transport.done:
+            return  # the last records (the Close), then a 204, still wait for a poll
+        self.forget(connection)
+
+    def forget(self, connection: HubConnection) -> None:
+        if self.connections.get(connection.token) is connection:
+            del self.connections[connection.token]
+            self.long_polls.pop(connection.token, None)
+
+    def going_away(self, reason: str) -> None:
+        """Close every connection, inviting clients to reconnect (server shutdown)."""
+        for connection in list(self.connections.values()):
+            dispatcher = connection.dispatcher
+            if isinstance(dispatcher, ChatHub):
+                dispatcher.session.going_away(reason)
+            else:
+                connection.close(error=reason, allow_reconnect=True)
+
+
+# -- WebSockets ----------------------------------------------------------------
+
+
+class SignalRWebSocketProtocol(WebSocketServerProtocol):
+    """A WebSocket carrying one SignalR connection (text frames for json, binary for messagepack)."""
+
+    factory: SignalRWebSocketFactory
+    name = WEBSOCKETS
+    supports_binary = True
+    inherent_keep_alive = False
+    connection: HubConnection | None = None
+    _target: tuple[HubConnection | None, str | None] = (None, None)
+
+    def onOpen(self) -> None:
+        connection, user = self._target
+        manager = self.factory.manager
+        if connection is None:
+            connection = manager.create(self.peer, user)  # skipNegotiation
+        elif connection.state == CLOSED:
+            self.sendClose(1000)
+            return
+        self.connection = connection
+        self.budget = SendBudget(manager.options.write_limit, self._too_slow)
+        self.budget.attach(self.transport)
+        connection.attach(self)
+
+    def write(self, data: bytes, binary: bool) -> None:
+        if self.budget.charge(len(data)):
+            self.sendMessage(data, isBinary=binary)
+
+    def close(self) -> None:
+        self.sendClose(1000)
+
+    def _too_slow(self) -> None:
+        if self.connection is not None:
+            self.connection.close(error=f"too slow: more than {self.budget.limit} bytes waiting to be sent")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.connection is not None and self.connection.transport is self:
+            self.connection.data_received(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.transport_lost(self)
+
+
+class SignalRWebSocketFactory(WebSocketServerFactory):
+    """Autobahn factory; the resource names the connection before each upgrade."""
+
+    protocol = SignalRWebSocketProtocol
+
+    def __init__(self, manager: ConnectionManager, read_limit: int) -> None:
+        super().__init__()
+        self.manager = manager
+        self.pending: tuple[HubConnection | None, str | None] = (None, None)
+        self.setProtocolOptions(
+            maxFramePayloadSize=read_limit,
+            maxMessagePayloadSize=read_limit,
+            # No WebSocket pings: SignalR has its own, and signalrcore reads
+            # ping frames as data.
+            autoPingInterval=0,
+            openHandshakeTimeout=15,
+            closeHandshakeTimeout=2,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def buildProtocol(self, addr: Any) -> SignalRWebSocketProtocol:
+        proto = super().buildProtocol(addr)
+        # WebSocketResource.render builds the protocol and runs the upgrade
+        # synchronously, so the connection chosen by render is this one's.
+        proto._target, self.pending = self.pending, (None, None)
+        return proto
+
+
+# -- Server-Sent Events ----------------------------------------------------------
+
+
+class ServerSentEventsTransport:
+    """A ``text/event-stream`` response carrying records as ``data:`` lines."""
+
+    name = SERVER_SENT_EVENTS
+    supports_binary = False
+    inherent_keep_alive = False
+
+    def __init__(self, request: Request, connection: HubConnection, write_limit: int) -> None:
+        self.request = request
+        self.connection = connection
+        self.open = True
+        self.budget = SendBudget(write_limit, self._too_slow)
+        request.registerProducer(self.budget, True)
+        request.notifyFinish().addBoth(self._gone)
+
+    def write(self, data: bytes, binary: bool) -> None:
+        if not self.open or not self.budget.charge(len(data)):
+            return
+        out = bytearray()
+        for line in data.split(b"\n"):
+            out += b"data: " + line.rstrip(b"\r") + b"\r\n"
+        out += b"\r\n"
+        self.request.write(bytes(out))
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def _too_slow(self) -> None:
+        self.connection.close(error=f"too slow: more than {self.budget.limit} bytes waiting to be sent")
+
+    def _gone(self, _: Any) -> None:
+        if self.open:
+            self.open = False
+            self.connection.transport_lost(self)
+
+
+# -- long polling ------------------------------------------------------------------
+
+
+class LongPollingTransport:
+    """Records wait here for the client's next poll; one record per response.
+
+    One record per response because signalrcore reads only the first record
+    of each poll. The connection counts as gone when no poll has come for
+    ``disconnect_timeout``.
+    """
+
+    name = LONG_POLLING
+    supports_binary = True
+    inherent_keep_alive = True
+
+    def __init__(self, connection: HubConnection, manager: ConnectionManager) -> None:
+        self.connection = connection
+        self.manager = manager
+        self.clock = manager.clock
+        self.options = manager.options
+        self.records: list[bytes] = []
+        self.size = 0
+        self.closing = False
+        #: the client was told to stop (204) or is gone: the connection can be forgotten
+        self.done = False
+        self.poll: Request | None = None
+        self._poll_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._idle()
+
+    def write(self, data: bytes, binary: bool) -> None:
+        if self.closing:
+            return
+        self.records.append(data)
+        self.size += len(data)
+        if self.size > self.options.write_limit:
+            self.records.clear()
+            self.size = 0
+            self.connection.close(error=f"too slow: more than {self.options.write_limit} bytes not polled")
+            return
+        if self.poll is not None:
+            self._answer(self.poll)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.poll is not None:
+            self._answer(self.poll)
+
+    def take_poll(self, request: Request) -> Any:
+        """A new poll: answer it now if anything waits, else hold it."""
+        if self.poll is not None:
+            self._end(self.poll, 204)
+        self._cancel(self._idle_timer)
+        if self.records or self.closing:
+            return self._respond(request)
+        self.poll = request
+        self._poll_timer = self.clock.callLater(self.options.poll_timeout, self._poll_expired, request)
+        request.notifyFinish().addErrback(self._poll_lost, request)
+        return NOT_DONE_YET
+
+    def delete(self) -> None:
+        """The client stopped (DELETE): end everything, the waiting poll gets 204."""
+        self.records.clear()
+        self.size = 0
+        self.closing = True
+        if self.poll is not None:
+            self._end(self.poll, 204)
+        self.connection.transport_lost(self)
+        self._finished()
+
+    def _respond(self, request: Request) -> bytes:
+        _poll_headers(request)
+        if self.records:
+            record = self.records.pop(0)
+            self.size -= len(record)
+            self._idle()
+            return record
+        # closing and drained: 204 tells the client to stop
+        request.setResponseCode(204)
+        self._finished()
+        return b""
+
+    def _answer(self, request: Request) -> None:
+        self.poll = None
+        self._cancel(self._poll_timer)
+        body = self._respond(request)
+        if not request.finished and not request._disconnected:
+            request.write(body)
+            request.finish()
+
+    def _end(self, request: Request, code: int) -> None:
+        if request is self.poll:
+            self.poll = None
+            self._cancel(self._poll_timer)
+        if not request.finished and not request._disconnected:
+            _poll_headers(request)
+            request.setResponseCode(code)
+            request.finish()
+
+    def _poll_expired(self, request: Request) -> None:
+        self._poll_timer = None
+        if request is self.poll:
+            self.poll = None
+            if not request.finished and not request._disconnected:
+                _poll_headers(request)
+                request.finish()
+            self._idle()
+
+    def _poll_lost(self, _: Any, request: Request) -> None:
+        if request is self.poll:
+            self.poll = None
+            self._cancel(self._poll_timer)
+            self._idle()
+
+    def _idle(self) -> None:
+        self._cancel(self._idle_timer)
+        self._idle_timer = self.clock.callLater(self.options.disconnect_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self.poll is None:
+            log.debug("{peer}: no poll for a while; gone", peer=self.connection.peer)
+            self.records.clear()
+            self.closing = True
+            self.connection.transport_lost(self)
+            self._finished()
+
+    def _finished(self) -> None:
+        self.done = True
+        self._cancel(self._idle_timer)
+        self._cancel(self._poll_timer)
+        if self.connection.state == CLOSED:
+            self.manager.forget(self.connection)
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+
+def _poll_headers(request: Request) -> None:
+    request.setHeader(b"content-type", b"application/octet-stream")
+    request.setHeader(b"cache-control", _NO_CACHE)
+    request.setHeader(b"pragma", b"no-cache")
+    request.setHeader(b"expires", b"Thu, 01 Jan 1970 00:00:00 GMT")
+
+
+# -- resources ---------------------------------------------------------------------
+
+
+def _text(request: Request, code: int, message: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return message.encode()
+
+
+class _CorsResource(Resource):
+    """CORS for browser pages on other origins, with the WebSocket Origin policy.
+
+    Credentials are allowed (the JS client sends them by default), so the
+    origin is echoed, never ``*``; a request from an origin the policy
+    refuses gets 403 whatever its method.
+    """
+
+    def __init__(self, origins: OriginPolicy) -> None:
+        super().__init__()
+        self.origins = origins
+
+    def render(self, request: Request) -> Any:
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            host = request.getHeader(b"host")
+            if not self.origins.allows(origin.decode("latin-1"), host.decode("latin-1") if host else None):
+                return _text(request, 403, "Origin not allowed")
+            request.setHeader(b"access-control-allow-origin", origin)
+            request.setHeader(b"access-control-allow-credentials", b"true")
+            request.setHeader(b"vary", b"Origin")
+        if request.method == b"OPTIONS":
+            request.setResponseCode(204)
+            request.setHeader(b"access-control-allow-methods", _CORS_METHODS)
+            wanted = request.getHeader(b"access-control-request-headers")
+            request.setHeader(b"access-control-allow-headers", wanted or _CORS_HEADERS)
+            request.setHeader(b"access-control-max-age", b"600")
+            return b""
+        return super().render(request)
+
+
+class NegotiateResource(_CorsResource):
+    """``POST /signalr/negotiate``: a new connection and how it may be reached."""
+
+    isLeaf = True
+
+    def __init__(self, manager: ConnectionManager, origins: OriginPolicy) -> None:
+        super().__init__(origins)
+        self.manager = manager
+
+    def render_POST(self, request: Request) -> bytes:
+        raw = query(request, "negotiateVersion")
+        try:
+            version = int(raw) if raw is not None else 0
+        except ValueError:
+            return write_json(request, {"error": "negotiateVersion must be an integer"}, 400)
+        version = min(max(version, 0), 1)
+        user = query(request, "user")
+        if user is not None:
+            try:
+                user = validate.user(user)
+            except ChatError as e:
+                return write_json(request, {"error": e.reason})
+        stateful = version >= 1 and (query(request, "useStatefulReconnect") or "").lower() == "true"
+        connection = self.manager.create(_peer(request), user, stateful, version)
+        body: dict[str, Any] = {
+            "connectionId": connection.connection_id,
+            "negotiateVersion": version,
+            "availableTransports": AVAILABLE_TRANSPORTS,
+        }
+        if version >= 1:
+            body["connectionToken"] = connection.token
+        if stateful:
+            body["useStatefulReconnect"] = True
+        return write_json(request, body)
+
+
+class ConnectionResource(_CorsResource):
+    """``/signalr``: every transport of every connection, routed as ASP.NET Core does."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        manager: ConnectionManager,
+        origins: OriginPolicy,
+        ws_factory: SignalRWebSocketFactory,
+    ) -> None:
+        super().__init__(origins)
+        self.manager = manager
+        self.ws_factory = ws_factory
+        self.ws_resource = WebSocketResource(ws_factory)
+        self.putChild(b"negotiate", NegotiateResource(manager, origins))
+        self.putChild(b"health", JsonResource(lambda: health(hub, "signalr")))
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    def _lookup(self, request: Request) -> tuple[HubConnection | None, bytes | None]:
+        token = query(request, "id")
+        if not token:
+            return None, _text(request, 400, "Connection ID required")
+        connection = self.manager.get(token)
+        if connection is None:
+            return None, _text(request, 404, "No Connection with that ID")
+        return connection, None
+
+    def render_GET(self, request: Request) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade == b"websocket":
+            return self._websocket(request)
+        if b"text/event-stream" in (request.getHeader(b"accept") or b""):
+            return self._event_stream(request)
+        return self._long_poll(request)
+
+    def _websocket(self, request: Request) -> Any:
+        token = query(request, "id")
+        connection = None
+        if token:
+            connection, error = self._lookup(request)
+            if error is not None:
+                return error
+            assert connection is not None
+            if connection.transport_name not in (None, WEBSOCKETS):
+                return _text(request, 400, "Cannot change transports mid-connection")
+            if connection.transport is not None and not connection.stateful:
+                return _text(request, 409, "Connection already has an active WebSocket")
+        user = query(request, "user")
+        if connection is None and user is not None:
+            try:
+                user = validate.user(user)
+            except ChatError as e:
+                return _text(request, 400, e.reason)
+        self.ws_factory.pending = (connection, user)
+        try:
+            return self.ws_resource.render(request)
+        finally:
+            self.ws_factory.pending = (None, None)
+
+    def _event_stream(self, request: Request) -> Any:
+        connection, error = self._lookup(request)
+        if error is not None:
+            return error
+        assert connection is not None
+        if connection.transport_name not in (None, SERVER_SENT_EVENTS):
+            return _text(request, 400, "Cannot change transports mid-connection")
+        if connection.transport is not None:
+            return _text(request, 409, "Connection already has an active event stream")
+        if connection.state == CLOSED:
+            return _text(request, 404, "No Connection with that ID")
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", _NO_CACHE)
+        request.setHeader(b"content-encoding", b"identity")
+        request.setHeader(b"x-accel-buffering", b"no")
+        request.write(b":\r\n")
+        connection.attach(ServerSentEventsTransport(request, connection, self.manager.options.write_limit))
+        return NOT_DONE_YET
+
+    def _long_poll(self, request: Request) -> Any:
+        connection, error = self._lookup(request)
+        if error is not None:
+            return error
+        assert connection is not None
+        if connection.transport_name not in (None, LONG_POLLING):
+            return _text(request, 400, "Cannot change transports mid-connection")
+        transport = self.manager.long_polls.get(connection.token)
+        if transport is None:
+            if connection.state == CLOSED:
+                return _text(request, 404, "No Connection with that ID")
+            # The first poll activates the connection and returns at once.
+            transport = self.manager.long_polls[connection.token] = LongPollingTransport(connection, self.manager)
+            connection.attach(transport)
+            _poll_headers(request)
+            request.setHeader(b"content-length", b"0")
+            return b""
+        return transport.take_poll(request)
+
+    def render_POST(self, request: Request) -> bytes:
+        connection, error = self._lookup(request)
+        if error is not None:
+            return error
+        assert connection is not None
+        if connection.transport_name == WEBSOCKETS:
+            return _text(request, 405, "POST requests are not allowed for WebSocket connections.")
+        if connection.state == CLOSED:
+            return _text(request, 404, "No Connection with that ID")
+        connection.data_received(request.content.read())
+        request.setHeader(b"content-type", b"text/plain")
+        return b""
+
+    def render_DELETE(self, request: Request) -> bytes:
+        connection, error = self._lookup(request)
+        if error is not None:
+            return error
+        assert connection is not None
+        transport = self.manager.long_polls.get(connection.token)
+        if connection.transport_name != LONG_POLLING or transport is None:
+            return _text(request, 400, "Cannot terminate this connection using the DELETE endpoint.")
+        transport.delete()
+        request.setResponseCode(202)
+        return b""
+
+
+class SignalRSite(Site):
+    """The SignalR listener's site; when it stops listening, clients are told to come back."""
+
+    def __init__(self, resource: Resource, manager: ConnectionManager) -> None:
+        super().__init__(resource)
+        self.manager = manager
+        self.noisy = False
+
+    def stopFactory(self) -> None:
+        self.manager.going_away("server shutting down")
+        super().stopFactory()
+
+
+def site(
+    hub: Hub,
+    clock: IReactorTime,
+    origins: OriginPolicy | None = None,
+    options: Options = Options(),
+    read_limit: int = 65536,
+) -> SignalRSite:
+    """The SignalR listener's ``twisted.web`` site: ``/signalr`` and ``/signalr/health``."""
+    origins = origins or OriginPolicy()
+    manager = ConnectionManager(hub, clock, options)
+    ws_factory = SignalRWebSocketFactory(manager, max(read_limit, options.max_message_size))
+    root = Resource()
+    root.putChild(b"signalr", ConnectionResource(hub, manager, origins, ws_factory))
+    return SignalRSite(root, manager)
