@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from chatd import signalr, webclient, websocket
+from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
 from chatd.ops import add_operations, check_options, metrics_resource
@@ -33,7 +34,7 @@ LISTENERS: dict[str, tuple[str, str, str]] = {
 # option -> (environment variable, default, help); whole numbers, at least 1.
 INTEGERS: dict[str, tuple[str, int, str]] = {
     "max-connections": ("MAX_CONNECTIONS", 10000, "most client connections open at once, all protocols together"),
-    "read-buffer-size": ("READ_BUFFER_SIZE", 65536, "largest inbound WebSocket message, in bytes"),
+    "read-buffer-size": ("READ_BUFFER_SIZE", 65536, "largest inbound message (WebSocket, SignalR, gRPC), in bytes"),
     "write-buffer-size": (
         "WRITE_BUFFER_SIZE",
         1048576,
@@ -42,6 +43,9 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
     "history-limit": ("HISTORY_LIMIT", 100, "messages kept per room for history and resume"),
     "max-message-length": ("MAX_MESSAGE_LENGTH", 4096, "longest chat message, in characters"),
     "drain-timeout": ("DRAIN_TIMEOUT", 10, "seconds a shutdown waits for clients to leave before closing the rest"),
+    "grpc-workers": ("GRPC_WORKERS", 1100, "gRPC worker threads; each open stream holds one"),
+    "grpc-max-streams": ("GRPC_MAX_STREAMS", 1000, "most gRPC streams open at once (below --grpc-workers)"),
+    "grpc-stream-queue": ("GRPC_STREAM_QUEUE", 1000, "events a gRPC stream may have waiting before it is ended"),
 }
 
 # option -> (environment variable, default, help); free text.
@@ -63,6 +67,9 @@ STRINGS: dict[str, tuple[str, str, str]] = {
         "",
         "the manhole's SSH host key, created if missing (default $STATE_DIRECTORY/manhole_host_key)",
     ),
+    "grpc": ("GRPC_PORT", "[::]:50051", "gRPC listener as host:port (not an endpoint); a bare number means [::]:N"),
+    "grpc-tls-cert": ("GRPC_TLS_CERT", "", "PEM certificate chain for gRPC over TLS (with --grpc-tls-key)"),
+    "grpc-tls-key": ("GRPC_TLS_KEY", "", "PEM private key for gRPC over TLS"),
 }
 
 
@@ -110,6 +117,7 @@ class Options(usage.Options):
         for name, (env, default, _) in STRINGS.items():
             self[name] = str(self._value(name, env, default))
         check_options(self)
+        grpc_service.check_options(self)
 
 
 def endpoint_description(name: str, value: str) -> str:
@@ -224,5 +232,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     web.setName("web")
     web.setServiceParent(top)
+    grpc_service.from_options(hub, options, reactor).setServiceParent(top)
     add_operations(top, hub, options, reactor)  # keep last: see chatd.ops
     return top

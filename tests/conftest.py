@@ -60,13 +60,17 @@ class Running:
     def http_url(self) -> str:
         return self.url("ws")
 
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
 
 def listener_args() -> list[str]:
-    """Every endpoint listener on a free loopback port."""
+    """Every endpoint listener on a free loopback port (gRPC takes host:port)."""
     args: list[str] = []
     for name in tap.LISTENERS:
         args += [f"--{name}", "tcp:0:interface=127.0.0.1"]
-    return args
+    return [*args, "--grpc", "127.0.0.1:0"]
 
 
 async def start_chatd(*extra: str, environ: dict[str, str] | None = None) -> Running:

@@ -1,0 +1,401 @@
+"""The bridge between grpcio's worker threads and the hub.
+
+grpcio calls the servicer on its own worker threads; the hub belongs to the
+reactor thread. The rules that keep the two apart:
+
+- A worker reaches the hub only through ``blockingCallFromThread`` (a request
+  that needs an answer) or ``callFromThread`` (tidying up after a call).
+- A stream is a hub :class:`~chatd.hub.Session` whose :meth:`GrpcSession.deliver`
+  runs on the reactor and puts ready-encoded bytes into a bounded
+  ``queue.Queue``; the call's worker thread drains that queue. The reactor never
+  waits on a worker: when a stream's queue is full the stream is ended with
+  ``RESOURCE_EXHAUSTED`` and the room carries on.
+- Each event is encoded to protobuf once, whatever the number of gRPC
+  recipients (``event.encoded("grpc", encode)``), and handed to grpcio as
+  bytes; that is why :func:`method_handlers` registers the methods with no
+  response serializer instead of using the generated ``add_..._to_server``.
+
+Unary calls (``SendMessage``, ``GetStats``) hold a worker for one reactor
+round trip. A stream holds one worker for its lifetime; ``Chat`` also holds a
+reader thread that feeds client events to the reactor one at a time.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import grpc
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
+
+from chatd import validate
+from chatd.events import Event, Message, Presence, rfc3339
+from chatd.grpc.generated import chat_pb2 as pb
+from chatd.hub import Hub, ServerFull, Session
+from chatd.validate import ChatError
+
+log = Logger()
+
+PROTOCOL = "grpc"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
+Code = grpc.StatusCode
+
+
+class Wire(NamedTuple):
+    """One event's protobuf encodings, shared by every gRPC recipient."""
+
+    stream: bytes | None  # a MessageResponse, for StreamMessages (messages only)
+    chat: bytes | None  # a ChatEvent, for Chat
+
+
+def message_response(m: Message) -> pb.MessageResponse:
+    return pb.MessageResponse(
+        id=m.id,
+        seq=m.seq,
+        user=m.user,
+        message=m.text,
+        room=m.room,
+        timestamp=m.timestamp,
+        protocol=m.protocol,
+    )
+
+
+def encode(event: Event) -> Wire:
+    """The ``event.encoded("grpc", ...)`` encoder."""
+    if isinstance(event, Message):
+        m = message_response(event)
+        return Wire(m.SerializeToString(), pb.ChatEvent(message=m).SerializeToString())
+    if isinstance(event, Presence):
+        p = pb.Presence(
+            room=event.room,
+            action=event.action,
+            user=event.user,
+            timestamp=rfc3339(event.time),
+            protocol=event.protocol,
+            count=event.count,
+        )
+        return Wire(None, pb.ChatEvent(presence=p).SerializeToString())
+    return Wire(None, None)
+
+
+class _End(NamedTuple):
+    """The last item of a stream's queue: how the call ends."""
+
+    code: grpc.StatusCode
+    details: str
+
+
+class ShuttingDown(ChatError):
+    """A new stream refused because the server is draining."""
+
+
+def abort(context: grpc.ServicerContext, error: ChatError) -> None:
+    """End the call with the status that fits a refused request (raises)."""
+    if isinstance(error, ShuttingDown):
+        code = Code.UNAVAILABLE
+    elif isinstance(error, ServerFull):
+        code = Code.RESOURCE_EXHAUSTED
+    else:
+        code = Code.INVALID_ARGUMENT
+    context.abort(code, error.reason)
+
+
+class GrpcSession(Session):
+    """The hub's handle on one gRPC stream (``StreamMessages`` or ``Chat``).
+
+    ``deliver``, ``put``, ``end``, ``close`` and ``going_away`` run on the
+    reactor; ``drain`` runs on the call's worker thread and ``cancelled`` on
+    whichever grpcio thread ends the call. The queue holds at most ``limit``
+    items plus one place kept for the end of the stream, so ending never
+    blocks or fails.
+    """
+
+    protocol = PROTOCOL
+
+    def __init__(self, hub: Hub, reactor: Any, peer: str, limit: int, chat: bool) -> None:
+        super().__init__(peer)
+        self.limit = limit
+        self.chat = chat
+        self.close_reason: str | None = None
+        self._hub = hub
+        self._reactor = reactor
+        self._queue: queue.Queue[bytes | _End] = queue.Queue(limit + 1)
+        self._lock = threading.Lock()
+        self._ended = False
+        self._last_seq: dict[str, int] = {}
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    # -- reactor thread ----------------------------------------------------
+
+    def deliver(self, event: Event) -> None:
+        wire = event.encoded(PROTOCOL, encode)
+        data = wire.chat if self.chat else wire.stream
+        if data is not None and self.put(data) and isinstance(event, Message):
+            self._last_seq[event.room] = event.seq
+
+    def put(self, data: bytes) -> bool:
+        """Queue ``data`` for the client; past the limit the stream is ended instead."""
+        if self._ended:
+            return False
+        if self._queue.qsize() >= self.limit:
+            self.end(Code.RESOURCE_EXHAUSTED, self._too_slow())
+            return False
+        self._queue.put_nowait(data)
+        return True
+
+    def _too_slow(self) -> str:
+        reason = f"too slow: more than {self.limit} events waiting to be sent"
+        if self._last_seq:
+            resume = ", ".join(f"{room} since_seq={seq}" for room, seq in sorted(self._last_seq.items()))
+            reason += f"; resume with {resume}"
+        return reason
+
+    def end(self, code: grpc.StatusCode, reason: str) -> None:
+        """Leave the hub and end the call with ``code`` once the queue is drained."""
+        self._hub.disconnect(self)
+        if self._finish(_End(code, reason)):
+            self.close_reason = reason
+            log.info(
+                "{peer} ({user}) grpc stream ended: {code} {why}",
+                peer=self.peer,
+                user=self.user or "-",
+                code=code.name,
+                why=reason,
+            )
+
+    def close(self, reason: str) -> None:
+        self.end(Code.ABORTED, reason)
+
+    def going_away(self, reason: str) -> None:
+        self.end(Code.UNAVAILABLE, reason)
+
+    # -- grpcio threads ----------------------------------------------------
+
+    def _finish(self, end: _End) -> bool:
+        with self._lock:
+            if self._ended:
+                return False
+            self._ended = True
+        self._queue.put_nowait(end)
+        return True
+
+    def cancelled(self) -> None:
+        """The call is over (client cancel, disconnect, or done): stop and leave the hub."""
+        self._finish(_End(Code.OK, "call ended"))
+        self._reactor.callFromThread(self._hub.disconnect, self)
+
+    def drain(self, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The call's responses, as the reactor queues them, until the stream ends."""
+        while True:
+            item = self._queue.get()
+            if isinstance(item, bytes):
+                yield item
+                continue
+            if item.code is not Code.OK:
+                context.abort(item.code, item.details)
+            return
+
+
+# -- Chat client events: run on the reactor, return the reply or None ----------
+
+
+def _chat_join(hub: Hub, session: Session, join: pb.Join) -> pb.ChatEvent:
+    room = validate.room(join.room)
+    hub.identify(session, join.user or session.user or "")
+    since = validate.since_seq(join.since_seq) if join.HasField("since_seq") else None
+    members = hub.join(session, room, since_seq=since)
+    return pb.ChatEvent(joined=pb.Joined(room=room, user=session.user, members=members))
+
+
+def _chat_leave(hub: Hub, session: Session, leave: pb.Leave) -> pb.ChatEvent:
+    hub.leave(session, leave.room)
+    return pb.ChatEvent(left=pb.Left(room=leave.room))
+
+
+def _chat_send(hub: Hub, session: Session, send: pb.Send) -> None:
+    room = validate.room(send.room)
+    if room not in session.rooms:
+        raise ChatError(f"not in room {room}: join it first")
+    hub.publish(room, session.user, send.message, PROTOCOL)
+
+
+_CHAT_REQUESTS: dict[str, Callable[[Hub, Session, Any], pb.ChatEvent | None]] = {
+    "join": _chat_join,
+    "leave": _chat_leave,
+    "send": _chat_send,
+}
+
+
+class ChatServicer:
+    """``chat.ChatService``: every method runs on a grpcio worker thread."""
+
+    def __init__(self, hub: Hub, reactor: Any, queue_size: int = 1000, max_streams: int = 1000) -> None:
+        self.hub = hub
+        self.reactor = reactor
+        self.queue_size = queue_size
+        self.max_streams = max_streams
+        self.streams = 0
+        self._lock = threading.Lock()
+
+    def _on_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
+        return blockingCallFromThread(self.reactor, f, *args)
+
+    # -- unary ---------------------------------------------------------------
+
+    def SendMessage(self, request: pb.MessageRequest, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self._on_reactor(self._publish, request)
+        except ChatError as e:
+            abort(context, e)
+            raise  # not reached: abort raises
+
+    def _publish(self, request: pb.MessageRequest) -> bytes:
+        message = self.hub.publish(request.room, request.user, request.message, PROTOCOL)
+        return message.encoded(PROTOCOL, encode).stream  # type: ignore[return-value]
+
+    def GetStats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        return stats_response(self._on_reactor(self.hub.stats))
+
+    # -- streams -------------------------------------------------------------
+
+    @contextmanager
+    def _stream_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        with self._lock:
+            full = self.streams >= self.max_streams
+            if not full:
+                self.streams += 1
+        if full:
+            context.abort(
+                Code.RESOURCE_EXHAUSTED,
+                f"server full: {self.max_streams} gRPC streams open, try again later",
+            )
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.streams -= 1
+
+    def _open(
+        self,
+        context: grpc.ServicerContext,
+        chat: bool,
+        setup: Callable[[GrpcSession], None] | None = None,
+    ) -> GrpcSession:
+        try:
+            session: GrpcSession = self._on_reactor(self._connect, context.peer(), chat, setup)
+        except ChatError as e:
+            abort(context, e)
+            raise  # not reached
+        if not context.add_callback(session.cancelled):
+            session.cancelled()  # the call ended before the callback could be added
+        return session
+
+    def _connect(self, peer: str, chat: bool, setup: Callable[[GrpcSession], None] | None) -> GrpcSession:
+        session = GrpcSession(self.hub, self.reactor, peer, self.queue_size, chat)
+        try:
+            self.hub.connect(session)
+        except ServerFull as e:
+            if getattr(self.hub, "closing", False):
+                raise ShuttingDown(e.reason) from None
+            raise
+        try:
+            if setup is not None:
+                setup(session)
+        except ChatError:
+            self.hub.disconnect(session)
+            raise
+        log.info("{peer} connected over grpc", peer=peer)
+        return session
+
+    def StreamMessages(self, request: pb.StreamRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        def join(session: GrpcSession) -> None:
+            room = validate.room(request.room)
+            self.hub.identify(session, request.user)
+            since = validate.since_seq(request.since_seq) if request.HasField("since_seq") else None
+            self.hub.join(session, room, since_seq=since)
+
+        with self._stream_slot(context):
+            session = self._open(context, False, join)
+            yield from session.drain(context)
+
+    def Chat(self, requests: Iterable[pb.ChatEvent], context: grpc.ServicerContext) -> Iterator[bytes]:
+        with self._stream_slot(context):
+            session = self._open(context, True)
+            reader = threading.Thread(
+                target=self._read_chat, args=(session, requests), name=f"grpc-chat-{session.id}", daemon=True
+            )
+            reader.start()
+            yield from session.drain(context)
+
+    def _read_chat(self, session: GrpcSession, requests: Iterable[pb.ChatEvent]) -> None:
+        """Feed the client's events to the reactor in order, one at a time."""
+        try:
+            for event in requests:
+                if session.ended:
+                    return
+                self._on_reactor(self._chat_event, session, event)
+        except grpc.RpcError:
+            return  # cancelled or broken: ``cancelled`` tidies up
+        except Exception:
+            log.failure("gRPC Chat request failed on {session}", session=session)
+            self.reactor.callFromThread(session.end, Code.INTERNAL, "internal error")
+            return
+        # The client closed its side: the call is complete.
+        self.reactor.callFromThread(session.end, Code.OK, "client finished")
+
+    def _chat_event(self, session: GrpcSession, event: pb.ChatEvent) -> None:
+        kind = event.WhichOneof("event")
+        handler = _CHAT_REQUESTS.get(kind or "")
+        try:
+            if handler is None:
+                raise ChatError(f"expected join, leave or send, not {kind or 'an empty event'}")
+            reply = handler(self.hub, session, getattr(event, kind))  # type: ignore[arg-type]
+        except ChatError as e:
+            reply = pb.ChatEvent(error=pb.Error(code=Code.INVALID_ARGUMENT.name, reason=e.reason, request=kind or ""))
+        if reply is not None:
+            reply.ref = event.ref
+            session.put(reply.SerializeToString())
+
+
+def stats_response(stats: dict) -> pb.StatsResponse:
+    """``hub.stats()`` (the ``/stats`` figures) as protobuf."""
+    connections = dict(stats["connections"])
+    total = connections.pop("total")
+    messages = stats["messages"]
+    return pb.StatsResponse(
+        connections=total,
+        connections_by_protocol=connections,
+        connections_accepted=stats["connections_accepted"],
+        rooms=stats["rooms"],
+        messages_total=messages["total"],
+        messages_per_second=messages["per_second"],
+        deliveries=messages["deliveries"],
+        uptime=stats["uptime"],
+    )
+
+
+def method_handlers(servicer: ChatServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """``chat.ChatService``'s handlers; message responses go out as pre-encoded bytes."""
+    return {
+        "SendMessage": grpc.unary_unary_rpc_method_handler(
+            servicer.SendMessage, request_deserializer=pb.MessageRequest.FromString
+        ),
+        "StreamMessages": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamMessages, request_deserializer=pb.StreamRequest.FromString
+        ),
+        "GetStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStats,
+            request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.StatsResponse.SerializeToString,
+        ),
+        "Chat": grpc.stream_stream_rpc_method_handler(
+            servicer.Chat, request_deserializer=pb.ChatEvent.FromString
+        ),
+    }

@@ -1,0 +1,200 @@
+"""The gRPC server as a Twisted service, and its command-line options.
+
+grpcio's server is not a Twisted endpoint: it takes ``host:port`` and runs
+its own threads. :class:`GrpcService` binds it in ``privilegedStartService``
+(so ports below 1024 and root-only key files work under ``twistd``), starts
+it with the tree, and stops it on shutdown without blocking the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from twisted.application.service import Service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from twisted.python import usage
+
+from chatd.grpc.bridge import PROTOCOL, SERVICE_NAME, ChatServicer, GrpcSession, method_handlers
+from chatd.hub import Hub
+
+log = Logger()
+
+DEFAULT_ADDRESS = "[::]:50051"
+SHUTDOWN_REASON = "server shutting down, reconnect later"
+
+_ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})")
+
+
+def grpc_address(value: Any) -> str:
+    """Normalise ``--grpc``: ``host:port`` or ``[v6]:port``; a bare number means ``[::]:N``."""
+    text = str(value).strip()
+    if text.isdigit():
+        text = f"[::]:{text}"
+    match = _ADDRESS_RE.fullmatch(text)
+    if match is None or int(match.group(2)) > 65535:
+        raise usage.UsageError(f"--grpc: expected host:port (or a port number), not {text!r}")
+    return text
+
+
+def check_options(options: Any) -> None:
+    """Validate the gRPC options once parsed (raises a one-line ``UsageError``)."""
+    options["grpc"] = grpc_address(options["grpc"])
+    cert, key = options["grpc-tls-cert"], options["grpc-tls-key"]
+    if bool(cert) != bool(key):
+        raise usage.UsageError("--grpc-tls-cert and --grpc-tls-key go together: give both or neither")
+    for name, path in (("grpc-tls-cert", cert), ("grpc-tls-key", key)):
+        if path and not os.path.isfile(path):
+            raise usage.UsageError(f"--{name}: no such file {path!r}")
+    if options["grpc-max-streams"] >= options["grpc-workers"]:
+        raise usage.UsageError(
+            "--grpc-max-streams must be less than --grpc-workers: each stream holds a worker "
+            "and unary calls need some left"
+        )
+
+
+def from_options(hub: Hub, options: Any, reactor: Any) -> GrpcService:
+    """The gRPC service as ``twistd chatd``'s options describe it."""
+    return GrpcService(
+        hub,
+        reactor,
+        options["grpc"],
+        workers=options["grpc-workers"],
+        max_streams=options["grpc-max-streams"],
+        queue_size=options["grpc-stream-queue"],
+        max_message_size=options["read-buffer-size"],
+        tls_cert=options["grpc-tls-cert"] or None,
+        tls_key=options["grpc-tls-key"] or None,
+    )
+
+
+class GrpcService(Service):
+    """Runs ``chat.ChatService``, health and reflection on one grpcio server.
+
+    ``whenListening()`` fires with the bound port number (``host:0`` picks a
+    free one). Health says SERVING while this service runs and NOT_SERVING
+    from the moment shutdown starts; streams then end with ``UNAVAILABLE``.
+    """
+
+    name = "grpc"
+    health_interval = 0.5  # how often health follows the hub (the hub has no change callbacks)
+
+    def __init__(
+        self,
+        hub: Hub,
+        reactor: Any,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        workers: int = 1100,
+        max_streams: int = 1000,
+        queue_size: int = 1000,
+        max_message_size: int = 65536,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        self.hub = hub
+        self.reactor = reactor
+        self.address = address
+        self.workers = workers
+        self.max_message_size = max_message_size
+        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+        self.grace = grace
+        self.servicer = ChatServicer(hub, reactor, queue_size=queue_size, max_streams=max_streams)
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+        self._health_loop: task.LoopingCall | None = None
+        self._serving: bool | None = None
+
+    def _build(self) -> None:
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="grpc"),
+            # Past the pool, calls would wait for a thread forever: refuse them.
+            maximum_concurrent_rpcs=self.workers,
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_size),
+                # Linux gRPC shares ports by default; a busy port must fail loudly.
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+            ],
+        )
+        handlers = method_handlers(self.servicer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            if self.tls:
+                cert, key = (open(path, "rb").read() for path in self.tls)
+                creds = grpc.ssl_server_credentials([(key, cert)])
+                port = server.add_secure_port(self.address, creds)
+            else:
+                port = server.add_insecure_port(self.address)
+        except RuntimeError as e:
+            raise RuntimeError(f"gRPC cannot listen on {self.address}: {e}") from None
+        if not port:
+            raise RuntimeError(f"gRPC cannot listen on {self.address}")
+        self._server = server
+        self.port = port
+
+    def privilegedStartService(self) -> None:
+        self._build()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self._server is None:
+            self._build()
+        super().startService()
+        assert self._server is not None
+        self._server.start()
+        self._health_loop = task.LoopingCall(self._follow_hub)
+        self._health_loop.clock = self.reactor
+        self._health_loop.start(self.health_interval, now=True)
+        log.info(
+            "gRPC listening on {address} (port {port}, {tls})",
+            address=self.address,
+            port=self.port,
+            tls="TLS" if self.tls else "plaintext",
+        )
+
+    def _follow_hub(self) -> None:
+        """SERVING while the hub takes clients; NOT_SERVING from the start of a drain."""
+        serving = self.hub.healthy
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def whenListening(self) -> defer.Deferred:
+        """A Deferred firing with the bound port number."""
+        if self.port is None:
+            return defer.fail(RuntimeError("the gRPC service is not started"))
+        return defer.succeed(self.port)
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        server, self._server = self._server, None
+        if server is None:
+            return None
+        if self._health_loop is not None and self._health_loop.running:
+            self._health_loop.stop()
+        self.health.enter_graceful_shutdown()
+        for session in list(self.hub.sessions.values()):
+            if isinstance(session, GrpcSession) and session.protocol == PROTOCOL:
+                session.going_away(SHUTDOWN_REASON)
+        # stop() returns at once; the event is set when the last call is done
+        # (or ``grace`` seconds have passed). Wait for it off the reactor.
+        done = server.stop(self.grace)
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), done.wait)

@@ -1,0 +1,324 @@
+"""The gRPC bridge without sockets: a hub on a Clock and a reactor fake that
+holds ``callFromThread`` calls until the test runs them, so the order in
+which worker threads and the reactor act is the test's, not the scheduler's."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import grpc
+import pytest
+from twisted.internet.task import Clock
+
+from chatd.events import Event
+from chatd.grpc import bridge
+from chatd.grpc.bridge import ChatServicer, GrpcSession
+from chatd.grpc.generated import chat_pb2 as pb
+from chatd.grpc.service import GrpcService
+from chatd.hub import Hub, Session
+from chatd.validate import Limits
+
+
+class ThreadedFakeReactor(Clock):
+    """A Clock whose ``callFromThread`` queues the call until :meth:`run_next`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls: deque[tuple[Any, tuple, dict]] = deque()
+        self._cond = threading.Condition()
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        with self._cond:
+            self._calls.append((f, args, kwargs))
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._calls)
+
+    def run_next(self, timeout: float = 10) -> None:
+        """Run the oldest queued call, waiting for a worker to queue one."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._calls, timeout):
+                raise AssertionError("no call from a thread arrived")
+            f, args, kwargs = self._calls.popleft()
+        f(*args, **kwargs)
+
+    def run_pending(self) -> None:
+        while self.pending:
+            self.run_next()
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+
+class FakeContext:
+    """The parts of ``grpc.ServicerContext`` the bridge uses."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1234"
+
+    def add_callback(self, callback: Any) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+    def end(self) -> None:
+        """What grpcio does when the call ends (cancel, disconnect or done)."""
+        for callback in self.callbacks:
+            callback()
+
+
+class Recorder(Session):
+    protocol = "websocket"
+
+    def __init__(self) -> None:
+        super().__init__("test")
+        self.events: list[Event] = []
+
+    def deliver(self, event: Event) -> None:
+        self.events.append(event)
+
+    def close(self, reason: str) -> None:
+        pass
+
+
+@pytest.fixture
+def reactor() -> ThreadedFakeReactor:
+    return ThreadedFakeReactor()
+
+
+@pytest.fixture
+def hub(reactor: ThreadedFakeReactor) -> Hub:
+    hub = Hub(reactor, limits=Limits(history_limit=10))
+    hub.startService()
+    return hub
+
+
+def member(hub: Hub, user: str, room: str = "lobby") -> Recorder:
+    session = Recorder()
+    hub.connect(session)
+    hub.identify(session, user)
+    hub.join(session, room)
+    return session
+
+
+def stream_session(hub: Hub, reactor: Any, user: str, limit: int = 5, chat: bool = False) -> GrpcSession:
+    session = GrpcSession(hub, reactor, "peer", limit, chat)
+    hub.connect(session)
+    hub.identify(session, user)
+    hub.join(session, "lobby")
+    return session
+
+
+def drain(session: GrpcSession, context: FakeContext | None = None) -> tuple[list[bytes], Aborted | None]:
+    """Everything the worker would send, and how the call ended."""
+    out: list[bytes] = []
+    try:
+        for data in session.drain(context or FakeContext()):
+            out.append(data)
+    except Aborted as e:
+        return out, e
+    return out, None
+
+
+def test_a_full_queue_ends_only_that_stream_with_resource_exhausted(hub, reactor) -> None:
+    other = member(hub, "bob")
+    slow = stream_session(hub, reactor, "slow", limit=3)
+    for i in range(6):
+        hub.publish("lobby", "bob", f"m{i}", "websocket")
+
+    # The room went on: bob got all six, and saw the slow reader leave.
+    assert [e.text for e in other.events if e.kind == "message"] == [f"m{i}" for i in range(6)]
+    assert [(e.action, e.user) for e in other.events if e.kind == "presence"][-1] == ("leave", "slow")
+    assert slow.id not in hub.sessions
+    assert hub.members("lobby") == ["bob"]
+
+    sent, ended = drain(slow)
+    assert [pb.MessageResponse.FromString(d).seq for d in sent] == [1, 2, 3]
+    assert ended is not None
+    assert ended.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too slow: more than 3 events waiting" in ended.details
+    assert "lobby since_seq=3" in ended.details
+
+
+def test_cancel_leaves_the_hub_only_when_the_reactor_runs(hub, reactor) -> None:
+    other = member(hub, "bob")
+    session = stream_session(hub, reactor, "carol")
+    context = FakeContext()
+    session.cancelled()  # as grpcio's thread does when the client goes
+
+    # The grpcio thread did not touch the hub: the leave waits for the reactor.
+    assert session.id in hub.sessions
+    assert reactor.pending == 1
+    reactor.run_pending()
+    assert session.id not in hub.sessions
+    assert (other.events[-1].action, other.events[-1].user) == ("leave", "carol")
+    assert drain(session, context) == ([], None)
+
+
+def test_going_away_ends_the_stream_with_unavailable_after_what_was_queued(hub, reactor) -> None:
+    session = stream_session(hub, reactor, "dave")
+    hub.publish("lobby", "bob", "before", "websocket")
+    session.going_away("server shutting down")
+    hub.publish("lobby", "bob", "after", "websocket")
+    sent, ended = drain(session)
+    assert [pb.MessageResponse.FromString(d).message for d in sent] == ["before"]
+    assert ended is not None and ended.code is grpc.StatusCode.UNAVAILABLE
+    assert ended.details == "server shutting down"
+    assert session.id not in hub.sessions
+
+
+def test_close_ends_the_stream_with_aborted_and_the_reason(hub, reactor) -> None:
+    session = stream_session(hub, reactor, "erin")
+    session.close("closed by an operator")
+    sent, ended = drain(session)
+    assert sent == []
+    assert ended is not None and (ended.code, ended.details) == (grpc.StatusCode.ABORTED, "closed by an operator")
+
+
+def test_each_event_is_encoded_once_for_every_grpc_recipient(hub, reactor) -> None:
+    a = stream_session(hub, reactor, "a")
+    b = stream_session(hub, reactor, "b")
+    hub.publish("lobby", "bob", "hello", "websocket")
+    a.going_away("x")
+    b.going_away("x")
+    (from_a,), _ = drain(a)
+    (from_b,), _ = drain(b)
+    assert from_a is from_b  # the very same bytes object
+    assert pb.MessageResponse.FromString(from_a).message == "hello"
+
+
+def test_stream_messages_call_joins_on_the_reactor_and_replays_since_seq(hub, reactor) -> None:
+    for i in range(4):
+        hub.publish("lobby", "bob", f"m{i}", "websocket")
+    servicer = ChatServicer(hub, reactor, queue_size=10, max_streams=5)
+    context = FakeContext()
+    request = pb.StreamRequest(room="lobby", user="frank", since_seq=2)
+    calls = servicer.StreamMessages(request, context)
+    received: list[int] = []
+    first = threading.Event()
+
+    def worker() -> None:
+        for data in calls:
+            received.append(pb.MessageResponse.FromString(data).seq)
+            if len(received) == 2:
+                first.set()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    reactor.run_next()  # the join, via blockingCallFromThread
+    assert hub.members("lobby") == ["frank"]
+    assert first.wait(10)
+    assert received == [3, 4]
+    hub.publish("lobby", "bob", "live", "websocket")
+    context.end()  # the client cancels
+    thread.join(10)
+    assert not thread.is_alive()
+    assert received[-1] == 5
+    assert servicer.streams == 0
+    reactor.run_pending()
+    assert hub.members("lobby") == []
+
+
+def test_bad_stream_request_aborts_with_invalid_argument_and_leaves_nothing(hub, reactor) -> None:
+    servicer = ChatServicer(hub, reactor)
+    calls = servicer.StreamMessages(pb.StreamRequest(room="no spaces", user="x"), FakeContext())
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(_first_error(calls)), daemon=True)
+    thread.start()
+    reactor.run_next()
+    thread.join(10)
+    (error,) = result
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details.startswith("invalid room name")
+    assert hub.sessions == {}
+    assert servicer.streams == 0
+
+
+def _first_error(calls: Any) -> Aborted | None:
+    try:
+        next(calls)
+    except Aborted as e:
+        return e
+    return None
+
+
+def test_too_many_streams_are_refused_with_resource_exhausted(hub, reactor) -> None:
+    servicer = ChatServicer(hub, reactor, max_streams=0)
+    error = _first_error(servicer.StreamMessages(pb.StreamRequest(room="r", user="u"), FakeContext()))
+    assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reactor.pending == 0
+
+
+def chat(servicer: ChatServicer, session: GrpcSession, ref: str = "", **event: Any) -> None:
+    servicer._chat_event(session, pb.ChatEvent(ref=ref, **event))
+
+
+def test_chat_events_join_send_leave_and_errors_keep_the_call(hub, reactor) -> None:
+    servicer = ChatServicer(hub, reactor)
+    other = member(hub, "bob")
+    session = GrpcSession(hub, reactor, "peer", 20, chat=True)
+    hub.connect(session)
+
+    chat(servicer, session, "1", send=pb.Send(room="lobby", message="too early"))
+    chat(servicer, session, "2", join=pb.Join(room="lobby", user="gina"))
+    chat(servicer, session, "3", send=pb.Send(room="lobby", message="hi all"))
+    chat(servicer, session, "4", join=pb.Join(room="lobby", user="someone else"))
+    chat(servicer, session, "5", message=pb.MessageResponse(message="not a request"))
+    chat(servicer, session, "6", leave=pb.Leave(room="lobby"))
+    session.going_away("bye")
+    sent, _ = drain(session)
+    events = [pb.ChatEvent.FromString(d) for d in sent]
+    kinds = [(e.WhichOneof("event"), e.ref) for e in events]
+    assert kinds == [
+        ("error", "1"),
+        ("presence", ""),  # gina's own join, fanned out to the room
+        ("joined", "2"),
+        ("message", ""),
+        ("error", "4"),
+        ("error", "5"),
+        ("left", "6"),
+    ]
+    assert events[0].error.reason == "not in room lobby: join it first"
+    assert events[0].error.code == "INVALID_ARGUMENT"
+    assert events[2].joined.members == ["bob", "gina"]
+    assert (events[3].message.user, events[3].message.protocol) == ("gina", "grpc")
+    assert events[4].error.reason.startswith("user name is fixed")
+    assert events[5].error.reason == "expected join, leave or send, not message"
+    assert [e.text for e in other.events if e.kind == "message"] == ["hi all"]
+
+
+def test_health_follows_the_hub_and_goes_not_serving_when_it_stops_accepting(hub, reactor) -> None:
+    from grpc_health.v1 import health_pb2
+
+    service = GrpcService(hub, reactor, "127.0.0.1:0")
+    check = health_pb2.HealthCheckRequest(service="chat.ChatService")
+    service._follow_hub()
+    assert service.health.Check(check, FakeContext()).status == health_pb2.HealthCheckResponse.SERVING
+    hub.accepting = False  # what the drain does first
+    service._follow_hub()
+    assert service.health.Check(check, FakeContext()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_stats_response_carries_the_stats_figures(hub) -> None:
+    member(hub, "bob")
+    hub.publish("lobby", "bob", "x", "websocket")
+    stats = hub.stats()
+    response = bridge.stats_response(stats)
+    assert response.connections == stats["connections"]["total"] == 1
+    assert dict(response.connections_by_protocol) == {"websocket": 1, "signalr": 0, "grpc": 0}
+    assert response.messages_total == 1
+    assert response.rooms == 1
