@@ -489,6 +489,7 @@ function renderRoom() {
   room.unread = 0;
   ui.roomTitle.textContent = "#" + room.name;
   ui.roomSub.textContent = "as " + state.user + " over " + protocolName(state.protocol);
+  ui.message.placeholder = "Message #" + room.name;
   const fragment = document.createDocumentFragment();
   for (const item of room.messages) fragment.append(renderItem(item));
   ui.messages.append(fragment);
@@ -589,6 +590,7 @@ function addItem(room, item) {
 function onMessage(m) {
   const room = state.rooms.get(m.room);
   if (!room) return;
+  statsSoon();
   if (m.id) {
     if (room.ids.has(m.id)) return;
     room.ids.add(m.id);
@@ -603,6 +605,7 @@ function onMessage(m) {
 function onPresence(roomName, user, joined) {
   const room = state.rooms.get(roomName);
   if (!room) return;
+  statsSoon();
   const had = room.members.has(user);
   if (joined) room.members.add(user);
   else room.members.delete(user);
@@ -740,6 +743,7 @@ async function connect() {
   state.attempt = 0;
   setStatus("online", "Connected · " + protocolName(state.protocol));
   showNotice("");
+  statsSoon();
   updateControls();
   const names = state.rooms.size ? [...state.rooms.keys()] : [ui.room.value.trim()];
   const current = state.current || names[0];
@@ -841,6 +845,18 @@ function formatUptime(seconds) {
   if (h) return h + "h " + m + "m";
   if (m) return m + "m " + (s % 60) + "s";
   return s + "s";
+}
+
+let statsTimer = null;
+
+/** Refresh the stats soon after something changed, at most a few times a second. */
+function statsSoon() {
+  if (statsTimer === null) {
+    statsTimer = setTimeout(() => {
+      statsTimer = null;
+      refreshStats();
+    }, 400);
+  }
 }
 
 async function refreshStats() {
