@@ -29,15 +29,26 @@ class Event:
 
     def __init__(self, room: str) -> None:
         self.room = room
-        self._encoded: dict[str, Any] = {}
+        self._encoded: dict[str, Any] | None = None
 
     def encoded(self, fmt: str, encode: Callable[[Any], T]) -> T:
         """``encode(self)``, computed once per format and shared by every recipient."""
-        try:
-            return self._encoded[fmt]
-        except KeyError:
-            value = self._encoded[fmt] = encode(self)
-            return value
+        cache = self._encoded
+        if cache is None:
+            cache = self._encoded = {}
+        elif fmt in cache:
+            return cache[fmt]
+        value = cache[fmt] = encode(self)
+        return value
+
+    def forget_encodings(self) -> None:
+        """Drop the cached frames once the fan-out is over.
+
+        Messages live on in history; keeping every frame of every kept
+        message would double their memory for the rare history replay,
+        which simply encodes again.
+        """
+        self._encoded = None
 
 
 class Message(Event):

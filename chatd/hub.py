@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import deque
-from collections.abc import Iterable
 from typing import Protocol
 
 from twisted.application.service import Service
@@ -384,15 +383,16 @@ class Hub(Service):
         if r is None:
             return
         # A delivery may close a slow session, which edits the room: iterate a copy.
-        sessions: Iterable[Session] = list(r.sessions.values())
+        sessions: list[Session] = list(r.sessions.values())
         for session in sessions:
             try:
                 session.deliver(event)
             except Exception:
                 self.metrics.error("delivery_failed", session.protocol)
                 log.failure("delivery to {session} failed", session=session)
+        event.forget_encodings()
         if event.kind == "message":
-            self.deliveries_total += len(r.sessions)
+            self.deliveries_total += len(sessions)
             self.metrics.fanned_out("message", self.clock.seconds() - event.time)
         else:
             self.metrics.fanned_out(event.kind, None)

@@ -75,9 +75,12 @@ def test_one_encoding_per_format_is_shared_by_all_recipients(hub: Hub) -> None:
         hub.connect(s)
         hub.join(s, "r")
     calls.clear()
-    hub.publish("r", "u0", "hi", "fake")
+    message = hub.publish("r", "u0", "hi", "fake")
     assert len(calls) == 1
     assert all(s.events[-1] == b"frame" for s in sessions)
+    # The frames are not kept with the message in history once delivered.
+    message.encoded("fmt", lambda e: calls.append(e) or b"again")
+    assert len(calls) == 2
 
 
 def test_seq_strictly_increases_per_room_and_ids_are_unique(hub: Hub) -> None:
