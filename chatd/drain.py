@@ -93,14 +93,14 @@ class Drain(Service):
             b=len(batches),
             t=self.timeout,
         )
-        self._done = defer.Deferred()
+        self._done = done = defer.Deferred()
         self._calls = [
             self.clock.callLater(delay, self._go, batch)
             for delay, batch in zip(self.schedule(len(batches)), batches)
         ]
         self._deadline = self.clock.callLater(self.timeout, self._finish, True)
         self._check()
-        return self._done
+        return done
 
     def _go(self, batch: list[Any]) -> None:
         for session in batch:

@@ -3,23 +3,49 @@
 Kept apart from ``chatd.tap`` so the tap only says *that* they exist:
 :func:`add_operations` is called last in ``makeService`` and appends, in
 order, the manhole (if configured), the :class:`~chatd.drain.Drain` and the
-:class:`~chatd.sdnotify.SystemdNotifier`. A ``MultiService`` stops its
-children in reverse, so at shutdown systemd hears ``STOPPING=1`` first, then
-the drain runs while every listener still answers ``/health`` with 503,
-then the listeners close and the hub stops last.
+:class:`~chatd.sdnotify.SystemdNotifier`. The tree's top is a
+:class:`ServiceTree`, which stops its children in reverse, one after the
+other: at shutdown systemd hears ``STOPPING=1`` first, then the drain runs
+while every listener still answers ``/health`` with 503, then the listeners
+close and the hub stops last.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import MultiService
-from twisted.internet import endpoints
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from chatd.drain import Drain
 from chatd.metrics import MetricsResource
 from chatd.sdnotify import SystemdNotifier
+
+log = Logger()
+
+
+class ServiceTree(MultiService):
+    """The top of chatd's service tree: children stop one at a time, last first.
+
+    A plain ``MultiService`` stops every child at once, so the listeners
+    would close (and ``/health`` vanish) while the drain was still telling
+    clients to go, and the hub would flush while sessions were still
+    writing. Here each child's stop completes before the previous one
+    begins: notifier, drain, manhole, listeners, then the hub.
+    """
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for svc in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(svc.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=svc.name)
 
 
 def check_options(options: Any) -> None:

@@ -21,7 +21,7 @@ from chatd import signalr, webclient, websocket
 from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
-from chatd.ops import add_operations, check_options, metrics_resource
+from chatd.ops import ServiceTree, add_operations, check_options, metrics_resource
 from chatd.validate import Limits
 
 # option -> (environment variable, default, help). A bare number means tcp:N.
@@ -195,7 +195,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    top = MultiService()
+    top = ServiceTree()
     top.setName("chatd")
 
     limits = Limits(

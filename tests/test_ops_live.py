@@ -1,0 +1,143 @@
+"""Operations against a live in-process chatd and real clients: TLS on every
+listener, the /metrics scrape, and the drain seen from the outside."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from websockets.exceptions import ConnectionClosed
+
+from chatd import tap
+from tests.tlscert import client_context, make_certificate
+from tests.wsclient import Client
+
+
+def fetch(url: str, context=None, data: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=context, data=data) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_listener_serves_tls_through_an_ssl_endpoint(start, tmp_path) -> None:
+    key, cert = make_certificate(tmp_path)
+    ssl_args: list[str] = []
+    for name in tap.LISTENERS:
+        ssl_args += [f"--{name}", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"]
+    running = await start(*ssl_args)
+    ctx = client_context(cert)
+
+    def scenario():
+        url = f"wss://localhost:{running.ports['ws']}/ws"
+        with Client(url, ssl=ctx) as a, Client(url, ssl=ctx) as b:
+            a.join("secure", "alice")
+            b.join("secure", "bob")
+            a.send(type="message", room="secure", message="over tls")
+            assert b.recv_type("message")["message"] == "over tls"
+        # Every other HTTP listener answers over TLS with a verified certificate.
+        for name in tap.LISTENERS:
+            status, _, _ = fetch(f"https://localhost:{running.ports[name]}/", ctx)
+            assert status < 500, name
+        status, _, body = fetch(f"https://localhost:{running.ports['ws']}/health", ctx)
+        assert status == 200 and json.loads(body)["status"] == "healthy"
+        if "signalr" in tap.LISTENERS:
+            status, _, body = fetch(
+                f"https://localhost:{running.ports['signalr']}/signalr/negotiate?negotiateVersion=1", ctx, b""
+            )
+            assert status == 200, body
+            assert {t["transport"] for t in json.loads(body)["availableTransports"]} >= {"WebSockets"}
+        # A plain-text client gets nowhere on a TLS port.
+        with pytest.raises(Exception):  # noqa: B017 - reset or bad status line, depending on timing
+            fetch(f"http://127.0.0.1:{running.ports['ws']}/health")
+
+    await deferToThread(scenario)
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    status, headers, body = fetch(url)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_endpoint_counts_a_real_chat(chatd) -> None:
+    def scenario():
+        before = _metrics(chatd.url("ws", path="/metrics"))
+        with Client(chatd.ws_url) as a, Client(chatd.ws_url) as b:
+            a.join("m", "alice")
+            b.join("m", "bob")
+            for i in range(5):
+                a.send(type="message", room="m", message=f"n{i}")
+            for _ in range(5):
+                b.recv_type("message")
+            a.send(type="bogus")
+            a.recv_type("error")
+            m = _metrics(chatd.url("ws", path="/metrics"))
+        ws = (("protocol", "websocket"),)
+        assert m[("chatd_connections", ws)] == 2
+        assert m[("chatd_rooms", ())] == 1
+        assert m[("chatd_messages_received_total", ws)] - before[("chatd_messages_received_total", ws)] == 5
+        assert m[("chatd_deliveries_total", ())] - before[("chatd_deliveries_total", ())] == 10
+        assert m[("chatd_publish_to_deliver_seconds_count", ())] == 5
+        assert m[("chatd_errors_total", (("kind", "bad_request"), ("protocol", "websocket")))] == 1
+        assert m[("chatd_accepting", ())] == 1
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_shows_503_then_tells_clients_1001_and_refuses_newcomers(start) -> None:
+    running = await start()
+    drain = running.service.getServiceNamed("drain")
+    clock = drain.clock = Clock()  # the drain waits on this clock; the listeners run for real
+
+    def connect():
+        a, b = Client(running.ws_url), Client(running.ws_url)
+        a.join("d", "alice")
+        b.join("d", "bob")
+        return a, b
+
+    a, b = await deferToThread(connect)
+    stopped = running.service.stopService()
+
+    def while_draining():
+        status, _, body = fetch(running.url("ws", path="/health"))
+        assert status == 503 and json.loads(body)["status"] == "unhealthy"
+        late = Client(running.ws_url)
+        with pytest.raises(ConnectionClosed) as closed:
+            late.recv()
+        assert closed.value.rcvd.code == 1013
+        # The existing clients have not been told yet: they still chat.
+        a.send(type="ping")
+        assert a.recv_type("pong")
+
+    await deferToThread(while_draining)
+    assert not stopped.called
+    clock.advance(0)  # the one batch goes
+
+    def told():
+        for client in (a, b):
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv_type("never")
+            assert closed.value.rcvd.code == 1001
+
+    await deferToThread(told)
+    while not stopped.called:
+        clock.advance(drain.poll_interval)
+        await deferToThread(lambda: None)  # let the reactor see the closes
+    await stopped
+    assert not running.hub.sessions
