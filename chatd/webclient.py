@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
-from twisted.web import http
+from twisted.web import http, pages
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -228,7 +228,14 @@ def set_security_headers(request: Request, csp: str | None = None) -> None:
         request.setHeader(b"content-security-policy", csp.encode())
 
 
-class StaticFile(Resource):
+class _Tree(Resource):
+    """A resource whose unknown children are a plain 404 (escaped, no deprecated page)."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return pages.notFound()
+
+
+class StaticFile(_Tree):
     """One of the page's files, read once at start and served from memory.
 
     The set of files is fixed when the site is built, so no request path
@@ -236,8 +243,6 @@ class StaticFile(Resource):
     ETag lets the browser revalidate cheaply on every load (``no-cache``),
     so an upgraded daemon's page shows at once.
     """
-
-    isLeaf = True
 
     def __init__(self, body: bytes, content_type: str, listeners: ListenerMap | None = None) -> None:
         super().__init__()
@@ -299,7 +304,7 @@ def web_site(hub: Any, listeners: ListenerMap, files: Path | None = None) -> Sit
     """The web listener's site: the page's files, ``/config.json``, ``/stats``, ``/health``."""
     directory = files or static_dir()
     log.info("serving the browser client from {directory}", directory=str(directory))
-    root = Resource()
+    root = _Tree()
     for name, resource in static_files(directory, listeners).items():
         root.putChild(name, resource)
     root.putChild(b"", root.children[b"index.html"])

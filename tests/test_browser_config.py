@@ -1,0 +1,248 @@
+"""The web listener without a browser: the page's files, /config.json, headers.
+
+Real HTTP against a chatd on free ports (urllib in a worker thread), plus
+unit tests of the URL rules with fake listeners.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.threads import deferToThread
+from twisted.web.test.requesthelper import DummyRequest
+
+from chatd import webclient
+from tests.conftest import require
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fetch(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET with exactly these headers (``Host`` included), as a browser or a proxy would send."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest("GET", path, skip_host="Host" in (headers or {}))
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def config(running: Any, headers: dict[str, str] | None = None) -> dict:
+    status, _, body = fetch(running.ports["web"], "/config.json", headers)
+    assert status == 200
+    return json.loads(body)
+
+
+# -- /config.json ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_config_names_each_protocol_at_the_host_the_browser_used(chatd) -> None:
+    ws, sr, web = chatd.ports["ws"], chatd.ports["signalr"], chatd.ports["web"]
+
+    def scenario() -> None:
+        got = config(chatd, {"Host": f"chat.example.org:{web}"})
+        assert got["websocket"] == f"ws://chat.example.org:{ws}/ws"
+        assert got["signalr"] == f"http://chat.example.org:{sr}/signalr"
+        assert got["protocols"] == ["websocket", "signalr"]
+        assert got["stats"] == "/stats"
+        assert got["maxMessageLength"] == chatd.hub.limits.max_message_length
+
+        assert config(chatd, {"Host": f"127.0.0.1:{web}"})["websocket"] == f"ws://127.0.0.1:{ws}/ws"
+        assert config(chatd, {"Host": f"[::1]:{web}"})["signalr"] == f"http://[::1]:{sr}/signalr"
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_config_asks_for_tls_when_the_page_came_over_https(chatd) -> None:
+    ws, sr = chatd.ports["ws"], chatd.ports["signalr"]
+
+    def scenario() -> None:
+        got = config(chatd, {"Host": "chat.example.org", "X-Forwarded-Proto": "https"})
+        assert got["websocket"] == f"wss://chat.example.org:{ws}/ws"
+        assert got["signalr"] == f"https://chat.example.org:{sr}/signalr"
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_host_header_cannot_reach_the_config_or_the_policy(chatd) -> None:
+    ws, web = chatd.ports["ws"], chatd.ports["web"]
+    forged = "evil.example'; script-src *; x=\"<"
+
+    def scenario() -> None:
+        got = config(chatd, {"Host": forged})
+        assert got["websocket"] == f"ws://127.0.0.1:{ws}/ws"
+        status, headers, _ = fetch(web, "/", {"Host": forged})
+        assert status == 200
+        assert "evil" not in headers["content-security-policy"]
+        assert "script-src 'self';" in headers["content-security-policy"]
+
+    await deferToThread(scenario)
+
+
+class _Port:
+    def __init__(self, address: Any) -> None:
+        self._address = address
+
+    def getHost(self) -> Any:
+        return self._address
+
+
+def _request(host: bytes = b"chat.example.org:3000", secure: bool = False) -> DummyRequest:
+    request = DummyRequest([b""])
+    request.requestHeaders.setRawHeaders(b"host", [host])
+    request.isSecure = lambda: secure  # type: ignore[method-assign]
+    return request
+
+
+def test_an_ssl_listener_is_reached_with_wss_and_https() -> None:
+    port = _Port(IPv4Address("TCP", "0.0.0.0", 8443))
+    found = ("ssl:8443:privateKey=key.pem:certKey=cert.pem", port)
+    assert webclient.protocol_url("websocket", found, _request()) == "wss://chat.example.org:8443/ws"
+    assert webclient.protocol_url("signalr", found, _request()) == "https://chat.example.org:8443/signalr"
+    plain = ("tcp:8080", _Port(IPv4Address("TCP", "0.0.0.0", 8080)))
+    assert webclient.protocol_url("websocket", plain, _request()) == "ws://chat.example.org:8080/ws"
+    assert webclient.protocol_url("websocket", plain, _request(secure=True)) == "wss://chat.example.org:8080/ws"
+
+
+def test_a_unix_socket_listener_is_reached_through_the_pages_own_origin() -> None:
+    found = ("unix:/run/chatd/ws.sock", _Port(UNIXAddress("/run/chatd/ws.sock")))
+    assert webclient.protocol_url("websocket", found, _request(b"chat.example.org")) == "ws://chat.example.org/ws"
+    assert (
+        webclient.protocol_url("signalr", ("unix:/run/s.sock", None), _request(b"chat.example.org", secure=True))
+        == "https://chat.example.org/signalr"
+    )
+
+
+def test_a_protocol_without_a_listener_is_null_and_not_offered() -> None:
+    class Services:
+        def getServiceNamed(self, name: str) -> Any:
+            if name == "ws":
+                return type("L", (), {"port": _Port(IPv4Address("TCP", "0.0.0.0", 8080))})()
+            raise KeyError(name)
+
+    listeners = webclient.ListenerMap(Services(), {"ws": "tcp:8080"}.get)
+    got = webclient.client_config(listeners, _request())
+    assert got["websocket"] == "ws://chat.example.org:8080/ws"
+    assert got["signalr"] is None
+    assert got["protocols"] == ["websocket"]
+    csp = webclient.content_security_policy(got)
+    assert "connect-src 'self' ws://chat.example.org:8080;" in csp
+
+
+# -- the page and its headers ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_carries_a_strict_policy_that_allows_exactly_the_configured_listeners(chatd) -> None:
+    ws, sr, web = chatd.ports["ws"], chatd.ports["signalr"], chatd.ports["web"]
+
+    def scenario() -> None:
+        status, headers, body = fetch(web, "/", {"Host": f"127.0.0.1:{web}"})
+        assert status == 200
+        assert headers["content-type"] == "text/html; charset=utf-8"
+        assert b'<script src="app.js" defer></script>' in body
+        assert b"<script>" not in body and b" on" + b"click=" not in body  # nothing inline
+        policy = dict(
+            (part.split(" ", 1) + [""])[:2] for part in headers["content-security-policy"].split("; ")
+        )
+        assert policy["default-src"] == "'none'"
+        assert policy["script-src"] == "'self'"
+        assert policy["style-src"] == "'self'"
+        assert policy["frame-ancestors"] == "'none'"
+        assert policy["connect-src"].split() == [
+            "'self'",
+            f"ws://127.0.0.1:{ws}",
+            f"http://127.0.0.1:{sr}",
+            f"ws://127.0.0.1:{sr}",
+        ]
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["referrer-policy"] == "no-referrer"
+        assert "strict-transport-security" not in headers  # plain HTTP: no HSTS
+
+        for path, kind in (("/app.js", "text/javascript"), ("/style.css", "text/css"), ("/favicon.svg", "image/svg")):
+            status, headers, _ = fetch(web, path)
+            assert status == 200, path
+            assert headers["content-type"].startswith(kind)
+            assert headers["x-content-type-options"] == "nosniff"
+
+        assert fetch(web, "/index.html")[2] == body
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_pages_files_are_served(chatd) -> None:
+    web = chatd.ports["web"]
+
+    def scenario() -> None:
+        for path in ("/../setup.cfg", "/..%2fsetup.cfg", "/chatd/tap.py", "/web/", "/app.js/x", "/.hidden", "/nope"):
+            assert fetch(web, path)[0] == 404, path
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unchanged_file_revalidates_with_304(chatd) -> None:
+    web = chatd.ports["web"]
+
+    def scenario() -> None:
+        status, headers, _ = fetch(web, "/app.js")
+        assert status == 200 and headers["cache-control"] == "no-cache"
+        assert fetch(web, "/app.js", {"Host": "x", "If-None-Match": headers["etag"]})[0] == 304
+        assert fetch(web, "/app.js", {"Host": "x", "If-None-Match": '"other"'})[0] == 200
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_and_health_are_served_same_origin(chatd) -> None:
+    web = chatd.ports["web"]
+
+    def scenario() -> tuple[dict, dict]:
+        status, headers, body = fetch(web, "/stats")
+        assert status == 200 and headers["content-type"] == "application/json"
+        status, _, health = fetch(web, "/health")
+        assert status == 200
+        return json.loads(body), json.loads(health)
+
+    stats, health = await deferToThread(scenario)
+    assert stats.keys() == chatd.hub.stats().keys()
+    assert health["service"] == "web" and health["status"] == "healthy"
+
+
+# -- packaging ---------------------------------------------------------------
+
+
+def test_the_files_ship_in_the_wheel(tmp_path) -> None:
+    """``pip install .`` installs web/ as chatd/web, where the daemon looks first."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    require(result.returncode == 0, f"cannot build a wheel here: {result.stderr[-500:]}")
+    import zipfile
+
+    (wheel,) = tmp_path.glob("chatd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("index.html", "app.js", "style.css", "favicon.svg"):
+        assert f"chatd/web/{name}" in names
+    assert (ROOT / "web" / "index.html").is_file()
+    assert webclient.static_dir() == ROOT / "web"
