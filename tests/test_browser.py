@@ -313,6 +313,24 @@ async def test_a_phone_width_page_wraps_long_messages_without_sideways_scrolling
     await in_browser(chromium, scenario)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_refused_name_is_explained_and_not_retried(chatd, chromium) -> None:
+    def scenario(browser: Browser) -> None:
+        for protocol in ("websocket", "signalr"):
+            page = ChatPage(browser, web_url(chatd))
+            page.page.get_by_label("Protocol").select_option(protocol)
+            page.page.get_by_label("Name").fill("<b>no</b>")
+            page.page.get_by_label("Name").press("Enter")
+            expect(page.page.locator("#notice")).to_contain_text("invalid user name")
+            expect(page.page.locator("#status")).to_have_attribute("data-state", "error")
+            expect(page.page.get_by_role("button", name="Connect")).to_be_enabled()
+            expect(page.page.get_by_label("Name")).to_be_editable()
+            expect(page.page.get_by_role("button", name="Retry now")).to_be_hidden()
+            assert_no_console_errors(page)
+
+    await in_browser(chromium, scenario)
+
+
 # -- rooms and presence ------------------------------------------------------
 
 

@@ -22,7 +22,13 @@ const SIGNALR_DEFAULT_ROOM = "general";
 /* Channels                                                             */
 /* ------------------------------------------------------------------ */
 
-class ChannelError extends Error {}
+class ChannelError extends Error {
+  /** ``refused``: the server said no (a bad name, say); trying again would not help. */
+  constructor(message, refused = false) {
+    super(message);
+    this.refused = refused;
+  }
+}
 
 /** Common plumbing: request/response correlation and event callbacks. */
 class Channel {
@@ -170,7 +176,7 @@ class SignalRChannel extends Channel {
     } catch (err) {
       throw new ChannelError("could not negotiate with " + this.url);
     }
-    if (info.error) throw new ChannelError(String(info.error));
+    if (info.error) throw new ChannelError(String(info.error), true);
     const transports = Array.isArray(info.availableTransports) ? info.availableTransports : [];
     if (!transports.some((t) => t && t.transport === "WebSockets")) {
       throw new ChannelError("the SignalR server offers no WebSockets transport");
@@ -188,11 +194,13 @@ class SignalRChannel extends Channel {
       socket.onclose = (e) => {
         this.stopTimers();
         if (!this.handshaken) reject(new ChannelError("could not connect to " + this.url));
-        const close = this.closeInfo || {};
+        // A Close message ends the connection for good unless it allows a
+        // reconnect (a server going away does); a dropped socket is retried.
+        const close = this.closeInfo;
         this.finish({
           code: e.code,
-          reason: close.error || e.reason,
-          retry: close.allowReconnect !== false || !close.error,
+          reason: (close && close.error) || e.reason,
+          retry: !close || close.allowReconnect === true,
         });
       };
       socket.onerror = () => {};
@@ -237,7 +245,7 @@ class SignalRChannel extends Channel {
       }
       if (!this.handshaken) {
         if (message && message.error) {
-          this.handshakeDone.reject(new ChannelError(String(message.error)));
+          this.handshakeDone.reject(new ChannelError(String(message.error), true));
           this.socket.close();
           return;
         }
@@ -735,7 +743,8 @@ async function connect() {
   } catch (err) {
     if (state.channel !== channel) return;
     state.channel = null;
-    scheduleReconnect(err.message);
+    if (err.refused) fail("Could not connect: " + err.message);
+    else scheduleReconnect(err.message);
     return;
   }
   if (state.channel !== channel || !state.wanted) return;
