@@ -29,6 +29,7 @@ log = Logger()
 DEFAULT_ADDRESS = "[::]:50051"
 SHUTDOWN_REASON = "server shutting down, reconnect later"
 
+_ENDPOINT_TYPES = {"tcp", "tcp6", "ssl", "unix", "systemd", "tls"}
 _ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})")
 
 
@@ -37,6 +38,8 @@ def grpc_address(value: Any) -> str:
     text = str(value).strip()
     if text.isdigit():
         text = f"[::]:{text}"
+    if text.split(":", 1)[0] in _ENDPOINT_TYPES:
+        raise usage.UsageError(f"--grpc: expected host:port, not an endpoint string like {text!r}")
     match = _ADDRESS_RE.fullmatch(text)
     if match is None or int(match.group(2)) > 65535:
         raise usage.UsageError(f"--grpc: expected host:port (or a port number), not {text!r}")
