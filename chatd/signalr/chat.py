@@ -30,7 +30,8 @@ the guest leaving and the user joining). After that the name is fixed.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.logger import Logger
 

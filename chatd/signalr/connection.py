@@ -19,8 +19,9 @@ gets a Sequence message and the unacknowledged messages again.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -80,7 +81,7 @@ class HubConnection:
         self,
         clock: IReactorTime,
         dispatcher_factory: Callable[[HubConnection], Dispatcher],
-        options: Options = Options(),
+        options: Options | None = None,
         connection_id: str = "",
         token: str = "",
         stateful_allowed: bool = False,
@@ -89,7 +90,7 @@ class HubConnection:
         user: str | None = None,
     ) -> None:
         self.clock = clock
-        self.options = options
+        self.options = options = options or Options()
         self.connection_id = connection_id
         self.token = token or connection_id
         self.peer = peer

@@ -30,11 +30,11 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from chatd import validate
 from chatd.http import JsonResource, OriginPolicy, health, write_json
 from chatd.hub import Hub, SendBudget
 from chatd.signalr.chat import ChatHub
 from chatd.signalr.connection import CLOSED, HubConnection, Options
-from chatd import validate
 from chatd.validate import ChatError
 
 log = Logger()
@@ -427,6 +427,8 @@ class _CorsResource(Resource):
             request.setHeader(b"access-control-allow-headers", wanted or _CORS_HEADERS)
             request.setHeader(b"access-control-max-age", b"600")
             return b""
+        if not hasattr(self, "render_" + request.method.decode("ascii", "replace")):
+            return _text(request, 405, "Method not allowed")
         return super().render(request)
 
 
@@ -610,11 +612,12 @@ def site(
     hub: Hub,
     clock: IReactorTime,
     origins: OriginPolicy | None = None,
-    options: Options = Options(),
+    options: Options | None = None,
     read_limit: int = 65536,
 ) -> SignalRSite:
     """The SignalR listener's ``twisted.web`` site: ``/signalr`` and ``/signalr/health``."""
     origins = origins or OriginPolicy()
+    options = options or Options()
     manager = ConnectionManager(hub, clock, options)
     ws_factory = SignalRWebSocketFactory(manager, max(read_limit, options.max_message_size))
     root = Resource()
