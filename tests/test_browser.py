@@ -107,8 +107,8 @@ class ChatPage:
         expect(page.locator("#room-title")).to_have_text("#" + room)
         expect(page.locator("#members li", has_text=name)).to_have_count(1)
 
-    def expect_online(self) -> None:
-        expect(self.page.locator("#status")).to_have_attribute("data-state", "online")
+    def expect_online(self, timeout: float = WAIT_MS) -> None:
+        expect(self.page.locator("#status")).to_have_attribute("data-state", "online", timeout=timeout)
 
     def send(self, text: str) -> None:
         """Type into the message box and press Enter (the box keeps focus after connecting)."""
@@ -307,6 +307,7 @@ async def test_a_phone_width_page_wraps_long_messages_without_sideways_scrolling
             assert box["height"] > 100  # wrapped onto many lines
         for label in ("Name", "Room", "Protocol", "Message", "Join another room"):
             expect(phone.page.get_by_label(label, exact=True)).to_have_count(1)
+        phone.page.evaluate("window.scrollTo(0, 0)")
         phone.screenshot("browser-phone.png")
         assert_no_console_errors(phone)
 
@@ -457,7 +458,8 @@ async def test_the_page_reconnects_by_itself_after_the_daemon_restarts(chromium)
         daemon.start()
         wait_listening()
         for page in (alice, bob):
-            page.expect_online()
+            # The backoff may have grown to 30 s while the daemon was down.
+            page.expect_online(timeout=60_000)
             expect(page.members()).to_have_count(2)
         alice.send("still here after the restart")
         bob.expect_message("still here after the restart", "alice", "websocket")

@@ -517,9 +517,7 @@ function renderRoomList() {
     button.type = "button";
     button.append(el("span", "room-name", "#" + room.name));
     if (room.unread > 0 && room.name !== state.current) {
-      const badge = el("span", "badge", String(room.unread));
-      badge.setAttribute("aria-label", room.unread + " unread");
-      button.append(badge);
+      button.append(el("span", "badge", String(room.unread)), el("span", "sr-only", " unread"));
     }
     if (room.name === state.current) button.setAttribute("aria-current", "true");
     button.addEventListener("click", () => switchRoom(room.name));
@@ -547,6 +545,7 @@ function renderMembers() {
 function updateControls() {
   const online = !!state.channel && ui.status.dataset.state === "online";
   const connected = state.wanted;
+  document.body.dataset.connected = String(connected);
   ui.connectButton.textContent = connected ? "Disconnect" : "Connect";
   ui.connectButton.classList.toggle("primary", !connected);
   ui.name.disabled = connected;
@@ -770,7 +769,10 @@ async function connect() {
       showNotice("Could not join " + name + ": " + err.message);
     }
   }
-  if (state.channel === channel) ui.message.focus();
+  // Focus the message box on the first connect, or after a reconnect if nothing else has focus.
+  if (state.channel === channel && (!wasReconnect || document.activeElement === document.body)) {
+    ui.message.focus();
+  }
 }
 
 function channelClosed(channel, info) {
