@@ -322,3 +322,49 @@ def test_stats_response_carries_the_stats_figures(hub) -> None:
     assert dict(response.connections_by_protocol) == {"websocket": 1, "signalr": 0, "grpc": 0}
     assert response.messages_total == 1
     assert response.rooms == 1
+
+
+def test_chat_join_with_since_seq_replays_before_the_joined_reply(hub, reactor) -> None:
+    servicer = ChatServicer(hub, reactor)
+    for i in range(3):
+        hub.publish("lobby", "bob", f"m{i}", "websocket")
+    session = GrpcSession(hub, reactor, "peer", 20, chat=True)
+    hub.connect(session)
+    chat(servicer, session, "j", join=pb.Join(room="lobby", user="hana", since_seq=1))
+    hub.publish("lobby", "bob", "live", "websocket")
+    session.going_away("bye")
+    sent, _ = drain(session)
+    events = [pb.ChatEvent.FromString(d) for d in sent]
+    assert [(e.WhichOneof("event"), e.message.seq) for e in events] == [
+        ("message", 2),
+        ("message", 3),
+        ("presence", 0),
+        ("joined", 0),
+        ("message", 4),
+    ]
+
+
+def _open_stream(servicer: ChatServicer, reactor: ThreadedFakeReactor) -> Aborted | None:
+    calls = servicer.StreamMessages(pb.StreamRequest(room="lobby", user="ivan"), FakeContext())
+    result: list[Aborted | None] = []
+    thread = threading.Thread(target=lambda: result.append(_first_error(calls)), daemon=True)
+    thread.start()
+    reactor.run_next()
+    thread.join(10)
+    return result[0]
+
+
+def test_a_full_server_refuses_streams_with_resource_exhausted(reactor) -> None:
+    hub = Hub(reactor, max_connections=1)
+    hub.startService()
+    hub.connect(Recorder())
+    error = _open_stream(ChatServicer(hub, reactor), reactor)
+    assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details.startswith("server full")
+
+
+def test_a_draining_server_refuses_streams_with_unavailable(hub, reactor) -> None:
+    hub.closing = True  # what the drain sets
+    error = _open_stream(ChatServicer(hub, reactor), reactor)
+    assert error is not None and error.code is grpc.StatusCode.UNAVAILABLE
+    assert hub.sessions == {}
