@@ -21,7 +21,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
 
-from chatd.grpc.bridge import PROTOCOL, SERVICE_NAME, ChatServicer, GrpcSession, method_handlers
+from chatd.grpc.bridge import SERVICE_NAME, ChatServicer, GrpcSession, method_handlers
 from chatd.hub import Hub
 
 log = Logger()
@@ -195,7 +195,7 @@ class GrpcService(Service):
             self._health_loop.stop()
         self.health.enter_graceful_shutdown()
         for session in list(self.hub.sessions.values()):
-            if isinstance(session, GrpcSession) and session.protocol == PROTOCOL:
+            if isinstance(session, GrpcSession):
                 session.going_away(SHUTDOWN_REASON)
         # stop() returns at once; the event is set when the last call is done
         # (or ``grace`` seconds have passed). Wait for it off the reactor.
