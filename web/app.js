@@ -163,6 +163,7 @@ class SignalRChannel extends Channel {
     this.quietTimer = null;
     this.closeInfo = null;
     this.streams = new Map(); // stream invocation id -> room
+    this.plain = new Set(); // rooms whose StreamRoom was refused
   }
 
   async open() {
@@ -271,6 +272,8 @@ class SignalRChannel extends Channel {
       }
       case 3: // Completion (of a call, or the end of a room's stream)
         if (this.streams.has(String(message.invocationId))) {
+          // A server without StreamRoom: fall back to ReceiveMessage for that room.
+          if (message.error) this.plain.add(this.streams.get(String(message.invocationId)));
           this.streams.delete(String(message.invocationId));
           return;
         }
@@ -288,10 +291,9 @@ class SignalRChannel extends Channel {
     switch (target.toLowerCase()) {
       case "receivemessage": {
         // ReceiveMessage(user, message, room) carries no id, time or origin:
-        // rooms this page streams get the full message from StreamRoom instead.
+        // the page's rooms get the full message from StreamRoom instead.
         const [user, text, room] = args;
-        if ([...this.streams.values()].includes(String(room))) return;
-        this.events.message(normalizeMessage({ user, message: text, room }));
+        if (this.plain.has(String(room))) this.events.message(normalizeMessage({ user, message: text, room }));
         return;
       }
       case "userjoined":
@@ -331,6 +333,7 @@ class SignalRChannel extends Channel {
         this.write({ type: 5, invocationId: id });
       }
     }
+    this.plain.delete(room);
     await this.invoke("LeaveRoom", room);
   }
 
