@@ -556,7 +556,8 @@ function updateControls() {
   ui.protocol.disabled = connected;
   ui.joinRoom.disabled = !online;
   ui.joinForm.querySelector("button").disabled = !online;
-  const inRoom = online && state.rooms.has(state.current);
+  const current = state.rooms.get(state.current);
+  const inRoom = online && !!current && current.joined;
   ui.message.disabled = !inRoom;
   ui.sendForm.querySelector("button").disabled = !inRoom;
   ui.leave.disabled = !inRoom;
@@ -569,7 +570,7 @@ function updateControls() {
 function roomState(name) {
   let room = state.rooms.get(name);
   if (!room) {
-    room = { name, messages: [], ids: new Set(), members: new Set(), unread: 0 };
+    room = { name, messages: [], ids: new Set(), members: new Set(), unread: 0, joined: false };
     state.rooms.set(name, room);
   }
   return room;
@@ -658,10 +659,13 @@ function mergeHistory(room, messages) {
 async function enterRoom(name, focus) {
   const channel = state.channel;
   const room = roomState(name);
+  room.joined = false;
   if (!state.current || focus) state.current = name;
   renderRoom();
   const members = await channel.join(name);
   if (channel !== state.channel) return;
+  room.joined = true;
+  updateControls();
   room.members = new Set(members);
   if (!room.members.has(state.user)) room.members.add(state.user);
   if (state.current === name) renderMembers();
