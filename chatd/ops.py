@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from chatd.drain import Drain
+from chatd.logs import redact_access_logs
 from chatd.metrics import MetricsResource
 from chatd.sdnotify import SystemdNotifier
 
@@ -33,8 +34,14 @@ class ServiceTree(MultiService):
     would close (and ``/health`` vanish) while the drain was still telling
     clients to go, and the hub would flush while sessions were still
     writing. Here each child's stop completes before the previous one
-    begins: notifier, drain, manhole, listeners, then the hub.
+    begins: notifier, drain, manhole, listeners, then the hub. At start it
+    gives every web site in the tree an access log without query strings
+    (:func:`chatd.logs.redact_access_logs`).
     """
+
+    def startService(self) -> None:
+        redact_access_logs(self)
+        super().startService()
 
     def stopService(self) -> defer.Deferred:
         Service.stopService(self)

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def test_json_log_mode_prints_one_json_object_per_line_and_no_message_bodies() -
     )
     try:
         notify.wait_for("READY=1")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health?access_token=hunter2", timeout=10) as r:
+            assert r.status == 200
         with Client(f"ws://127.0.0.1:{port}/ws") as a:
             a.join("logs", "alice")
             a.send(type="message", room="logs", message="a very private sentence")
@@ -118,6 +121,9 @@ def test_json_log_mode_prints_one_json_object_per_line_and_no_message_bodies() -
     assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
     assert any(r["logger"] == "chatd.websocket" and "connected" in r["message"] for r in records)
     assert "a very private sentence" not in out + err
+    # Access lines keep the path and drop the query string, where tokens travel.
+    assert any('"GET /health HTTP/1.1" 200' in r["message"] for r in records)
+    assert "hunter2" not in out + err
 
 
 def test_socket_activation_serves_websocket_chat_on_the_inherited_socket() -> None:
