@@ -73,8 +73,12 @@ def in_browser(chromium: str, scenario: Callable[[Browser], Any]):
 class ChatPage:
     """One browser tab on the chat page, recording console errors and dialogs."""
 
-    def __init__(self, browser: Browser, url: str, width: int = 1280, height: int = 800) -> None:
-        self.context = browser.new_context(viewport={"width": width, "height": height}, locale="en-GB")
+    def __init__(
+        self, browser: Browser, url: str, width: int = 1280, height: int = 800, **options: Any
+    ) -> None:
+        self.context = browser.new_context(
+            viewport={"width": width, "height": height}, locale="en-GB", **options
+        )
         self.page: Page = self.context.new_page()
         self.errors: list[str] = []
         self.dialogs: list[str] = []
@@ -254,6 +258,38 @@ async def test_grpc_send_message_shows_on_both_pages(chatd, chromium) -> None:
     await in_browser(chromium, scenario)
 
 
+@pytest_twisted.ensureDeferred
+async def test_over_tls_the_page_uses_wss_and_https_everywhere(start, chromium, tmp_path) -> None:
+    from tests.tlscert import make_certificate
+
+    key, cert = make_certificate(tmp_path)
+    running = await start(
+        *[
+            arg
+            for name in tap.LISTENERS
+            for arg in (f"--{name}", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+        ]
+    )
+    url = f"https://127.0.0.1:{running.ports['web']}/"
+
+    def scenario(browser: Browser) -> None:
+        # The certificate is self-signed: the browser is told to accept it, nothing else changes.
+        alice = ChatPage(browser, url, ignore_https_errors=True)
+        config = alice.page.evaluate("fetch('config.json').then(r => r.json())")
+        assert config["websocket"] == f"wss://127.0.0.1:{running.ports['ws']}/ws"
+        assert config["signalr"] == f"https://127.0.0.1:{running.ports['signalr']}/signalr"
+        alice.connect("alice", "secure", "websocket")
+        bob = ChatPage(browser, url, ignore_https_errors=True)
+        bob.connect("bob", "secure", "signalr")
+        alice.send("sealed")
+        bob.expect_message("sealed", "alice", "websocket")
+        bob.send("delivered")
+        alice.expect_message("delivered", "bob", "signalr")
+        assert_no_console_errors(alice, bob)
+
+    await in_browser(chromium, scenario)
+
+
 # -- safety and layout -------------------------------------------------------
 
 
@@ -402,7 +438,12 @@ class RestartableDaemon:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.argv, cwd=str(ROOT), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            self.argv,
+            cwd=str(ROOT),
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def stop(self) -> None:
@@ -424,7 +465,9 @@ class RestartableDaemon:
 
 def _network_noise(text: str) -> bool:
     """What Chromium logs by itself while the server is down (not the page's doing)."""
-    return "ERR_CONNECTION_REFUSED" in text or (text.startswith("WebSocket connection to") and "failed" in text)
+    return "ERR_CONNECTION_REFUSED" in text or (
+        text.startswith("WebSocket connection to") and "failed" in text
+    )
 
 
 @pytest_twisted.ensureDeferred

@@ -115,14 +115,21 @@ def test_an_ssl_listener_is_reached_with_wss_and_https() -> None:
     assert webclient.protocol_url("signalr", found, _request()) == "https://chat.example.org:8443/signalr"
     plain = ("tcp:8080", _Port(IPv4Address("TCP", "0.0.0.0", 8080)))
     assert webclient.protocol_url("websocket", plain, _request()) == "ws://chat.example.org:8080/ws"
-    assert webclient.protocol_url("websocket", plain, _request(secure=True)) == "wss://chat.example.org:8080/ws"
+    assert (
+        webclient.protocol_url("websocket", plain, _request(secure=True)) == "wss://chat.example.org:8080/ws"
+    )
 
 
 def test_a_unix_socket_listener_is_reached_through_the_pages_own_origin() -> None:
     found = ("unix:/run/chatd/ws.sock", _Port(UNIXAddress("/run/chatd/ws.sock")))
-    assert webclient.protocol_url("websocket", found, _request(b"chat.example.org")) == "ws://chat.example.org/ws"
     assert (
-        webclient.protocol_url("signalr", ("unix:/run/s.sock", None), _request(b"chat.example.org", secure=True))
+        webclient.protocol_url("websocket", found, _request(b"chat.example.org"))
+        == "ws://chat.example.org/ws"
+    )
+    assert (
+        webclient.protocol_url(
+            "signalr", ("unix:/run/s.sock", None), _request(b"chat.example.org", secure=True)
+        )
         == "https://chat.example.org/signalr"
     )
 
@@ -174,7 +181,11 @@ async def test_the_page_carries_a_strict_policy_that_allows_exactly_the_configur
         assert headers["referrer-policy"] == "no-referrer"
         assert "strict-transport-security" not in headers  # plain HTTP: no HSTS
 
-        for path, kind in (("/app.js", "text/javascript"), ("/style.css", "text/css"), ("/favicon.svg", "image/svg")):
+        for path, kind in (
+            ("/app.js", "text/javascript"),
+            ("/style.css", "text/css"),
+            ("/favicon.svg", "image/svg"),
+        ):
             status, headers, _ = fetch(web, path)
             assert status == 200, path
             assert headers["content-type"].startswith(kind)
@@ -190,7 +201,15 @@ async def test_only_the_pages_files_are_served(chatd) -> None:
     web = chatd.ports["web"]
 
     def scenario() -> None:
-        for path in ("/../setup.cfg", "/..%2fsetup.cfg", "/chatd/tap.py", "/web/", "/app.js/x", "/.hidden", "/nope"):
+        for path in (
+            "/../setup.cfg",
+            "/..%2fsetup.cfg",
+            "/chatd/tap.py",
+            "/web/",
+            "/app.js/x",
+            "/.hidden",
+            "/nope",
+        ):
             assert fetch(web, path)[0] == 404, path
 
     await deferToThread(scenario)
@@ -231,7 +250,18 @@ async def test_stats_and_health_are_served_same_origin(chatd) -> None:
 def test_the_files_ship_in_the_wheel(tmp_path) -> None:
     """``pip install .`` installs web/ as chatd/web, where the daemon looks first."""
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -246,3 +276,11 @@ def test_the_files_ship_in_the_wheel(tmp_path) -> None:
         assert f"chatd/web/{name}" in names
     assert (ROOT / "web" / "index.html").is_file()
     assert webclient.static_dir() == ROOT / "web"
+
+
+def test_the_page_names_no_host_or_port_of_its_own() -> None:
+    """Everything the page connects to comes from /config.json."""
+    for name in ("app.js", "index.html"):
+        text = (ROOT / "web" / name).read_text()
+        for literal in ("localhost", "127.0.0.1", ":8080", ":8081", ":3000", "ws://", "wss://", "http://"):
+            assert literal not in text, (name, literal)

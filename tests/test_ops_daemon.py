@@ -189,6 +189,16 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Unknown" not in result.stderr and "Invalid" not in result.stderr, result.stderr
+    # The hardening adds up: systemd's own exposure score stays "OK" (lower is safer; 10 is unconfined).
+    security = subprocess.run(
+        [tool, "security", "--offline=yes", str(tmp_path / "chatd.service")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    score = re.search(r"Overall exposure level for chatd.service: ([0-9.]+)", security.stdout)
+    assert score is not None, security.stdout + security.stderr
+    assert float(score.group(1)) <= 2.0, security.stdout
 
 
 def test_env_file_names_only_options_that_exist_and_socket_order_matches() -> None:
