@@ -50,6 +50,17 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
 
 # option -> (environment variable, default, help); free text.
 STRINGS: dict[str, tuple[str, str, str]] = {
+    "web-ws-url": (
+        "WEB_WS_URL",
+        "",
+        "where the browser client connects for WebSocket, behind a reverse proxy: a path on the page's "
+        "own origin (/ws) or a ws(s):// URL; empty derives it from the page's host and --ws",
+    ),
+    "web-signalr-url": (
+        "WEB_SIGNALR_URL",
+        "",
+        "the same for SignalR: a path (/signalr) or an http(s):// URL; empty derives it from --signalr",
+    ),
     "allowed-origins": (
         "ALLOWED_ORIGINS",
         "",
@@ -117,6 +128,7 @@ class Options(usage.Options):
         for name, (env, default, _) in STRINGS.items():
             self[name] = str(self._value(name, env, default))
         check_options(self)
+        webclient.check_options(self)
         grpc_service.check_options(self)
 
 

@@ -52,6 +52,12 @@ HISTORY_SHOWN = 50
 #: protocol -> the tap listener option that serves it.
 PROTOCOL_LISTENERS = {"websocket": "ws", "signalr": "signalr"}
 
+#: protocol -> the tap option that overrides where the page connects (a reverse proxy's URL or path).
+PUBLIC_URL_OPTIONS = {"websocket": "web-ws-url", "signalr": "web-signalr-url"}
+
+_PUBLIC_NETLOC_RE = re.compile(r"([A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?")
+_PUBLIC_PATH_RE = re.compile(r"/[A-Za-z0-9._~%/\-]*")
+
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}")
 _IPV6_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
@@ -136,6 +142,10 @@ class ListenerMap:
         self._services = services
         self._descriptions = descriptions
 
+    def public_url(self, protocol: str) -> str:
+        """The configured override of ``protocol``'s URL, or ``""`` to derive it."""
+        return self._descriptions(PUBLIC_URL_OPTIONS[protocol]) or ""
+
     def lookup(self, name: str) -> tuple[str, Any] | None:
         """``(endpoint description, IListeningPort or None)`` of a listener, or None if absent."""
         description = self._descriptions(name)
@@ -148,8 +158,62 @@ class ListenerMap:
         return description, getattr(service, "port", None)
 
 
-def protocol_url(protocol: str, found: tuple[str, Any] | None, request: Request) -> str | None:
-    """The URL a browser on ``request``'s page uses to reach ``protocol``'s listener."""
+def check_public_url(protocol: str, value: str) -> str:
+    """Validate an override: a path on the page's own origin, or an absolute URL of the right scheme.
+
+    Raises ``ValueError``; the value ends up in a header (the CSP), so only
+    plain host names, ports and path characters pass.
+    """
+    value = value.strip()
+    if not value or _PUBLIC_PATH_RE.fullmatch(value):
+        return value
+    schemes = PROTOCOL_PATHS[protocol][1]
+    parts = urlsplit(value)
+    if (
+        parts.scheme not in schemes
+        or not _PUBLIC_NETLOC_RE.fullmatch(parts.netloc)
+        or (parts.path and not _PUBLIC_PATH_RE.fullmatch(parts.path))
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(
+            f"{value!r} is neither a path (such as {PROTOCOL_PATHS[protocol][0]}) nor an absolute "
+            f"{' or '.join(s + '://' for s in schemes)} URL with a plain host name"
+        )
+    return value
+
+
+def check_options(options: Any) -> None:
+    """Reject a malformed ``--web-*-url`` at start (called from ``Options.postOptions``)."""
+    from twisted.python import usage
+
+    for protocol, name in PUBLIC_URL_OPTIONS.items():
+        try:
+            options[name] = check_public_url(protocol, options.get(name) or "")
+        except ValueError as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+
+
+def _same_origin(protocol: str, path: str, request: Request) -> str:
+    origin = _page_origin(request)
+    if protocol == "websocket":
+        origin = origin.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    return origin + path
+
+
+def protocol_url(
+    protocol: str, found: tuple[str, Any] | None, request: Request, public: str = ""
+) -> str | None:
+    """The URL a browser on ``request``'s page uses to reach ``protocol``'s listener.
+
+    ``public`` (``--web-ws-url``/``--web-signalr-url``) wins: a path means the
+    page's own origin (a reverse proxy in front of everything), a URL is used
+    as it is.
+    """
+    if public.startswith("/"):
+        return _same_origin(protocol, public, request)
+    if public:
+        return public
     if found is None:
         return None
     description, port = found
@@ -162,17 +226,14 @@ def protocol_url(protocol: str, found: tuple[str, Any] | None, request: Request)
     if kind == "unix" or number is None:
         # Not reachable by port from a browser: a reverse proxy on the page's
         # origin forwards the path.
-        origin = _page_origin(request)
-        if protocol == "websocket":
-            origin = origin.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-        return origin + path
+        return _same_origin(protocol, path, request)
     return f"{scheme}://{page_host(request)}:{number}{path}"
 
 
 def client_config(listeners: ListenerMap, request: Request, limits: Any = None) -> dict[str, Any]:
     """The document at ``/config.json``; ``limits`` (the hub's) adds the input bounds."""
     urls = {
-        protocol: protocol_url(protocol, listeners.lookup(name), request)
+        protocol: protocol_url(protocol, listeners.lookup(name), request, listeners.public_url(protocol))
         for protocol, name in PROTOCOL_LISTENERS.items()
     }
     config: dict[str, Any] = {

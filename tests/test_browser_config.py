@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.threads import deferToThread
+from twisted.python import usage
 from twisted.web.test.requesthelper import DummyRequest
 
-from chatd import webclient
+from chatd import tap, webclient
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +93,40 @@ async def test_a_forged_host_header_cannot_reach_the_config_or_the_policy(chatd)
         assert "script-src 'self';" in headers["content-security-policy"]
 
     await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_a_reverse_proxy_the_configured_urls_win(start) -> None:
+    running = await start("--web-ws-url", "/chat/ws", "--web-signalr-url", "https://sr.example.org/signalr")
+
+    def scenario() -> None:
+        headers = {"Host": "chat.example.org", "X-Forwarded-Proto": "https"}
+        got = config(running, headers)
+        assert got["websocket"] == "wss://chat.example.org/chat/ws"
+        assert got["signalr"] == "https://sr.example.org/signalr"
+        _, response, _ = fetch(running.ports["web"], "/", headers)
+        policy = response["content-security-policy"]
+        assert (
+            "connect-src 'self' wss://chat.example.org https://sr.example.org wss://sr.example.org;" in policy
+        )
+        assert response["strict-transport-security"].startswith("max-age=")
+
+    await deferToThread(scenario)
+
+
+def test_a_malformed_public_url_stops_the_start() -> None:
+    for name, value in (
+        ("--web-ws-url", "http://chat.example.org/ws"),
+        ("--web-ws-url", "wss://chat.example.org;x/ws"),
+        ("--web-signalr-url", "https://chat.example.org/signalr?x=1"),
+        ("--web-signalr-url", "signalr"),
+    ):
+        options = tap.Options(environ={})
+        with pytest.raises(usage.UsageError, match=name):
+            options.parseOptions([name, value])
+    options = tap.Options(environ={"WEB_WS_URL": " /ws "})
+    options.parseOptions([])
+    assert options["web-ws-url"] == "/ws"
 
 
 class _Port:
