@@ -426,9 +426,10 @@ function el(tag, className, text) {
   return node;
 }
 
-function setStatus(kind, text) {
+function setStatus(kind, text, detail) {
   ui.status.dataset.state = kind;
   ui.statusText.textContent = text;
+  ui.status.title = detail || "";
   ui.retry.hidden = kind !== "reconnecting";
 }
 
@@ -755,7 +756,6 @@ async function connect() {
   }
   if (state.channel !== channel || !state.wanted) return;
   const wasReconnect = state.attempt > 0;
-  state.attempt = 0;
   setStatus("online", "Connected · " + protocolName(state.protocol));
   showNotice("");
   statsSoon();
@@ -776,10 +776,12 @@ async function connect() {
       showNotice("Could not join " + name + ": " + err.message);
     }
   }
+  if (state.channel !== channel) return;
+  // Only a connection that got as far as its rooms resets the backoff: a
+  // server that accepts and at once closes (full, say) is not hammered.
+  state.attempt = 0;
   // Focus the message box on the first connect, or after a reconnect if nothing else has focus.
-  if (state.channel === channel && (!wasReconnect || document.activeElement === document.body)) {
-    ui.message.focus();
-  }
+  if (!wasReconnect || document.activeElement === document.body) ui.message.focus();
 }
 
 function channelClosed(channel, info) {
@@ -798,7 +800,7 @@ function scheduleReconnect(why) {
   const base = BACKOFF_MS[Math.min(state.attempt, BACKOFF_MS.length - 1)];
   const delay = Math.round(base * (0.75 + Math.random() * 0.5));
   state.attempt += 1;
-  setStatus("reconnecting", "Reconnecting in " + Math.max(1, Math.round(delay / 1000)) + " s (" + why + ")");
+  setStatus("reconnecting", "Reconnecting in " + Math.max(1, Math.round(delay / 1000)) + " s…", why);
   updateControls();
   clearTimeout(state.retryTimer);
   state.retryTimer = setTimeout(connect, delay);
