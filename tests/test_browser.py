@@ -418,6 +418,27 @@ async def test_rooms_switch_and_presence_follows_a_page_that_leaves(chatd, chrom
     await in_browser(chromium, scenario)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_full_server_is_retried_with_backoff_until_there_is_room(start, chromium) -> None:
+    running = await start("--max-connections", "1")
+
+    def scenario(browser: Browser) -> None:
+        alice = ChatPage(browser, web_url(running))
+        alice.connect("alice", "lobby", "websocket")
+        bob = ChatPage(browser, web_url(running))
+        bob.page.get_by_label("Name").fill("bob")
+        bob.page.get_by_label("Name").press("Enter")
+        expect(bob.page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+        expect(bob.page.get_by_role("button", name="Retry now")).to_be_visible()
+        expect(bob.page.get_by_label("Message", exact=True)).to_be_disabled()
+        alice.page.get_by_role("button", name="Disconnect").click()
+        bob.expect_online(timeout=60_000)
+        expect(bob.members()).to_have_text(["bob(you)"])
+        assert_no_console_errors(alice, bob)
+
+    await in_browser(chromium, scenario)
+
+
 # -- the daemon restarts ----------------------------------------------------
 
 
