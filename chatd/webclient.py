@@ -11,8 +11,9 @@ made here:
     and ``wss``/``https`` when the listener is ``ssl:`` or the page itself
     came over TLS. A listener on a ``unix:`` socket is assumed to sit behind
     a reverse proxy on the page's own origin, so its URL is the page's
-    origin plus the listener's path. A protocol that is not configured is
-    ``null``.
+    origin plus the listener's path. ``--web-ws-url``/``--web-signalr-url``
+    override both (a reverse proxy's path or URL). A protocol that is not
+    configured is ``null``.
 ``GET /stats``
     The hub's figures, same-origin so the page needs no CORS.
 
@@ -40,7 +41,7 @@ from chatd.http import JsonResource, health, write_json
 
 log = Logger()
 
-#: listener name -> (path on that listener, scheme pair (plain, secure)).
+#: protocol -> (path on its listener, its URL schemes (plain, secure)).
 PROTOCOL_PATHS: dict[str, tuple[str, tuple[str, str]]] = {
     "websocket": ("/ws", ("ws", "wss")),
     "signalr": ("/signalr", ("http", "https")),

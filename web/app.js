@@ -417,6 +417,12 @@ const state = {
 };
 
 const timeFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+const dayTimeFormat = new Intl.DateTimeFormat(undefined, {
+  month: "short",
+  day: "numeric",
+  hour: "2-digit",
+  minute: "2-digit",
+});
 const fullFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
 
 function el(tag, className, text) {
@@ -457,7 +463,8 @@ function renderMessage(m) {
   proto.title = "sent over " + protocolName(m.protocol);
   meta.append(proto);
   const when = new Date(m.timestamp);
-  const time = el("time", "", isNaN(when) ? "" : timeFormat.format(when));
+  const today = new Date().toDateString() === when.toDateString();
+  const time = el("time", "", isNaN(when) ? "" : (today ? timeFormat : dayTimeFormat).format(when));
   if (!isNaN(when)) {
     time.dateTime = when.toISOString();
     time.title = fullFormat.format(when);
