@@ -442,17 +442,31 @@ async def test_cors_echoes_allowed_origins_only(start):
 # -- signalrcore (Python) ---------------------------------------------------------
 
 
+SIGNALRCORE_MATRIX = [
+    ("web_sockets", "json"),
+    ("web_sockets", "messagepack"),
+    ("server_sent_events", "json"),
+    ("long_polling", "json"),
+]
+
+
+@pytest.mark.parametrize(("transport", "protocol"), SIGNALRCORE_MATRIX, ids=[f"{t}-{p}" for t, p in SIGNALRCORE_MATRIX])
 @pytest_twisted.ensureDeferred
-async def test_signalrcore_client(chatd):
+async def test_signalrcore_client(chatd, transport, protocol):
     require(importlib.util.find_spec("signalrcore") is not None, "signalrcore is not installed (test extra)")
     from signalrcore.hub_connection_builder import HubConnectionBuilder
+    from signalrcore.protocol.messagepack_protocol import MessagePackHubProtocol
+    from signalrcore.types import HttpTransportType
 
     url = hub_url(chatd)
 
     def scenario():
         received: queue.Queue = queue.Queue()
         opened = threading.Event()
-        conn = HubConnectionBuilder().with_url(url).build()
+        builder = HubConnectionBuilder().with_url(url, options={"transport": HttpTransportType[transport]})
+        if protocol == "messagepack":
+            builder = builder.with_hub_protocol(MessagePackHubProtocol())
+        conn = builder.build()
         conn.on_open(opened.set)
         conn.on("ReceiveMessage", received.put)
         conn.start()
@@ -473,3 +487,88 @@ async def test_signalrcore_client(chatd):
             conn.stop()
 
     await in_thread(scenario)
+
+
+# -- gRPC in the same rooms ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("transport", "protocol"), [("WebSockets", "messagepack"), ("LongPolling", "json")])
+@pytest_twisted.ensureDeferred
+async def test_js_client_chats_with_grpc_users(chatd, transport, protocol):
+    node_path = node()
+    require(importlib.util.find_spec("grpc") is not None, "grpcio is not installed")
+    import grpc
+
+    from chatd.grpc.generated import chat_pb2 as pb
+    from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+
+    def scenario():
+        with NodeClient(node_path) as js, grpc.insecure_channel(chatd.grpc_target) as channel:
+            js.connect(hub_url(chatd, "?user=ada"), transport, protocol)
+            stub = ChatServiceStub(channel)
+            stream = stub.StreamMessages(pb.StreamRequest(room="general", user="gus"), timeout=TIMEOUT * 2)
+            js.received(lambda a: a == ["gus", "general"], target="UserJoined")  # the gRPC stream is live
+            js.call("SendMessage", "ada", "to grpc")
+            got = next(stream)
+            stream.cancel()
+            assert (got.user, got.message, got.room, got.protocol) == ("ada", "to grpc", "general", "signalr")
+            stub.SendMessage(pb.MessageRequest(user="gina", message="from grpc", room="general"), timeout=TIMEOUT)
+            assert js.received(lambda a: a[0] == "gina") == ["gina", "from grpc", "general"]
+
+    await in_thread(scenario)
+
+
+# -- disconnect detection ---------------------------------------------------------------
+
+
+def _when_closed(chatd, user: str):
+    """A Deferred firing when the SignalR session of ``user`` leaves the hub."""
+    from twisted.internet import defer
+
+    hub = chatd.hub
+    (session,) = [s for s in hub.sessions.values() if s.user == user]
+    done: defer.Deferred = defer.Deferred()
+    original = session.connection._on_closed
+
+    def closed(connection):
+        if original is not None:
+            original(connection)
+        done.callback(connection)
+
+    session.connection._on_closed = closed
+    return session, done
+
+
+@pytest.mark.parametrize("transport", ["WebSockets", "ServerSentEvents"])
+@pytest_twisted.ensureDeferred
+async def test_a_vanished_client_frees_its_session(chatd, transport):
+    """Kill the Node process: the server notices the dead socket or stream and cleans up."""
+    node_path = node()
+    js = NodeClient(node_path)
+    try:
+        await in_thread(lambda: js.connect(hub_url(chatd, "?user=gone"), transport, "json"))
+        await in_thread(lambda: js.call("JoinRoom", "elsewhere"))
+        session, closed = _when_closed(chatd, "gone")
+        js.proc.kill()
+        await closed
+        assert session.id not in chatd.hub.sessions
+        assert "gone" not in chatd.hub.members("general") + chatd.hub.members("elsewhere")
+        manager = chatd.service.getServiceNamed("signalr").factory.manager
+        assert session.connection.token not in manager.connections
+    finally:
+        js.proc.kill()
+        js.proc.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_stop_over_long_polling_frees_its_session(chatd):
+    node_path = node()
+    with NodeClient(node_path) as js:
+        await in_thread(lambda: js.connect(hub_url(chatd, "?user=lp"), "LongPolling", "json"))
+        session, closed = _when_closed(chatd, "lp")
+        js.command(op="stop")
+        await closed
+        assert session.id not in chatd.hub.sessions
+        await in_thread(lambda: js.wait(lambda e: e["event"] == "stopped"))  # after its DELETE
+        manager = chatd.service.getServiceNamed("signalr").factory.manager
+        assert session.connection.token not in manager.connections

@@ -206,7 +206,7 @@ def test_msgpack_encode_is_what_the_js_client_reads():
 
     assert codec.encode(p.PING_MESSAGE) == b"\x02\x91\x06"
     assert decode(codec.encode(p.invocation("ReceiveMessage", ["a", "b", "c"]))) == [
-        1, {}, None, "ReceiveMessage", ["a", "b", "c"],
+        1, {}, None, "ReceiveMessage", ["a", "b", "c"], [],
     ]
     assert decode(codec.encode(p.completion("1", void=True))) == [3, {}, "1", 2]
     assert decode(codec.encode(p.completion("1", None))) == [3, {}, "1", 3, None]

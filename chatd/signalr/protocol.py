@@ -396,10 +396,9 @@ class MessagePackCodec(Codec):
         kind = m["type"]
         headers = m.get("headers") or {}
         if kind in (INVOCATION, STREAM_INVOCATION):
-            array = [kind, headers, m.get("invocationId"), m["target"], m["arguments"]]
-            if m.get("streamIds"):
-                array.append(m["streamIds"])
-            return array
+            # streamIds is optional in the spec, but signalrcore reads a sixth
+            # element unconditionally; JS and .NET clients accept it empty.
+            return [kind, headers, m.get("invocationId"), m["target"], m["arguments"], m.get("streamIds") or []]
         if kind == STREAM_ITEM:
             return [kind, headers, m["invocationId"], m["item"]]
         if kind == COMPLETION:

@@ -329,7 +329,7 @@ class LongPollingTransport:
         self.poll = None
         self._cancel(self._poll_timer)
         body = self._respond(request)
-        if not request.finished and not request._disconnected:
+        if _open(request):
             request.write(body)
             request.finish()
 
@@ -337,7 +337,7 @@ class LongPollingTransport:
         if request is self.poll:
             self.poll = None
             self._cancel(self._poll_timer)
-        if not request.finished and not request._disconnected:
+        if _open(request):
             _poll_headers(request)
             request.setResponseCode(code)
             request.finish()
@@ -346,7 +346,7 @@ class LongPollingTransport:
         self._poll_timer = None
         if request is self.poll:
             self.poll = None
-            if not request.finished and not request._disconnected:
+            if _open(request):
                 _poll_headers(request)
                 request.finish()
             self._idle()
@@ -381,6 +381,11 @@ class LongPollingTransport:
     def _cancel(call: IDelayedCall | None) -> None:
         if call is not None and call.active():
             call.cancel()
+
+
+def _open(request: Request) -> bool:
+    """The response can still be written: not finished, client still there."""
+    return not request.finished and not getattr(request, "_disconnected", False)
 
 
 def _poll_headers(request: Request) -> None:

@@ -1,0 +1,207 @@
+"""SignalR's HTTP transports in memory: long polling and Server-Sent Events on ``task.Clock``."""
+
+from __future__ import annotations
+
+import io
+
+import orjson
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from chatd.hub import Hub
+from chatd.signalr import protocol as p
+from chatd.signalr.connection import CLOSED, Options
+from chatd.signalr.transports import site
+
+HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
+
+
+class Request(DummyRequest):
+    """DummyRequest, with a push producer registered rather than spun."""
+
+    producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class Server:
+    def __init__(self, **options) -> None:
+        self.clock = Clock()
+        self.hub = Hub(self.clock)
+        self.site = site(self.hub, self.clock, options=Options(**options))
+        self.manager = self.site.manager
+        self.root = self.site.resource
+
+    def request(self, method: bytes, path: bytes, query: dict | None = None, body: bytes = b"", headers=None):
+        segments = path.strip(b"/").split(b"/")
+        request = Request(segments[1:] or [])
+        request.method = method
+        request.client = IPv4Address("TCP", "127.0.0.1", 50000)
+        request.content = io.BytesIO(body)
+        for key, value in (query or {}).items():
+            request.addArg(key.encode(), value.encode())
+        for key, value in (headers or {}).items():
+            request.requestHeaders.setRawHeaders(key, [value])
+        resource = self.root.getChildWithDefault(segments[0], request)
+        while request.postpath:
+            resource = resource.getChildWithDefault(request.postpath.pop(0), request)
+        result = resource.render(request)
+        if result is not NOT_DONE_YET:
+            request.write(result)
+            request.finish()
+        return request
+
+    def negotiate(self, **query) -> dict:
+        request = self.request(b"POST", b"/signalr/negotiate", {"negotiateVersion": "1", **query})
+        return orjson.loads(b"".join(request.written))
+
+
+def body(request) -> bytes:
+    return b"".join(request.written)
+
+
+def messages(request) -> list[dict]:
+    return p.JsonCodec().feed(body(request))
+
+
+@pytest.fixture
+def server():
+    return Server()
+
+
+def long_poll_connection(server, **query):
+    token = server.negotiate(**query)["connectionToken"]
+    first = server.request(b"GET", b"/signalr", {"id": token})
+    assert first.finished and first.responseCode in (None, 200) and body(first) == b""
+    server.request(b"POST", b"/signalr", {"id": token}, HANDSHAKE)
+    handshake = server.request(b"GET", b"/signalr", {"id": token})
+    assert body(handshake) == b"{}\x1e"
+    return token
+
+
+def test_long_poll_first_returns_at_once_then_waits_for_data(server):
+    token = long_poll_connection(server, user="ada")
+    poll = server.request(b"GET", b"/signalr", {"id": token})
+    assert not poll.finished
+    server.hub.publish("general", "bob", "hi", "websocket")
+    assert poll.finished
+    assert messages(poll)[0]["target"] == "ReceiveMessage"
+
+
+def test_long_poll_sends_one_record_per_response(server):
+    token = long_poll_connection(server, user="ada")
+    server.hub.publish("general", "bob", "one", "websocket")
+    server.hub.publish("general", "bob", "two", "websocket")
+    got = [messages(server.request(b"GET", b"/signalr", {"id": token})) for _ in range(2)]
+    assert [[m["arguments"][1] for m in batch] for batch in got] == [["one"], ["two"]]
+
+
+def test_long_poll_times_out_empty_and_a_newer_poll_ends_the_older(server):
+    token = long_poll_connection(server)
+    poll = server.request(b"GET", b"/signalr", {"id": token})
+    server.clock.advance(90)
+    assert poll.finished and body(poll) == b"" and poll.responseCode in (None, 200)
+    older = server.request(b"GET", b"/signalr", {"id": token})
+    newer = server.request(b"GET", b"/signalr", {"id": token})
+    assert older.finished and older.responseCode == 204
+    assert not newer.finished
+
+
+def test_long_poll_client_that_stops_polling_is_dropped(server):
+    token = long_poll_connection(server, user="ada")
+    assert server.hub.members("general") == ["ada"]
+    server.clock.advance(14)
+    assert server.hub.members("general") == ["ada"]
+    server.clock.advance(1)
+    assert server.hub.members("general") == [] and not server.hub.sessions
+    assert token not in server.manager.connections
+    assert server.request(b"GET", b"/signalr", {"id": token}).responseCode == 404
+
+
+def test_long_poll_server_close_sends_close_then_204_then_forgets(server):
+    token = long_poll_connection(server, user="ada")
+    (session,) = server.hub.sessions.values()
+    session.going_away("server shutting down")
+    last = server.request(b"GET", b"/signalr", {"id": token})
+    assert messages(last) == [{"type": p.CLOSE, "error": "server shutting down", "allowReconnect": True}]
+    stop = server.request(b"GET", b"/signalr", {"id": token})
+    assert stop.responseCode == 204
+    assert token not in server.manager.connections
+
+
+def test_delete_ends_long_polling_and_the_waiting_poll_gets_204(server):
+    token = long_poll_connection(server, user="ada")
+    poll = server.request(b"GET", b"/signalr", {"id": token})
+    delete = server.request(b"DELETE", b"/signalr", {"id": token})
+    assert delete.responseCode == 202
+    assert poll.responseCode == 204
+    assert not server.hub.sessions and token not in server.manager.connections
+
+
+def test_handshake_posted_before_the_first_poll_as_signalrcore_does(server):
+    token = server.negotiate()["connectionToken"]
+    server.request(b"POST", b"/signalr", {"id": token}, HANDSHAKE)
+    assert body(server.request(b"GET", b"/signalr", {"id": token})) == b""  # activation
+    assert body(server.request(b"GET", b"/signalr", {"id": token})) == b"{}\x1e"
+
+
+def test_never_connected_connection_expires(server):
+    token = server.negotiate()["connectionToken"]
+    server.clock.advance(15)
+    assert token not in server.manager.connections
+    assert server.request(b"POST", b"/signalr", {"id": token}, HANDSHAKE).responseCode == 404
+
+
+def test_server_sent_events_framing_and_headers(server):
+    token = server.negotiate(user="ada")["connectionToken"]
+    stream = server.request(b"GET", b"/signalr", {"id": token}, headers={"Accept": "text/event-stream"})
+    assert not stream.finished
+    assert stream.responseHeaders.getRawHeaders(b"content-type") == [b"text/event-stream"]
+    assert stream.responseHeaders.getRawHeaders(b"x-accel-buffering") == [b"no"]
+    assert stream.written[0] == b":\r\n"
+    server.request(b"POST", b"/signalr", {"id": token}, HANDSHAKE)
+    assert stream.written[1] == b"data: {}\x1e\r\n\r\n"
+    # A second event stream on the same connection is a conflict.
+    again = server.request(b"GET", b"/signalr", {"id": token}, headers={"Accept": "text/event-stream"})
+    assert again.responseCode == 409
+    # POSTs keep working: a ping, then an invocation.
+    server.request(b"POST", b"/signalr", {"id": token}, b'{"type":6}\x1e{"type":1,"invocationId":"1",'
+                   b'"target":"GetUsers","arguments":["general"]}\x1e')
+    assert stream.written[-1] == b'data: {"type":3,"invocationId":"1","result":["ada"]}\x1e\r\n\r\n'
+    # The client goes away: everything is freed.
+    stream.processingFailed(Exception("connection lost"))
+    assert not server.hub.sessions and token not in server.manager.connections
+
+
+def test_server_pings_over_server_sent_events(server):
+    token = server.negotiate()["connectionToken"]
+    stream = server.request(b"GET", b"/signalr", {"id": token}, headers={"Accept": "text/event-stream"})
+    server.request(b"POST", b"/signalr", {"id": token}, HANDSHAKE)
+    server.clock.advance(15)
+    assert stream.written[-1] == b'data: {"type":6}\x1e\r\n\r\n'
+
+
+def test_websocket_post_and_routing_errors(server):
+    assert server.request(b"GET", b"/signalr").responseCode == 400
+    assert server.request(b"PATCH", b"/signalr").responseCode == 405
+    assert server.request(b"GET", b"/signalr/negotiate").responseCode == 405
+    token = server.negotiate()["connectionToken"]
+    server.manager.connections[token].transport_name = "WebSockets"
+    assert server.request(b"POST", b"/signalr", {"id": token}, b"x").responseCode == 405
+    assert server.request(b"DELETE", b"/signalr", {"id": token}).responseCode == 400
+    sse = server.request(b"GET", b"/signalr", {"id": token}, headers={"Accept": "text/event-stream"})
+    assert sse.responseCode == 400
+
+
+def test_stopping_the_site_tells_clients_to_come_back(server):
+    token = long_poll_connection(server, user="ada")
+    server.site.stopFactory()
+    last = server.request(b"GET", b"/signalr", {"id": token})
+    assert messages(last)[0]["allowReconnect"] is True
