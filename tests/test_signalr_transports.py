@@ -13,7 +13,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from chatd.hub import Hub
 from chatd.signalr import protocol as p
-from chatd.signalr.connection import CLOSED, Options
+from chatd.signalr.connection import Options
 from chatd.signalr.transports import site
 
 HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
