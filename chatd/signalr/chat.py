@@ -82,7 +82,7 @@ class SignalRSession(Session):
 
     def deliver(self, event: Event) -> None:
         name = self.connection.protocol_name
-        if name is None:
+        if name is None or event.kind not in ("message", "presence"):
             return
         self.connection.send_record(event.encoded(_CACHE_KEYS[name], _EVENT_ENCODERS[name]))
         if event.kind == "message" and self._chat.streams:
