@@ -32,9 +32,9 @@ class Request(DummyRequest):
 
 
 class Server:
-    def __init__(self, **options) -> None:
+    def __init__(self, max_connections: int = 100, **options) -> None:
         self.clock = Clock()
-        self.hub = Hub(self.clock)
+        self.hub = Hub(self.clock, max_connections=max_connections)
         self.site = site(self.hub, self.clock, options=Options(**options))
         self.manager = self.site.manager
         self.root = self.site.resource
@@ -205,3 +205,12 @@ def test_stopping_the_site_tells_clients_to_come_back(server):
     server.site.stopFactory()
     last = server.request(b"GET", b"/signalr", {"id": token})
     assert messages(last)[0]["allowReconnect"] is True
+
+
+def test_negotiate_is_bounded_by_max_connections():
+    server = Server(max_connections=2)
+    assert "connectionToken" in server.negotiate()
+    assert "connectionToken" in server.negotiate()
+    assert server.negotiate()["error"].startswith("server full")
+    server.clock.advance(15)  # the two never connected: they expire
+    assert "connectionToken" in server.negotiate()

@@ -459,6 +459,11 @@ class NegotiateResource(_CorsResource):
                 user = validate.user(user)
             except ChatError as e:
                 return write_json(request, {"error": e.reason})
+        hub = self.manager.hub
+        if len(self.manager.connections) >= hub.max_connections:
+            # Negotiated connections hold memory before their handshake counts
+            # them against --max-connections: bound them too.
+            return write_json(request, {"error": f"server full: {hub.max_connections} connections open"})
         stateful = version >= 1 and (query(request, "useStatefulReconnect") or "").lower() == "true"
         connection = self.manager.create(_peer(request), user, stateful, version)
         body: dict[str, Any] = {
