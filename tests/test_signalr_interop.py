@@ -290,33 +290,52 @@ async def test_js_client_skip_negotiation(chatd):
     await in_thread(scenario)
 
 
+@pytest.mark.parametrize("transport", ["WebSockets", "LongPolling"])
 @pytest_twisted.ensureDeferred
-async def test_server_close_reaches_js_client(chatd):
+async def test_server_close_reaches_js_client(chatd, transport):
+    """A kick closes the client for good; a shutdown's Close allows an automatic reconnect."""
     node_path = node()
     hub = chatd.hub
 
-    def connect(js):
-        js.connect(hub_url(chatd, "?user=zed"), "WebSockets", "json")
+    def sessions_of(user):
+        return [s for s in hub.sessions.values() if s.user == user]
 
-    with NodeClient(node_path) as js:
-        await in_thread(lambda: connect(js))
-        (session,) = [s for s in hub.sessions.values() if s.user == "zed"]
-        session.going_away("server shutting down")
-        event = await in_thread(lambda: js.wait(lambda e: e["event"] == "closed"))
-        assert "server shutting down" in event["error"]
-        assert not [s for s in hub.sessions.values() if s.user == "zed"]
+    kicked, returning = NodeClient(node_path), NodeClient(node_path)
+    try:
+        await in_thread(lambda: kicked.connect(hub_url(chatd, "?user=zed"), transport, "json"))
+        await in_thread(
+            lambda: returning.connect(hub_url(chatd, "?user=yan"), transport, "json", automaticReconnect=True)
+        )
+        (zed,) = sessions_of("zed")
+        zed.close("closed by an operator")
+        event = await in_thread(lambda: kicked.wait(lambda e: e["event"] == "closed"))
+        assert "closed by an operator" in event["error"]
+        assert not sessions_of("zed")
+
+        (yan,) = sessions_of("yan")
+        yan.going_away("server shutting down")
+        await in_thread(lambda: returning.wait(lambda e: e["event"] == "reconnecting"))
+        await in_thread(lambda: returning.wait(lambda e: e["event"] == "reconnected"))
+        (again,) = sessions_of("yan")
+        assert again is not yan and "general" in again.rooms
+        assert not any(e["event"] == "closed" for e in returning.seen)
+    finally:
+        await in_thread(kicked.stop)
+        await in_thread(returning.stop)
 
 
+@pytest.mark.parametrize("protocol", ["json", "messagepack"])
 @pytest_twisted.ensureDeferred
-async def test_stateful_reconnect_loses_nothing(chatd):
+async def test_stateful_reconnect_loses_nothing(chatd, protocol):
     """The server drops the client's socket and keeps talking; the client reconnects and has it all."""
     node_path = node()
     hub = chatd.hub
 
     ws = await in_thread(lambda: WsClient(chatd.ws_url))
-    with NodeClient(node_path) as js, ws:
+    js = NodeClient(node_path)
+    try:
         await in_thread(
-            lambda: js.connect(hub_url(chatd, "?user=rio"), "WebSockets", "json", statefulReconnect=True)
+            lambda: js.connect(hub_url(chatd, "?user=rio"), "WebSockets", protocol, statefulReconnect=True)
         )
         await in_thread(lambda: ws.join("general", "wes"))
         (session,) = [s for s in hub.sessions.values() if s.user == "rio"]
@@ -339,6 +358,10 @@ async def test_stateful_reconnect_loses_nothing(chatd):
 
         await in_thread(after)
         assert session.connection is connection and session.id in hub.sessions
+    finally:
+        # Blocking closes run off the reactor, which must answer them.
+        await in_thread(ws.close)
+        await in_thread(js.stop)
 
 
 # -- plain HTTP: negotiate, errors, CORS, health ----------------------------------
@@ -444,6 +467,7 @@ async def test_cors_echoes_allowed_origins_only(start):
 
 SIGNALRCORE_MATRIX = [
     ("web_sockets", "json"),
+    ("skip_negotiation", "json"),
     ("web_sockets", "messagepack"),
     ("server_sent_events", "json"),
     ("long_polling", "json"),
@@ -463,7 +487,11 @@ async def test_signalrcore_client(chatd, transport, protocol):
     def scenario():
         received: queue.Queue = queue.Queue()
         opened = threading.Event()
-        builder = HubConnectionBuilder().with_url(url, options={"transport": HttpTransportType[transport]})
+        if transport == "skip_negotiation":
+            options = {"skip_negotiation": True, "transport": HttpTransportType.web_sockets}
+        else:
+            options = {"transport": HttpTransportType[transport]}
+        builder = HubConnectionBuilder().with_url(url, options=options)
         if protocol == "messagepack":
             builder = builder.with_hub_protocol(MessagePackHubProtocol())
         conn = builder.build()
@@ -484,7 +512,9 @@ async def test_signalrcore_client(chatd, transport, protocol):
                         break
                 assert args == ["wes", "to signalrcore", "general"]
         finally:
-            conn.stop()
+            # signalrcore's stop() joins a reader blocked in recv() until the
+            # server sends something (its next ping, 15 s on); don't wait for it.
+            threading.Thread(target=conn.stop, daemon=True).start()
 
     await in_thread(scenario)
 
@@ -563,7 +593,8 @@ async def test_a_vanished_client_frees_its_session(chatd, transport):
 @pytest_twisted.ensureDeferred
 async def test_client_stop_over_long_polling_frees_its_session(chatd):
     node_path = node()
-    with NodeClient(node_path) as js:
+    js = NodeClient(node_path)
+    try:
         await in_thread(lambda: js.connect(hub_url(chatd, "?user=lp"), "LongPolling", "json"))
         session, closed = _when_closed(chatd, "lp")
         js.command(op="stop")
@@ -572,3 +603,5 @@ async def test_client_stop_over_long_polling_frees_its_session(chatd):
         await in_thread(lambda: js.wait(lambda e: e["event"] == "stopped"))  # after its DELETE
         manager = chatd.service.getServiceNamed("signalr").factory.manager
         assert session.connection.token not in manager.connections
+    finally:
+        await in_thread(js.stop)

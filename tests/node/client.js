@@ -5,7 +5,7 @@
 // waits for the events it expects, so nothing here sleeps.
 //
 //   {"op":"start","url","transport","protocol","skipNegotiation","statefulReconnect",
-//    "serverTimeoutMs","keepAliveMs","methods":[...]}
+//    "automaticReconnect","serverTimeoutMs","keepAliveMs","logLevel","methods":[...]}
 //        -> {"event":"started","connectionId"} | {"event":"startFailed","error"}
 //   {"op":"invoke","id","method","args"}  -> {"event":"result","id","result"|"error"}
 //   {"op":"send","id","method","args"}    -> {"event":"sent","id"} | {"event":"result","id","error"}
@@ -28,6 +28,15 @@ function emit(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n");
 }
 
+// Client logs go to stderr: stdout carries only the JSON events.
+function stderrLogger(minimum) {
+  return {
+    log(level, message) {
+      if (level >= minimum) process.stderr.write(`[${new Date().toISOString()}] ${level}: ${message}\n`);
+    },
+  };
+}
+
 function errorText(e) {
   return e && e.message ? e.message : String(e);
 }
@@ -45,9 +54,10 @@ async function start(cmd) {
   };
   let builder = new signalR.HubConnectionBuilder()
     .withUrl(cmd.url, options)
-    .configureLogging(cmd.logLevel === undefined ? signalR.LogLevel.None : cmd.logLevel);
+    .configureLogging(stderrLogger(cmd.logLevel === undefined ? signalR.LogLevel.None : cmd.logLevel));
   if (cmd.protocol === "messagepack") builder = builder.withHubProtocol(new MessagePackHubProtocol());
   if (cmd.statefulReconnect) builder = builder.withStatefulReconnect();
+  if (cmd.automaticReconnect) builder = builder.withAutomaticReconnect([0, 100, 1000]);
   if (cmd.serverTimeoutMs) builder = builder.withServerTimeout(cmd.serverTimeoutMs);
   if (cmd.keepAliveMs) builder = builder.withKeepAliveInterval(cmd.keepAliveMs);
   connection = builder.build();
