@@ -522,7 +522,7 @@ async def test_signalrcore_client(chatd, transport, protocol):
 # -- gRPC in the same rooms ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(("transport", "protocol"), [("WebSockets", "messagepack"), ("LongPolling", "json")])
+@pytest.mark.parametrize(("transport", "protocol"), MATRIX, ids=MATRIX_IDS)
 @pytest_twisted.ensureDeferred
 async def test_js_client_chats_with_grpc_users(chatd, transport, protocol):
     node_path = node()

@@ -112,7 +112,7 @@ def handshake_response(error: str | None = None) -> bytes:
 
 def check_handshake(request: dict) -> str | None:
     """The spec's error for a handshake this server cannot serve, else None."""
-    name = request["protocol"]
+    name = request["protocol"][:64]
     if name not in CODECS:
         return f"The protocol '{name}' is not supported."
     if not 0 <= request["version"] <= MAX_VERSION:
