@@ -17,6 +17,7 @@ class FakeTransport:
     name = "WebSockets"
     supports_binary = True
     inherent_keep_alive = False
+    supports_reconnect = True
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
@@ -48,11 +49,13 @@ class FakeTransport:
 class SSE(FakeTransport):
     name = "ServerSentEvents"
     supports_binary = False
+    supports_reconnect = False
 
 
 class LongPoll(FakeTransport):
     name = "LongPolling"
     inherent_keep_alive = True
+    supports_reconnect = False
 
 
 def record(message: dict) -> bytes:
@@ -350,3 +353,10 @@ def test_event_encoded_once_per_protocol(clock, hub):
     finally:
         chat._EVENT_ENCODERS["json"] = original
     assert len(calls) == 1
+
+
+def test_stateful_reconnect_is_for_websockets_only(clock, hub):
+    conn, t, closed = open_connection(clock, hub, SSE(), handshake=HANDSHAKE_V2, stateful_allowed=True)
+    assert conn.state == OPEN and not conn.stateful
+    conn.transport_lost(t)
+    assert conn.state == CLOSED and not hub.sessions

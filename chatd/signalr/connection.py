@@ -60,6 +60,9 @@ class Transport(Protocol):
     supports_binary: bool
     #: long polling carries no pings either way (the polls themselves show liveness)
     inherent_keep_alive: bool
+    #: whether a new transport may take over after this one drops (stateful reconnect);
+    #: optional, False when missing
+    supports_reconnect: bool
 
     def write(self, data: bytes, binary: bool) -> None: ...
 
@@ -269,7 +272,12 @@ class HubConnection:
             self._fail_handshake(error)
             return b""
         self.codec = p.codec(request["protocol"], self.options.max_message_size)
-        self.stateful = self.stateful_allowed and request["version"] >= 2
+        # Only a WebSocket can be replaced by a new one on the same connection.
+        self.stateful = (
+            self.stateful_allowed
+            and request["version"] >= 2
+            and getattr(self.transport, "supports_reconnect", False)
+        )
         try:
             self.dispatcher = self._factory(self)
         except ChatError as e:

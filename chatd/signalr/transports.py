@@ -136,6 +136,7 @@ class SignalRWebSocketProtocol(WebSocketServerProtocol):
     name = WEBSOCKETS
     supports_binary = True
     inherent_keep_alive = False
+    supports_reconnect = True
     connection: HubConnection | None = None
     _target: tuple[HubConnection | None, str | None] = (None, None)
 
