@@ -154,7 +154,9 @@ class SignalRWebSocketProtocol(WebSocketServerProtocol):
         connection.attach(self)
 
     def write(self, data: bytes, binary: bool) -> None:
-        if self.budget.charge(len(data)):
+        # Between the peer's close frame and onClose, writes go nowhere
+        # (Autobahn would raise); onClose tells the connection.
+        if self.state == self.STATE_OPEN and self.budget.charge(len(data)):
             self.sendMessage(data, isBinary=binary)
 
     def close(self) -> None:
