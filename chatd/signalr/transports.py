@@ -21,6 +21,7 @@ a :class:`ConnectionManager`, following ASP.NET Core's
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -266,7 +267,7 @@ class LongPollingTransport:
         self.manager = manager
         self.clock = manager.clock
         self.options = manager.options
-        self.records: list[bytes] = []
+        self.records: deque[bytes] = deque()
         self.size = 0
         self.closing = False
         #: the client was told to stop (204) or is gone: the connection can be forgotten
@@ -319,7 +320,7 @@ class LongPollingTransport:
     def _respond(self, request: Request) -> bytes:
         _poll_headers(request)
         if self.records:
-            record = self.records.pop(0)
+            record = self.records.popleft()
             self.size -= len(record)
             self._idle()
             return record
