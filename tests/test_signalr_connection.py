@@ -360,3 +360,20 @@ def test_stateful_reconnect_is_for_websockets_only(clock, hub):
     assert conn.state == OPEN and not conn.stateful
     conn.transport_lost(t)
     assert conn.state == CLOSED and not hub.sessions
+
+
+def test_a_failing_hub_method_answers_an_error_and_the_connection_lives(clock, hub, monkeypatch):
+    conn, t, _ = open_connection(clock, hub)
+    t.take()
+
+    def broken(room):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(hub, "members", broken)
+    invoke(conn, "GetUsers", "general")
+    assert t.take() == [{
+        "type": p.COMPLETION,
+        "invocationId": "1",
+        "error": "An unexpected error occurred invoking 'GetUsers' on the server.",
+    }]
+    assert conn.state == OPEN

@@ -189,6 +189,12 @@ class ChatHub:
             if invocation_id is not None:
                 self.connection.send(p.completion(invocation_id, error=e.reason))
             return
+        except Exception:
+            log.failure("{peer}: {target} failed", peer=self.session.peer, target=target)
+            if invocation_id is not None:
+                error = f"An unexpected error occurred invoking '{target}' on the server."
+                self.connection.send(p.completion(invocation_id, error=error))
+            return
         if invocation_id is None or spec.kind != "call":
             return
         if result is _VOID:
