@@ -227,6 +227,7 @@ def test_stateful_reconnect_replays_unacked_and_dedupes_incoming(clock, hub):
     # The client's first invocation (sequence id 1) is answered.
     invoke(conn, "GetUsers", "general", invocation_id="1")
     t.take()
+    conn.data_received(b'{"type":1,"target":')  # cut off by the drop: forgotten
     conn.transport_lost(t)
     assert conn.state == DETACHED and hub.sessions  # still in the room
     hub.publish("general", "bob", "three", "websocket")  # while away

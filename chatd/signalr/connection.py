@@ -154,6 +154,7 @@ class HubConnection:
             self.close(error=f"the {transport.name} transport cannot carry the '{self.codec.name}' protocol")
             return
         if reconnect:
+            self.codec.reset()  # type: ignore[union-attr]
             self._waiting_for_sequence = True
             first = self._unacked[0][0] if self._unacked else self._sent + 1
             self._write(self.codec.encode({"type": p.SEQUENCE, "sequenceId": first}))  # type: ignore[union-attr]

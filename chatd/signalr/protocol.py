@@ -229,6 +229,10 @@ class Codec:
                 messages.append(message)
         return messages
 
+    def reset(self) -> None:
+        """Drop a partial record: its transport is gone and the next starts afresh."""
+        self._buffer.clear()
+
     def _records(self) -> list[bytes]:
         raise NotImplementedError
 
