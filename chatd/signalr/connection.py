@@ -431,7 +431,7 @@ class HubConnection:
                 dispatcher.on_close()
             except Exception:
                 log.failure("closing the hub side of {peer} failed", peer=self.peer)
-        log.info("{peer} signalr connection closed: {why}", peer=self.peer, why=why)
+        log.info("{peer} signalr connection closed: {why}", peer=self.peer, why=why[:200])
         if self._on_closed is not None:
             self._on_closed(self)
 
