@@ -213,6 +213,7 @@ async def test_js_client_hub_methods(chatd, transport, protocol):
             assert b.received(lambda args: args[2] == "red") == ["amy", "into red", "red"]
             a.call("SendToRoom", "blue", "amy", "into blue")
             assert a.received(lambda args: args[2] == "blue") == ["amy", "into blue", "blue"]
+            b.call("GetUsers", "red")  # anything sent to b before this reply has arrived by now
             assert not any(
                 e["event"] == "call" and e["target"] == "ReceiveMessage" and e["args"][2] == "blue"
                 for e in b.seen
