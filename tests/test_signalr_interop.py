@@ -415,6 +415,19 @@ async def test_negotiate_versions_and_errors(chatd):
         assert http("GET", base + "?id=" + token)[0] == 404
         # A v0 connection is reached by its connection id.
         assert http("GET", base + "?id=" + v0["connectionId"])[0] == 200
+        # A second WebSocket on one connection is a conflict.
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        token = json.loads(http("POST", base + "/negotiate?negotiateVersion=1")[2])["connectionToken"]
+        ws_url = chatd.url("signalr", "ws", "/signalr?id=" + token)
+        with connect(ws_url, open_timeout=10) as first:
+            first.send('{"protocol":"json","version":1}\x1e')
+            assert first.recv(timeout=10) == "{}\x1e"
+            with pytest.raises(InvalidStatus) as e:
+                connect(ws_url, open_timeout=10)
+            assert e.value.response.status_code == 409
+            assert http("POST", base + "?id=" + token, data=b'{"type":6}\x1e')[0] == 405
         status, _, body = http("GET", chatd.url("signalr", path="/signalr/health"))
         assert status == 200 and json.loads(body)["service"] == "signalr"
         assert json.loads(body)["status"] == "healthy"
