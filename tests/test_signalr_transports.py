@@ -214,3 +214,9 @@ def test_negotiate_is_bounded_by_max_connections():
     assert server.negotiate()["error"].startswith("server full")
     server.clock.advance(15)  # the two never connected: they expire
     assert "connectionToken" in server.negotiate()
+
+
+def test_negotiate_refused_once_shutdown_begins(server):
+    server.hub.closing = True
+    assert server.negotiate()["error"] == "server shutting down, try again shortly"
+    assert not server.manager.connections

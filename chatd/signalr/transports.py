@@ -464,6 +464,8 @@ class NegotiateResource(_CorsResource):
             except ChatError as e:
                 return write_json(request, {"error": e.reason})
         hub = self.manager.hub
+        if hub.closing:
+            return write_json(request, {"error": "server shutting down, try again shortly"})
         if len(self.manager.connections) >= hub.max_connections:
             # Negotiated connections hold memory before their handshake counts
             # them against --max-connections: bound them too.
