@@ -46,6 +46,12 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
     "grpc-workers": ("GRPC_WORKERS", 1100, "gRPC worker threads; each open stream holds one"),
     "grpc-max-streams": ("GRPC_MAX_STREAMS", 1000, "most gRPC streams open at once (below --grpc-workers)"),
     "grpc-stream-queue": ("GRPC_STREAM_QUEUE", 1000, "events a gRPC stream may have waiting before it is ended"),
+    "signalr-keep-alive": ("SIGNALR_KEEP_ALIVE", 15, "seconds of silence after which the server pings a SignalR client"),
+    "signalr-client-timeout": (
+        "SIGNALR_CLIENT_TIMEOUT",
+        30,
+        "seconds without a message after which a SignalR client is disconnected",
+    ),
 }
 
 # option -> (environment variable, default, help); free text.
@@ -232,7 +238,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     signalr_site = signalr.site(
         hub, reactor, origins, read_limit=options["read-buffer-size"],
-        options=signalr.Options(write_limit=options["write-buffer-size"]),
+        options=signalr.Options(
+            write_limit=options["write-buffer-size"],
+            keep_alive=options["signalr-keep-alive"],
+            client_timeout=options["signalr-client-timeout"],
+        ),
     )
     sr = Listener(endpoints.serverFromString(reactor, options["signalr"]), signalr_site)
     sr.setName("signalr")

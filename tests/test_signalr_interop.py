@@ -619,3 +619,25 @@ async def test_client_stop_over_long_polling_frees_its_session(chatd):
         assert session.connection.token not in manager.connections
     finally:
         await in_thread(js.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_options_reach_the_wire(start):
+    """--signalr-keep-alive and --signalr-client-timeout: pings while idle, then a silent client is closed."""
+    running = await start("--signalr-keep-alive", "1", "--signalr-client-timeout", "3")
+
+    def scenario():
+        from websockets.sync.client import connect
+
+        with connect(running.url("signalr", "ws", "/signalr?user=quiet"), open_timeout=10) as ws:
+            ws.send('{"protocol":"json","version":1}\x1e')
+            assert ws.recv(timeout=10) == "{}\x1e"
+            records = []
+            while not records or records[-1]["type"] != 7:
+                records += [json.loads(r) for r in ws.recv(timeout=10).split("\x1e") if r]
+            kinds = [r["type"] for r in records if r["type"] != 1]  # presence invocations aside
+            assert kinds[0] == 6 and kinds[-1] == 7
+            assert "Client timeout" in records[-1]["error"]
+
+    await in_thread(scenario)
+    assert not running.hub.sessions
