@@ -72,6 +72,8 @@ def _keygen(path: Path) -> Path:
 
 
 def _ssh(port: int, key: Path, known_hosts: Path) -> list[str]:
+    config = known_hosts.with_name("ssh_config")  # no user or system ssh_config applies
+    config.touch()
     return [
         require_tool("ssh"),
         "-tt",
@@ -80,7 +82,7 @@ def _ssh(port: int, key: Path, known_hosts: Path) -> list[str]:
         "-i",
         str(key),
         "-F",
-        "/dev/null",
+        str(config),
         "-o",
         "IdentitiesOnly=yes",
         "-o",
