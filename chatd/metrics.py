@@ -2,20 +2,20 @@
 
 Two kinds of figures:
 
-* what the hub already counts (connections per protocol, rooms, deliveries,
-  uptime) is read at scrape time by :class:`HubCollector`, so the hot path
+* what the hub already counts (connections per protocol, gRPC streams,
+  rooms, deliveries, uptime) is read at scrape time by :class:`HubCollector`, so the hot path
   pays nothing for it;
 * what the hub does not otherwise keep is counted by :class:`HubMetrics`,
   which the hub owns as ``hub.metrics``: messages received per protocol,
-  events fanned out, sessions closed for slowness, errors by kind, gRPC
-  streams, and a histogram of publish-to-deliver latency. Fan-out counts once
+  events fanned out, sessions closed for slowness, errors by kind, and a
+  histogram of publish-to-deliver latency. Fan-out counts once
   per event, never once per recipient.
 
 Adapters report through ``hub.metrics``: ``error(kind, protocol)`` for a
-refused or failed request, ``too_slow(protocol)`` when a session is closed
-for not reading, and ``hub.metrics.grpc_streams.inc()/dec()`` around a
-server stream. All of these are thread-safe (prometheus_client locks), so a
-gRPC worker thread may call them directly.
+refused or failed request and ``too_slow(protocol)`` when a session is
+closed for not reading. Both are thread-safe (prometheus_client locks), so a
+gRPC worker thread may call them directly. gRPC streams are counted from the
+hub's sessions, with no call from the adapter.
 
 Served at ``/metrics`` on the WebSocket listener (``MetricsResource``).
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
@@ -58,6 +58,10 @@ class HubCollector(Collector):
             "chatd_connections_accepted",
             "Client connections accepted since start",
             value=hub.connections_total,
+        )
+        # Every open gRPC stream (StreamMessages, Chat) is a hub session; unary calls are not.
+        yield GaugeMetricFamily(
+            "chatd_grpc_streams", "gRPC server streams open now", value=stats["connections"].get("grpc", 0)
         )
         yield GaugeMetricFamily("chatd_rooms", "Rooms with at least one member", value=stats["rooms"])
         yield CounterMetricFamily(
@@ -100,7 +104,6 @@ class HubMetrics:
         self._errors = Counter(
             "chatd_errors", "Refused or failed requests, by kind", ["kind", "protocol"], registry=r
         )
-        self.grpc_streams = Gauge("chatd_grpc_streams", "gRPC server streams open now", registry=r)
         self.latency = Histogram(
             "chatd_publish_to_deliver_seconds",
             "From publish to the last local recipient handed the message",

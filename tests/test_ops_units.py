@@ -277,6 +277,11 @@ def test_metrics_count_per_event_and_keep_each_hub_apart() -> None:
     assert m[("chatd_errors_total", (("kind", "bad_request"), ("protocol", "websocket")))] == 1
     assert m[("chatd_sessions_closed_slow_total", (("protocol", "websocket"),))] == 1
     assert m[("chatd_accepting", ())] == 1
+    assert m[("chatd_grpc_streams", ())] == 0
+    stream = CountingSession()
+    stream.protocol = "grpc"
+    hub.connect(stream)
+    assert _scrape(hub)[("chatd_grpc_streams", ())] == 1
     # A second hub in the same process has its own, untouched registry.
     o = _scrape(other)
     assert o[("chatd_messages_received_total", (("protocol", "websocket"),))] == 0
