@@ -124,6 +124,8 @@ class SystemdNotifier(Service):
         self.ready.addCallbacks(self._ready, self._failed)
 
     def _ready(self, ports: list[Any]) -> None:
+        if not self.running:  # stopped before every listener came up
+            return
         log.info("all {n} listeners are up", n=len(ports))
         self._notify(f"READY=1\nSTATUS=serving on {len(ports)} listeners\nMAINPID={os.getpid()}")
 
