@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,30 +25,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports() -> dict[str, int]:
+    """A free loopback port for every listener chatd has, gRPC included."""
+    ports = {name: free_port() for name in tap.LISTENERS}
+    if any(o[0] == "grpc" for o in tap.Options.optParameters):
+        ports["grpc"] = free_port()
+    return ports
+
+
+def listener_args(ports: dict[str, int]) -> list[str]:
+    args: list[str] = []
+    for name, port in ports.items():
+        if name == "grpc":
+            args += ["--grpc", f"127.0.0.1:{port}"]
+        else:
+            args += [f"--{name}", f"tcp:{port}:interface=127.0.0.1"]
+    return args
+
+
+def source_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a chatd subprocess running this source tree, defaults cleared."""
+    environ = {k: v for k, v in os.environ.items() if k not in _CHATD_ENV}
+    environ["PYTHONPATH"] = str(ROOT)
+    environ.update(extra or {})
+    return environ
+
+
 class Daemon:
     """A ``twistd -n chatd`` process on free loopback ports, using this source tree."""
 
     def __init__(self, *extra: str, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
-        self.ports = {name: free_port() for name in tap.LISTENERS}
-        args = []
-        for name, port in self.ports.items():
-            args += [f"--{name}", f"tcp:{port}:interface=127.0.0.1"]
-        if any(o[0] == "grpc" for o in tap.Options.optParameters):
-            self.ports["grpc"] = free_port()
-            args += ["--grpc", f"127.0.0.1:{self.ports['grpc']}"]
-        environ = {k: v for k, v in os.environ.items() if k not in _CHATD_ENV}
-        environ["PYTHONPATH"] = str(ROOT)
-        environ.update(env or {})
-        self.argv = [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", *args, *extra]
+        self.ports = free_ports()
+        self.argv = [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", *listener_args(self.ports), *extra]
+        environ = source_env(env)
+        # The log goes to a file, not a pipe: nobody reads a pipe while the
+        # test runs, and a full one would block the daemon mid-write.
+        self._log = tempfile.TemporaryFile(mode="w+", prefix="chatd-log-")
         self.proc = subprocess.Popen(
             self.argv,
             cwd=cwd or str(ROOT),
             env=environ,
-            stdout=subprocess.PIPE,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        self.output = ""
 
     def url(self, listener: str = "ws", scheme: str = "http", path: str = "") -> str:
         return f"{scheme}://127.0.0.1:{self.ports[listener]}{path}"
@@ -70,21 +91,25 @@ class Daemon:
         raise AssertionError(f"chatd never became healthy:\n{self.stop()}")
 
     def read_output(self) -> str:
-        if self.proc.stdout and self.proc.poll() is not None:
-            self.output += self.proc.stdout.read()
-        return self.output
+        """Everything the daemon has logged so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
+
+    @property
+    def output(self) -> str:
+        return self.read_output()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> str:
         """Signal the daemon, wait for it to exit, return everything it logged."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        self.output += out or ""
-        return self.output
+            self.proc.wait()
+        return self.read_output()
 
     def __enter__(self) -> Daemon:
         return self

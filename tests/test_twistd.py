@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from tests.conftest import require
-from tests.daemon import TWISTD, Daemon
+from tests.daemon import TWISTD, Daemon, free_ports, listener_args, source_env
 from tests.wsclient import Client
 
 
@@ -29,6 +29,7 @@ def test_twistd_chatd_serves_health_and_relays_chat() -> None:
 def test_a_bad_option_fails_with_a_one_line_usage_error() -> None:
     result = subprocess.run(
         [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", "--max-connections", "lots"],
+        env=source_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -42,8 +43,10 @@ def test_a_port_in_use_stops_the_start() -> None:
     with Daemon() as first:
         first.wait_healthy()
         taken = first.ports["ws"]
+        ports = {**free_ports(), "ws": taken}
         result = subprocess.run(
-            [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", "--ws", f"tcp:{taken}:interface=127.0.0.1"],
+            [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", *listener_args(ports)],
+            env=source_env(),
             capture_output=True,
             text=True,
             timeout=60,
