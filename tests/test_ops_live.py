@@ -141,3 +141,37 @@ async def test_draining_shows_503_then_tells_clients_1001_and_refuses_newcomers(
         await deferToThread(lambda: None)  # let the reactor see the closes
     await stopped
     assert not running.hub.sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_refused_requests_of_every_protocol(chatd) -> None:
+    import grpc
+
+    from chatd.grpc.generated import chat_pb2 as pb
+    from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+    from chatd.signalr import protocol as sr
+
+    def scenario():
+        with grpc.insecure_channel(chatd.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                ChatServiceStub(channel).SendMessage(pb.MessageRequest(user="u", message="", room="r"), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # SignalR over a raw WebSocket: handshake, then a hub call with a bad room.
+        from websockets.sync.client import connect
+
+        with connect(chatd.url("signalr", "ws", "/signalr?user=sam")) as ws:
+            ws.send(b'{"protocol":"json","version":1}\x1e'.decode())
+            assert ws.recv(timeout=10).startswith("{}")
+            call = {"type": 1, "invocationId": "1", "target": "JoinRoom", "arguments": ["bad room!"]}
+            ws.send(json.dumps(call) + sr.RECORD_SEPARATOR.decode())
+            while True:
+                records = [json.loads(r) for r in ws.recv(timeout=10).split("\x1e") if r]
+                done = [r for r in records if r.get("type") == 3]
+                if done:
+                    assert "invalid room name" in done[0]["error"]
+                    break
+        return _metrics(chatd.url("ws", path="/metrics"))
+
+    m = await deferToThread(scenario)
+    assert m[("chatd_errors_total", (("kind", "bad_request"), ("protocol", "grpc")))] == 1
+    assert m[("chatd_errors_total", (("kind", "bad_request"), ("protocol", "signalr")))] == 1

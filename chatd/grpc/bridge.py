@@ -93,14 +93,15 @@ class ShuttingDown(ChatError):
     """A new stream refused because the server is draining."""
 
 
-def abort(context: grpc.ServicerContext, error: ChatError) -> None:
+def abort(context: grpc.ServicerContext, error: ChatError, hub: Hub) -> None:
     """End the call with the status that fits a refused request (raises)."""
     if isinstance(error, ShuttingDown):
-        code = Code.UNAVAILABLE
+        code, kind = Code.UNAVAILABLE, "shutting_down"
     elif isinstance(error, ServerFull):
-        code = Code.RESOURCE_EXHAUSTED
+        code, kind = Code.RESOURCE_EXHAUSTED, "server_full"
     else:
-        code = Code.INVALID_ARGUMENT
+        code, kind = Code.INVALID_ARGUMENT, "bad_request"
+    hub.metrics.error(kind, PROTOCOL)
     context.abort(code, error.reason)
 
 
@@ -145,6 +146,7 @@ class GrpcSession(Session):
         if self._ended:
             return False
         if self._queue.qsize() >= self.limit:
+            self._hub.metrics.too_slow(PROTOCOL)
             self.end(Code.RESOURCE_EXHAUSTED, self._too_slow())
             return False
         self._queue.put_nowait(data)
@@ -253,7 +255,7 @@ class ChatServicer:
         try:
             return self._on_reactor(self._publish, request)
         except ChatError as e:
-            abort(context, e)
+            abort(context, e, self.hub)
             raise  # not reached: abort raises
 
     def _publish(self, request: pb.MessageRequest) -> bytes:
@@ -291,7 +293,7 @@ class ChatServicer:
         try:
             session: GrpcSession = self._on_reactor(self._connect, context.peer(), chat, setup)
         except ChatError as e:
-            abort(context, e)
+            abort(context, e, self.hub)
             raise  # not reached
         if not context.add_callback(session.cancelled):
             session.cancelled()  # the call ended before the callback could be added

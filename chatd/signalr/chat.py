@@ -136,6 +136,9 @@ class ChatHub:
 
     # -- dispatch ------------------------------------------------------------
 
+    def on_too_slow(self) -> None:
+        self.hub.metrics.too_slow(PROTOCOL)
+
     def on_message(self, message: dict) -> None:
         kind = message["type"]
         if kind in (p.INVOCATION, p.STREAM_INVOCATION):
@@ -185,6 +188,7 @@ class ChatHub:
             else:
                 result = spec.handler(self, *args)
         except ChatError as e:
+            self.hub.metrics.error("bad_request", PROTOCOL)
             log.debug("{peer}: {target} failed: {reason}", peer=self.session.peer, target=target, reason=e.reason)
             if invocation_id is not None:
                 self.connection.send(p.completion(invocation_id, error=e.reason))
@@ -307,6 +311,7 @@ class ChatHub:
             self.hub.publish(upload.room, self.session.user, item, PROTOCOL)
             upload.count += 1
         except ChatError as e:
+            self.hub.metrics.error("bad_request", PROTOCOL)
             upload.error = e.reason
 
     def _upload_done(self, stream_id: str, error: str | None) -> None:

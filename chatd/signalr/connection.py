@@ -76,6 +76,8 @@ class Dispatcher(Protocol):
 
     def on_close(self) -> None: ...
 
+    def on_too_slow(self) -> None: ...
+
 
 class HubConnection:
     """The state of one SignalR connection, whatever carries it."""
@@ -224,7 +226,7 @@ class HubConnection:
             self._unacked.append((self._sent, record))
             self._unacked_bytes += len(record)
             if self._unacked_bytes > self.options.write_limit:
-                self.close(error=f"too slow: more than {self.options.write_limit} bytes not acknowledged")
+                self.too_slow(f"more than {self.options.write_limit} bytes not acknowledged")
                 return
         if self.transport is None:
             if self.state == DETACHED:
@@ -232,6 +234,14 @@ class HubConnection:
             self._queue(record)
             return
         self._write(record)
+
+    def too_slow(self, what: str) -> None:
+        """Close a client that does not keep up, so the room's others carry on."""
+        if self.state == CLOSED:
+            return
+        if self.dispatcher is not None:
+            self.dispatcher.on_too_slow()
+        self.close(error=f"too slow: {what}")
 
     def close(self, error: str | None = None, allow_reconnect: bool = False) -> None:
         """Close from the server side: a Close message, then the transport ends."""
@@ -363,6 +373,8 @@ class HubConnection:
         self._pending_bytes += len(record)
         if self._pending_bytes > self.options.write_limit and self.state != CLOSED:
             self._pending.clear()
+            if self.dispatcher is not None:
+                self.dispatcher.on_too_slow()
             self._finish("too slow: no transport took the pending messages")
 
     # keep-alive: one timer per connection, due at the earlier of the next

@@ -165,7 +165,7 @@ class SignalRWebSocketProtocol(WebSocketServerProtocol):
 
     def _too_slow(self) -> None:
         if self.connection is not None:
-            self.connection.close(error=f"too slow: more than {self.budget.limit} bytes waiting to be sent")
+            self.connection.too_slow(f"more than {self.budget.limit} bytes waiting to be sent")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.connection is not None and self.connection.transport is self:
@@ -239,7 +239,7 @@ class ServerSentEventsTransport:
             self.request.finish()
 
     def _too_slow(self) -> None:
-        self.connection.close(error=f"too slow: more than {self.budget.limit} bytes waiting to be sent")
+        self.connection.too_slow(f"more than {self.budget.limit} bytes waiting to be sent")
 
     def _gone(self, _: Any) -> None:
         if self.open:
@@ -285,7 +285,7 @@ class LongPollingTransport:
         if self.size > self.options.write_limit:
             self.records.clear()
             self.size = 0
-            self.connection.close(error=f"too slow: more than {self.options.write_limit} bytes not polled")
+            self.connection.too_slow(f"more than {self.options.write_limit} bytes not polled")
             return
         if self.poll is not None:
             self._answer(self.poll)
