@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from chatd import signalr, webclient, websocket
+from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
@@ -220,6 +221,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_message_length=options["max-message-length"],
         history_limit=options["history-limit"],
     )
+    GcTuning(reactor).setServiceParent(top)
     hub = Hub(reactor, limits=limits, max_connections=options["max-connections"])
     hub.setServiceParent(top)
 
