@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import subprocess
 import sys
@@ -12,10 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
@@ -25,6 +19,7 @@ from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.grpc.service import grpc_address
 from tests.conftest import listener_args, start_chatd
+from tests.tlscert import make_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "chatd" / "grpc" / "generated"
@@ -101,39 +96,10 @@ def test_the_service_tree_has_a_grpc_service() -> None:
     assert not grpc_service.running
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chatd test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert_pem)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path, cert_pem
-
-
 @pytest_twisted.ensureDeferred
 async def test_tls_serves_clients_that_trust_the_certificate_and_only_them(tmp_path: Path) -> None:
-    cert_path, key_path, cert_pem = make_certificate(tmp_path)
+    key_path, cert_path = make_certificate(tmp_path)
+    cert_pem = cert_path.read_bytes()
     running = await start_chatd("--grpc-tls-cert", str(cert_path), "--grpc-tls-key", str(key_path))
     try:
 
