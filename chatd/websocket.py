@@ -240,6 +240,20 @@ _HANDLERS: dict[Any, Callable[[Hub, Session, dict], dict | None]] = {
 }
 
 
+def server_options(read_limit: int) -> dict[str, Any]:
+    """Autobahn options every chatd WebSocket server shares (``/ws`` and SignalR)."""
+    return {
+        "maxFramePayloadSize": read_limit,
+        "maxMessagePayloadSize": read_limit,
+        "openHandshakeTimeout": 15,
+        "closeHandshakeTimeout": 2,
+        # Tell a misbehaving client why (e.g. 1009 message too big) before dropping it.
+        "failByDrop": False,
+        # No compression: one prepared frame serves every recipient.
+        "perMessageCompressionAccept": lambda offers: None,
+    }
+
+
 class ChatWebSocketFactory(WebSocketServerFactory):
     """Autobahn factory carrying the hub and the per-connection limits."""
 
@@ -256,17 +270,7 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         self.hub = hub
         self.origins = origins or OriginPolicy()
         self.write_limit = write_limit
-        self.setProtocolOptions(
-            maxFramePayloadSize=read_limit,
-            maxMessagePayloadSize=read_limit,
-            autoPingInterval=30,
-            autoPingTimeout=30,
-            openHandshakeTimeout=15,
-            closeHandshakeTimeout=2,
-            # Tell a misbehaving client why (e.g. 1009 message too big) before dropping it.
-            failByDrop=False,
-            perMessageCompressionAccept=lambda offers: None,
-        )
+        self.setProtocolOptions(**server_options(read_limit), autoPingInterval=30, autoPingTimeout=30)
 
 
 def resource(factory: ChatWebSocketFactory) -> WebSocketResource:

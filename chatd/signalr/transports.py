@@ -37,6 +37,7 @@ from chatd.hub import Hub, SendBudget
 from chatd.signalr.chat import ChatHub
 from chatd.signalr.connection import CLOSED, HubConnection, Options
 from chatd.validate import ChatError
+from chatd.websocket import server_options
 
 log = Logger()
 
@@ -186,16 +187,9 @@ class SignalRWebSocketFactory(WebSocketServerFactory):
         super().__init__()
         self.manager = manager
         self.pending: tuple[HubConnection | None, str | None] = (None, None)
-        self.setProtocolOptions(
-            maxFramePayloadSize=read_limit,
-            maxMessagePayloadSize=read_limit,
-            # No WebSocket pings: SignalR has its own, and signalrcore reads
-            # ping frames as data.
-            autoPingInterval=0,
-            openHandshakeTimeout=15,
-            closeHandshakeTimeout=2,
-            perMessageCompressionAccept=lambda offers: None,
-        )
+        # No WebSocket pings: SignalR has its own, and signalrcore reads
+        # ping frames as data.
+        self.setProtocolOptions(**server_options(read_limit), autoPingInterval=0)
 
     def buildProtocol(self, addr: Any) -> SignalRWebSocketProtocol:
         proto = super().buildProtocol(addr)
