@@ -26,7 +26,7 @@ from zope.interface import implementer
 from chatd import validate
 from chatd.events import Event, Message, Presence
 from chatd.metrics import HubMetrics
-from chatd.validate import ChatError, Limits
+from chatd.validate import ChatError, Limits, RateLimited
 
 log = Logger()
 
@@ -214,6 +214,37 @@ class _Rate:
         return round(total / (self._window - 1), 3)
 
 
+class _UserRate:
+    """A token bucket per user name: ``rate`` a second on average, ``burst`` at once.
+
+    Keyed by user name, so a user's limit holds over every connection and
+    protocol, gRPC's one-shot ``SendMessage`` included.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: int, burst: int) -> None:
+        self._clock = clock
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, user: str) -> bool:
+        now = self._clock.seconds()
+        tokens, then = self._buckets.get(user, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1:
+            self._buckets[user] = (tokens, now)
+            return False
+        self._buckets[user] = (tokens - 1, now)
+        if len(self._buckets) > 10000:
+            self._forget_full(now)
+        return True
+
+    def _forget_full(self, now: float) -> None:
+        # A bucket that has refilled is the same as no bucket: drop those.
+        refill = self.burst / self.rate
+        self._buckets = {u: b for u, b in self._buckets.items() if now - b[1] < refill}
+
+
 class Hub(Service):
     """The chat state machine; see the module docstring for the flow."""
 
@@ -240,6 +271,11 @@ class Hub(Service):
         self.deliveries_total = 0
         self.connections_total = 0
         self._rate = _Rate(clock)
+        self._user_rate = (
+            _UserRate(clock, self.limits.message_rate, self.limits.message_burst)
+            if self.limits.message_rate
+            else None
+        )
         self.accepting = False
         self.closing = False  # set once shutdown begins: new connections are refused
         self.metrics = HubMetrics(self)
@@ -367,6 +403,11 @@ class Hub(Service):
         name = validate.room(room)
         sender = validate.user(user)
         body = validate.message(text, self.limits)
+        if self._user_rate is not None and not self._user_rate.take(sender):
+            raise RateLimited(
+                f"rate limited: {sender} may send {self._user_rate.rate} messages a second "
+                f"(bursts of {self._user_rate.burst}); try again shortly"
+            )
         r = self._room(name)
         r.seq += 1
         message = Message(uuid.uuid4().hex, r.seq, name, sender, body, self.clock.seconds(), protocol)

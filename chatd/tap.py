@@ -43,6 +43,12 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
     ),
     "history-limit": ("HISTORY_LIMIT", 100, "messages kept per room for history and resume"),
     "max-message-length": ("MAX_MESSAGE_LENGTH", 4096, "longest chat message, in characters"),
+    "max-message-rate": (
+        "MAX_MESSAGE_RATE",
+        20,
+        "messages a second one user may send on average, over all protocols; 0 turns the limit off",
+    ),
+    "message-burst": ("MESSAGE_BURST", 50, "messages one user may send at once before the rate limit applies"),
     "drain-timeout": ("DRAIN_TIMEOUT", 10, "seconds a shutdown waits for clients to leave before closing the rest"),
     "grpc-workers": ("GRPC_WORKERS", 1100, "gRPC worker threads; each open stream holds one"),
     "grpc-max-streams": ("GRPC_MAX_STREAMS", 1000, "most gRPC streams open at once (below --grpc-workers)"),
@@ -54,6 +60,8 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         "seconds without a message after which a SignalR client is disconnected",
     ),
 }
+
+_ZERO_MEANS_OFF = {"max-message-rate"}
 
 # option -> (environment variable, default, help); free text.
 STRINGS: dict[str, tuple[str, str, str]] = {
@@ -129,8 +137,9 @@ class Options(usage.Options):
                 value = int(raw)
             except (TypeError, ValueError):
                 raise usage.UsageError(f"--{name} must be a whole number, not {raw!r}") from None
-            if value < 1:
-                raise usage.UsageError(f"--{name} must be at least 1, not {value}")
+            least = 0 if name in _ZERO_MEANS_OFF else 1
+            if value < least:
+                raise usage.UsageError(f"--{name} must be at least {least}, not {value}")
             self[name] = value
         for name, (env, default, _) in STRINGS.items():
             self[name] = str(self._value(name, env, default))
@@ -220,6 +229,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     limits = Limits(
         max_message_length=options["max-message-length"],
         history_limit=options["history-limit"],
+        message_rate=options["max-message-rate"],
+        message_burst=options["message-burst"],
     )
     GcTuning(reactor).setServiceParent(top)
     hub = Hub(reactor, limits=limits, max_connections=options["max-connections"])

@@ -34,6 +34,14 @@ class Limits:
 
     max_message_length: int = 4096
     history_limit: int = 100
+    #: messages a second one user may send, on average (0: no limit)
+    message_rate: int = 0
+    #: messages one user may send at once before the rate applies
+    message_burst: int = 50
+
+
+class RateLimited(ChatError):
+    """A user sent faster than ``Limits.message_rate`` allows."""
 
 
 def room(value: Any) -> str:

@@ -216,6 +216,24 @@ async def test_bad_input_gets_invalid_argument_and_changes_nothing(chatd, reques
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_flooding_sender_gets_resource_exhausted(start) -> None:
+    running = await start("--max-message-rate", "1", "--message-burst", "2")
+
+    def scenario() -> grpc.RpcError:
+        with grpc.insecure_channel(running.grpc_target) as channel:
+            for i in range(2):
+                stub(channel).SendMessage(pb.MessageRequest(user="fast", message=f"m{i}", room="lobby"), timeout=TIMEOUT)
+            with pytest.raises(grpc.RpcError) as info:
+                stub(channel).SendMessage(pb.MessageRequest(user="fast", message="m2", room="lobby"), timeout=TIMEOUT)
+            return info.value
+
+    error = await deferToThread(scenario)
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details().startswith("rate limited: fast")
+    assert running.hub.messages_total == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_stream_request_gets_invalid_argument(chatd) -> None:
     def scenario() -> grpc.RpcError:
         with grpc.insecure_channel(chatd.grpc_target) as channel:

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 from chatd.events import Event
 from chatd.hub import Hub, MemoryHistory, SendBudget, ServerFull, Session
-from chatd.validate import ChatError, Limits
+from chatd.validate import ChatError, Limits, RateLimited
 
 
 class FakeSession(Session):
@@ -312,3 +312,27 @@ def test_send_budget_closes_only_past_its_limit_while_paused() -> None:
     assert overflows == [True]
     assert not budget.charge(1)
     assert overflows == [True]
+
+
+def test_a_user_over_the_rate_limit_is_refused_until_the_bucket_refills(clock: Clock) -> None:
+    hub = Hub(clock, limits=Limits(message_rate=2, message_burst=3))
+    watcher = FakeSession("watcher")
+    hub.connect(watcher)
+    hub.join(watcher, "r")
+    for i in range(3):
+        hub.publish("r", "alice", f"m{i}", "fake")
+    with pytest.raises(RateLimited, match="rate limited: alice may send 2 messages a second"):
+        hub.publish("r", "alice", "too fast", "fake")
+    hub.publish("r", "bob", "bob is not limited by alice", "fake")
+    clock.advance(0.5)  # one token back
+    hub.publish("r", "alice", "again", "fake")
+    with pytest.raises(RateLimited):
+        hub.publish("r", "alice", "too fast again", "fake")
+    assert [m.text for m in watcher.messages()] == ["m0", "m1", "m2", "bob is not limited by alice", "again"]
+    assert hub.stats()["messages"]["total"] == 5
+
+
+def test_rate_limit_off_by_zero(clock: Clock) -> None:
+    hub = Hub(clock, limits=Limits(message_rate=0))
+    for i in range(500):
+        hub.publish("r", "alice", f"m{i}", "fake")

@@ -83,7 +83,9 @@ async def test_seed_form_joins_and_publishes(chatd) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_200_messages_arrive_in_order(chatd) -> None:
+async def test_200_messages_arrive_in_order(start) -> None:
+    chatd = await start("--max-message-rate", "0")  # as fast as the client can send
+
     def scenario():
         with Client(chatd.ws_url) as a, Client(chatd.ws_url) as b:
             a.join("r", "alice")
@@ -309,7 +311,7 @@ def _stalled_websocket(port: int) -> socket.socket:
 
 @pytest_twisted.ensureDeferred
 async def test_a_slow_reader_is_closed_and_the_room_carries_on(start) -> None:
-    running = await start("--write-buffer-size", "262144")
+    running = await start("--write-buffer-size", "262144", "--max-message-rate", "0")
     big = "x" * 4000
 
     def scenario():
@@ -364,3 +366,26 @@ async def test_a_unix_socket_listener_works_like_tcp(start, tmp_path) -> None:
 
     await deferToThread(scenario)
     assert running.hub.stats()["connections_accepted"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flooding_user_is_rate_limited_and_the_connection_lives(start) -> None:
+    running = await start("--max-message-rate", "1", "--message-burst", "3")
+
+    def scenario():
+        with Client(running.ws_url) as a, Client(running.ws_url) as b:
+            a.join("r", "flood")
+            b.join("r", "calm")
+            for i in range(3):
+                a.send(type="message", room="r", message=f"m{i}")
+            a.send(type="message", room="r", message="one too many", ref="x")
+            error = a.recv_type("error")
+            assert "rate limited" in error["error"]
+            assert (error["request"], error["ref"]) == ("message", "x")
+            assert [b.recv_type("message")["message"] for _ in range(3)] == ["m0", "m1", "m2"]
+            assert_silent(b)
+            # Another user is not affected.
+            b.send(type="message", room="r", message="my turn")
+            assert a.recv_type("message")["message"] == "my turn"
+
+    await deferToThread(scenario)

@@ -36,7 +36,7 @@ from chatd import validate
 from chatd.events import Event, Message, Presence, rfc3339
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.hub import Hub, ServerFull, Session
-from chatd.validate import ChatError
+from chatd.validate import ChatError, RateLimited
 
 log = Logger()
 
@@ -99,6 +99,8 @@ def abort(context: grpc.ServicerContext, error: ChatError, hub: Hub) -> None:
         code, kind = Code.UNAVAILABLE, "shutting_down"
     elif isinstance(error, ServerFull):
         code, kind = Code.RESOURCE_EXHAUSTED, "server_full"
+    elif isinstance(error, RateLimited):
+        code, kind = Code.RESOURCE_EXHAUSTED, "rate_limited"
     else:
         code, kind = Code.INVALID_ARGUMENT, "bad_request"
     hub.metrics.error(kind, PROTOCOL)
