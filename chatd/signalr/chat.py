@@ -95,6 +95,10 @@ class SignalRSession(Session):
         self.connection.close(error=reason, allow_reconnect=True)
 
 
+def _as_dict(event: Event) -> dict:
+    return event.as_dict()  # type: ignore[attr-defined]
+
+
 class _Upload:
     """A client-to-server stream feeding ``UploadMessages``."""
 
@@ -278,7 +282,9 @@ class ChatHub:
         for invocation_id, room in list(self.streams.items()):
             if room == event.room:
                 if item is None:
-                    item = event.as_dict()  # type: ignore[attr-defined]
+                    # The item is the same for every subscriber; only the
+                    # invocation id around it differs per client.
+                    item = event.encoded("dict", _as_dict)
                 self.connection.send(p.stream_item(invocation_id, item))
 
     def _cancel(self, invocation_id: str) -> None:
