@@ -32,7 +32,7 @@ LISTENERS: dict[str, tuple[str, str, str]] = {
     "web": ("WEB_PORT", "tcp:3000", "browser client: the chat page, /config.json and /stats"),
 }
 
-# option -> (environment variable, default, help); whole numbers, at least 1.
+# option -> (environment variable, default, help); whole numbers, at least 1 (0 allowed where it means off).
 INTEGERS: dict[str, tuple[str, int, str]] = {
     "max-connections": ("MAX_CONNECTIONS", 10000, "most client connections open at once, all protocols together"),
     "read-buffer-size": ("READ_BUFFER_SIZE", 65536, "largest inbound message (WebSocket, SignalR, gRPC), in bytes"),
