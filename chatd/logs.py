@@ -15,6 +15,7 @@ in an event field, a key) reaches the log. Journald keeps the line as the
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import IO, Any
 
@@ -48,6 +49,23 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
     the real standard output is captured here.
     """
     return FileLogObserver(out or sys.stdout, event_as_json)
+
+
+def printable(value: object, limit: int = 200) -> str:
+    """Client-supplied text made safe for one log line.
+
+    Peers choose close reasons, error strings and header values; a raw
+    newline in one would forge a log line, and other control characters
+    confuse terminals. Everything below U+0020 (and DEL) is written as an
+    escape, and the text is cut at ``limit`` characters.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _quoted(value: bytes | str | None) -> str:
