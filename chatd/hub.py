@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Protocol
 
 from twisted.application.service import Service
@@ -218,31 +218,34 @@ class _UserRate:
     """A token bucket per user name: ``rate`` a second on average, ``burst`` at once.
 
     Keyed by user name, so a user's limit holds over every connection and
-    protocol, gRPC's one-shot ``SendMessage`` included.
+    protocol, gRPC's one-shot ``SendMessage`` included. Buckets are kept in
+    the order they were last used; a bucket that has refilled is the same as
+    no bucket, so the oldest are forgotten a few at a time as sends come,
+    never by copying the table.
     """
 
     def __init__(self, clock: IReactorTime, rate: int, burst: int) -> None:
         self._clock = clock
         self.rate = rate
         self.burst = max(burst, 1)
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._refill = self.burst / rate
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def take(self, user: str) -> bool:
         now = self._clock.seconds()
-        tokens, then = self._buckets.get(user, (self.burst, now))
+        buckets = self._buckets
+        bucket = buckets.pop(user, None)
+        tokens, then = bucket if bucket is not None else (self.burst, now)
         tokens = min(self.burst, tokens + (now - then) * self.rate)
-        if tokens < 1:
-            self._buckets[user] = (tokens, now)
-            return False
-        self._buckets[user] = (tokens - 1, now)
-        if len(self._buckets) > 10000:
-            self._forget_full(now)
-        return True
-
-    def _forget_full(self, now: float) -> None:
-        # A bucket that has refilled is the same as no bucket: drop those.
-        refill = self.burst / self.rate
-        self._buckets = {u: b for u, b in self._buckets.items() if now - b[1] < refill}
+        allowed = tokens >= 1
+        buckets[user] = (tokens - 1 if allowed else tokens, now)
+        # The least recently used first: forget those full again (at most a few per send).
+        for _ in range(4):
+            oldest = next(iter(buckets.values()))
+            if now - oldest[1] < self._refill:
+                break
+            buckets.popitem(last=False)
+        return allowed
 
 
 class Hub(Service):
@@ -314,7 +317,11 @@ class Hub(Service):
             return
         self._by_protocol[session.protocol] -= 1
         for name in list(session.rooms):
-            self._leave(session, name)
+            try:
+                self._leave(session, name)
+            except Exception:
+                # Never stop half-way: the session would stay a ghost in its other rooms.
+                log.failure("{session} leaving {room} failed", session=session, room=name)
 
     def identify(self, session: Session, user: object) -> str:
         """Set the session's user name, which cannot change once set."""
@@ -344,6 +351,11 @@ class Hub(Service):
         if since_seq is not None:
             for message in self.history_store.since(name, since_seq):
                 session.deliver(message)
+            # The replay may have overflowed a slow session and closed it:
+            # joining it now would leave a ghost member nobody can remove.
+            if session.id not in self.sessions:
+                raise ChatError("connection is closed: too slow to take the replay")
+            r = self._room(name)
         if session.id in r.sessions:
             return list(r.users)
         r.sessions[session.id] = session
@@ -437,7 +449,9 @@ class Hub(Service):
             self.metrics.fanned_out("message", self.clock.seconds() - event.time)
         else:
             self.metrics.fanned_out(event.kind, None)
-        if not r.sessions and not self.history_store.last_seq(r.name):
+        # A delivery that closed the room's last member may have removed the
+        # room already (the nested leave's own fan-out); remove only this one.
+        if not r.sessions and not self.history_store.last_seq(r.name) and self._rooms.get(r.name) is r:
             del self._rooms[r.name]
 
     def history(self, room: object, limit: object = None) -> list[Message]:

@@ -333,6 +333,106 @@ def test_a_user_over_the_rate_limit_is_refused_until_the_bucket_refills(clock: C
 
 
 def test_rate_limit_off_by_zero(clock: Clock) -> None:
-    hub = Hub(clock, limits=Limits(message_rate=0))
-    for i in range(500):
+    hub = Hub(clock, limits=Limits(message_rate=0, message_burst=3))
+    watcher = FakeSession("watcher")
+    hub.connect(watcher)
+    hub.join(watcher, "r")
+    for i in range(500):  # far past the burst, in no time at all
         hub.publish("r", "alice", f"m{i}", "fake")
+    assert len(watcher.messages()) == 500
+    assert hub.stats()["messages"]["total"] == 500
+
+
+def test_rate_buckets_expire_incrementally_not_by_rebuilding(clock: Clock) -> None:
+    """Past 10,000 known users a send must not copy every bucket (it once did, per send)."""
+    from chatd.hub import _UserRate
+
+    rate = _UserRate(clock, rate=10, burst=10)
+    for i in range(12_000):
+        assert rate.take(f"u{i}")
+        clock.advance(0.0001)
+    size = len(rate._buckets)
+    assert 10_000 <= size <= 12_000
+    buckets = rate._buckets
+    rate.take("one more")
+    assert rate._buckets is buckets, "the bucket table was rebuilt on a send"
+    clock.advance(1.0)  # every bucket has refilled: all of them may go, a few per send
+    for i in range(4100):
+        rate.take(f"late{i}")
+    assert len(rate._buckets) == 4100, "only the buckets still refilling are kept"
+    # forgetting only refilled buckets changes no decision: late0 has 9 of its 10 left
+    for _ in range(9):
+        assert rate.take("late0")
+    assert not rate.take("late0")
+
+
+def test_a_replay_that_closes_the_session_leaves_no_ghost_member(hub: Hub) -> None:
+    """A resume whose replay overflows the session (a slow stream) must not join it."""
+    for i in range(4):
+        hub.publish("r", "x", f"m{i}", "fake")
+
+    class Overflowing(FakeSession):
+        def deliver(self, event: Event) -> None:
+            super().deliver(event)
+            if len(self.events) == 2:
+                hub.disconnect(self)
+
+    s = Overflowing("slow")
+    hub.connect(s)
+    with pytest.raises(ChatError, match="closed"):
+        hub.join(s, "r", since_seq=0)
+    assert hub.members("r") == []
+    assert s.rooms == set()
+    assert s.id not in hub.sessions
+    watcher = connected(hub, "watcher")
+    hub.join(watcher, "r")
+    assert hub.members("r") == ["watcher"]
+    assert ("join", "slow") not in watcher.presence()
+
+
+def test_closing_the_last_member_during_a_delivery_leaves_no_ghost_elsewhere(hub: Hub) -> None:
+    """A slow consumer closed by a presence fan-out empties its room from inside ``deliver``.
+
+    The nested leave removes the room; the outer fan-out must not fail on
+    it, or the disconnect that caused it stops half-way and leaves its
+    session a ghost in its other rooms.
+    """
+
+    class Slow(FakeSession):
+        def deliver(self, event: Event) -> None:
+            super().deliver(event)
+            if event.kind == "presence" and event.action == "leave":
+                hub.disconnect(self)
+
+    leaving = connected(hub, "leaving")
+    slow = Slow("slow")
+    hub.connect(slow)
+    hub.join(leaving, "a")
+    hub.join(slow, "a")
+    hub.join(leaving, "b")
+    watcher = FakeSession("watcher")
+    hub.connect(watcher)
+    hub.join(watcher, "b")
+    hub.disconnect(leaving)  # its leave from "a" closes slow, the last one there
+    assert slow.id not in hub.sessions
+    assert hub.members("a") == []
+    assert hub.members("b") == ["watcher"], "the disconnect stopped half-way"
+    assert ("leave", "leaving") in watcher.presence()
+
+
+def test_a_delivery_that_closes_the_only_member_of_a_room_without_history(hub: Hub) -> None:
+    class Slow(FakeSession):
+        def deliver(self, event: Event) -> None:
+            super().deliver(event)
+            hub.disconnect(self)
+
+    slow = Slow("slow")
+    hub.connect(slow)
+    other = connected(hub, "other")
+    hub.join(other, "r2")
+    hub.join(slow, "r")  # its own join presence closes it: nested leave empties the room
+    assert hub.members("r") == []
+    assert "r" not in hub.rooms()
+    # the session left every room, so no ghost anywhere
+    hub.join(other, "r")
+    assert hub.members("r") == ["other"]
