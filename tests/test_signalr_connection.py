@@ -378,3 +378,49 @@ def test_a_failing_hub_method_answers_an_error_and_the_connection_lives(clock, h
         "error": "An unexpected error occurred invoking 'GetUsers' on the server.",
     }]
     assert conn.state == OPEN
+
+
+# -- connections without a transport ------------------------------------------------
+
+
+def bare_connection(clock, hub, user="ada", **options):
+    """A negotiated connection that no transport has reached yet (records come by POST)."""
+    closed = []
+    conn = HubConnection(
+        clock, lambda c: ChatHub(hub, c), Options(**options), connection_id="c1",
+        on_closed=closed.append, user=user,
+    )
+    return conn, closed
+
+
+def test_handshake_without_a_transport_is_dropped_after_the_disconnect_timeout(clock, hub):
+    conn, closed = bare_connection(clock, hub, disconnect_timeout=15)
+    conn.data_received(HANDSHAKE + record(p.invocation("LeaveRoom", ["general"])))
+    assert conn.state == OPEN and hub.sessions
+    clock.advance(14.9)
+    assert conn.state == OPEN
+    clock.advance(0.2)
+    assert conn.state == CLOSED and closed == [conn] and not hub.sessions
+    assert clock.getDelayedCalls() == []
+
+
+def test_silent_connection_without_a_transport_goes_before_a_long_handshake_timeout(clock, hub):
+    conn, closed = bare_connection(clock, hub, handshake_timeout=60, disconnect_timeout=15)
+    clock.advance(15)
+    assert conn.state == CLOSED and closed == [conn]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_transport_attached_in_time_keeps_the_connection(clock, hub):
+    conn, closed = bare_connection(clock, hub, disconnect_timeout=15)
+    conn.data_received(HANDSHAKE)
+    clock.advance(10)
+    t = FakeTransport()
+    conn.attach(t)
+    clock.advance(10)
+    conn.data_received(record({"type": p.PING}))
+    clock.advance(10)
+    assert conn.state == OPEN and closed == []
+    # The transport ends: a non-stateful connection ends with it.
+    conn.transport_lost(t)
+    assert conn.state == CLOSED and not hub.sessions

@@ -220,3 +220,22 @@ def test_negotiate_refused_once_shutdown_begins(server):
     server.hub.closing = True
     assert server.negotiate()["error"] == "server shutting down, try again shortly"
     assert not server.manager.connections
+
+
+def test_connection_posting_without_any_transport_expires():
+    """negotiate, then POST the handshake and a hub call without ever opening a transport."""
+    server = Server(max_connections=2)
+    tokens = [server.negotiate(user=f"u{i}")["connectionToken"] for i in range(2)]
+    for token in tokens:
+        server.request(b"POST", b"/signalr", {"id": token}, HANDSHAKE)
+        leave = p.JsonCodec().encode(p.invocation("LeaveRoom", ["general"], "1"))
+        assert server.request(b"POST", b"/signalr", {"id": token}, leave).responseCode in (None, 200)
+    assert len(server.hub.sessions) == 2  # the hub is full
+    assert server.negotiate()["error"].startswith("server full")
+    server.clock.advance(14)
+    assert len(server.hub.sessions) == 2
+    server.clock.advance(1)
+    assert not server.hub.sessions and not server.manager.connections
+    for token in tokens:
+        assert server.request(b"POST", b"/signalr", {"id": token}, b'{"type":6}\x1e').responseCode == 404
+    assert "connectionToken" in server.negotiate()

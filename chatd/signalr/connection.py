@@ -14,6 +14,14 @@ Lifecycle: ``handshake`` (waits for the handshake request, at most
 ``detached`` for ``disconnect_timeout``: every sequenced message sent stays
 buffered until acknowledged, and a new WebSocket on the same connection id
 gets a Sequence message and the unacknowledged messages again.
+
+A connection with no transport is bounded in time in every state: from
+negotiate until a transport arrives (records may come by POST before any,
+as signalrcore sends its handshake) and after one ends, it lives at most
+``disconnect_timeout`` (ASP.NET Core closes connections that have no active
+transport after its DisconnectTimeout). Without that, a client that
+negotiates and POSTs a handshake but never opens a stream or a poll would
+keep a hub session (and a ``--max-connections`` slot) until a restart.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ class Options:
     keep_alive: float = 15.0
     client_timeout: float = 30.0
     handshake_timeout: float = 15.0
-    #: how long a lost stateful WebSocket, or a long-polling client between polls, may take to come back
+    #: how long a connection may be without a transport: before the first one, after a stateful
+    #: WebSocket drops, between two long polls
     disconnect_timeout: float = 15.0
     poll_timeout: float = 90.0
     ack_delay: float = 1.0
@@ -122,6 +131,9 @@ class HubConnection:
         self._timer: IDelayedCall | None = clock.callLater(
             options.handshake_timeout, self._handshake_expired
         )
+        #: runs whenever no transport is attached (see the module docstring)
+        self._orphan_timer: IDelayedCall | None = None
+        self._orphaned()
         # stateful reconnect
         self._sent = 0
         self._unacked: deque[tuple[int, bytes]] = deque()
@@ -147,7 +159,7 @@ class HubConnection:
         if self.state == DETACHED:
             reconnect = True
             self.state = OPEN
-            self._cancel_timer()
+        self._cancel_orphan()
         if self.transport_name is None:
             self.transport_name = transport.name
         self.transport = transport
@@ -203,8 +215,7 @@ class HubConnection:
         if self.state == OPEN and self.stateful:
             self.state = DETACHED
             self._cancel_tick()
-            self._cancel_timer()
-            self._timer = self.clock.callLater(self.options.disconnect_timeout, self._reconnect_expired)
+            self._orphaned()
             log.debug("{peer} lost its transport; waiting for a reconnect", peer=self.peer)
             return
         self._finish("transport closed")
@@ -419,10 +430,24 @@ class HubConnection:
         if self.state == HANDSHAKE:
             self._fail_handshake("Handshake was canceled.")
 
-    def _reconnect_expired(self) -> None:
-        self._timer = None
+    def _orphaned(self) -> None:
+        """No transport now: the connection has ``disconnect_timeout`` to get one."""
+        self._cancel_orphan()
+        self._orphan_timer = self.clock.callLater(self.options.disconnect_timeout, self._orphan_expired)
+
+    def _cancel_orphan(self) -> None:
+        if self._orphan_timer is not None and self._orphan_timer.active():
+            self._orphan_timer.cancel()
+        self._orphan_timer = None
+
+    def _orphan_expired(self) -> None:
+        self._orphan_timer = None
+        if self.state == CLOSED or self.transport is not None:
+            return
         if self.state == DETACHED:
             self._finish("the client did not reconnect in time")
+        else:
+            self._finish(f"no transport within {self.options.disconnect_timeout:g} s")
 
     def _finish(self, why: str, write_close: bool = True) -> None:
         if self.state == CLOSED:
@@ -430,6 +455,7 @@ class HubConnection:
         self.state = CLOSED
         self._cancel_tick()
         self._cancel_timer()
+        self._cancel_orphan()
         if self._ack_timer is not None and self._ack_timer.active():
             self._ack_timer.cancel()
         self._ack_timer = None
