@@ -1,11 +1,19 @@
 """The gRPC bridge without sockets: a hub on a Clock and a reactor fake that
 holds ``callFromThread`` calls until the test runs them, so the order in
-which worker threads and the reactor act is the test's, not the scheduler's."""
+which worker threads and the reactor act is the test's, not the scheduler's.
+
+The test's own thread plays the reactor thread. The hub every test gets is a
+:class:`ReactorOnlyHub`: any hub call from another thread (a grpcio worker, a
+``Chat`` reader) is refused and recorded, and the test fails at teardown."""
 
 from __future__ import annotations
 
+import functools
+import queue
 import threading
+import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -50,6 +58,87 @@ class ThreadedFakeReactor(Clock):
     def run_pending(self) -> None:
         while self.pending:
             self.run_next()
+
+    def run_until(self, finished: Callable[[], bool], timeout: float = 10) -> None:
+        """Run queued calls as they arrive until ``finished()`` (checked after each :meth:`wake`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._calls or finished(), deadline - time.monotonic()):
+                    raise AssertionError("the worker neither called the reactor nor finished")
+                if not self._calls:
+                    return
+                f, args, kwargs = self._calls.popleft()
+            f(*args, **kwargs)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class ReactorOnlyHub:
+    """A hub that may be used from the thread that made it (the reactor) only.
+
+    Data read or a method called from any other thread raises and is recorded
+    in ``violations`` (an exception may be swallowed by the code under test;
+    the record is not). Looking a method up is allowed anywhere, as
+    ``callFromThread(hub.disconnect, session)`` must do; calling it is not.
+    ``metrics`` is thread-safe by contract, so it is allowed everywhere.
+    """
+
+    _THREAD_SAFE = frozenset({"metrics"})
+
+    def __init__(self, hub: Hub) -> None:
+        object.__setattr__(self, "_hub", hub)
+        object.__setattr__(self, "_owner", threading.current_thread())
+        object.__setattr__(self, "violations", [])
+
+    def _check(self, name: str) -> None:
+        thread = threading.current_thread()
+        if thread is not self._owner:
+            self.violations.append((name, thread.name))
+            raise AssertionError(f"hub.{name} used on {thread.name}, off the reactor thread")
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._hub, name)
+        if name in self._THREAD_SAFE:
+            return value
+        if callable(value):
+
+            @functools.wraps(value)
+            def on_reactor_only(*args: Any, **kwargs: Any) -> Any:
+                self._check(name)
+                return value(*args, **kwargs)
+
+            return on_reactor_only
+        self._check(name)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._check(name)
+        setattr(self._hub, name, value)
+
+
+def in_worker(reactor: ThreadedFakeReactor, f: Callable[..., Any], *args: Any) -> Any:
+    """``f(*args)`` on a thread of its own, as grpcio runs a handler, while this
+    thread serves the reactor calls it makes; returns what ``f`` returned."""
+    result: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            value = f(*args)
+            result["value"] = list(value) if isinstance(value, Iterator) else value
+        except BaseException as e:  # handed back to the test
+            result["error"] = e
+        finally:
+            result["done"] = True
+            reactor.wake()
+
+    threading.Thread(target=worker, name="grpc-worker", daemon=True).start()
+    reactor.run_until(lambda: "done" in result)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 class Aborted(Exception):
@@ -100,11 +189,17 @@ def reactor() -> ThreadedFakeReactor:
     return ThreadedFakeReactor()
 
 
+def reactor_only(hub: Hub) -> Iterator[ReactorOnlyHub]:
+    checked = ReactorOnlyHub(hub)
+    yield checked
+    assert checked.violations == [], "the hub was used off the reactor thread"
+
+
 @pytest.fixture
-def hub(reactor: ThreadedFakeReactor) -> Hub:
+def hub(reactor: ThreadedFakeReactor) -> Iterator[ReactorOnlyHub]:
     hub = Hub(reactor, limits=Limits(history_limit=10))
     hub.startService()
-    return hub
+    yield from reactor_only(hub)
 
 
 def member(hub: Hub, user: str, room: str = "lobby") -> Recorder:
@@ -354,9 +449,15 @@ def _open_stream(servicer: ChatServicer, reactor: ThreadedFakeReactor) -> Aborte
     return result[0]
 
 
-def test_a_full_server_refuses_streams_with_resource_exhausted(reactor) -> None:
+@pytest.fixture
+def full_hub(reactor: ThreadedFakeReactor) -> Iterator[ReactorOnlyHub]:
     hub = Hub(reactor, max_connections=1)
     hub.startService()
+    yield from reactor_only(hub)
+
+
+def test_a_full_server_refuses_streams_with_resource_exhausted(full_hub, reactor) -> None:
+    hub = full_hub
     hub.connect(Recorder())
     error = _open_stream(ChatServicer(hub, reactor), reactor)
     assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -368,3 +469,50 @@ def test_a_draining_server_refuses_streams_with_unavailable(hub, reactor) -> Non
     error = _open_stream(ChatServicer(hub, reactor), reactor)
     assert error is not None and error.code is grpc.StatusCode.UNAVAILABLE
     assert hub.sessions == {}
+
+
+# -- every servicer method reaches the hub on the reactor thread only ----------
+# (the ReactorOnlyHub fixture fails these tests if any call is made elsewhere)
+
+
+def test_send_message_publishes_on_the_reactor_and_returns_the_stored_message(hub, reactor) -> None:
+    other = member(hub, "bob")
+    servicer = ChatServicer(hub, reactor)
+    request = pb.MessageRequest(user="alice", message="hello", room="lobby")
+    reply = pb.MessageResponse.FromString(in_worker(reactor, servicer.SendMessage, request, FakeContext()))
+    assert (reply.seq, reply.user, reply.message, reply.protocol) == (1, "alice", "hello", "grpc")
+    assert [(e.id, e.text) for e in other.events if e.kind == "message"] == [(reply.id, "hello")]
+
+
+def test_send_message_refusal_is_invalid_argument_and_publishes_nothing(hub, reactor) -> None:
+    servicer = ChatServicer(hub, reactor)
+    request = pb.MessageRequest(user="alice", message="x", room="no spaces")
+    with pytest.raises(Aborted) as info:
+        in_worker(reactor, servicer.SendMessage, request, FakeContext())
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert hub.messages_total == 0
+
+
+def test_get_stats_reads_the_hub_on_the_reactor(hub, reactor) -> None:
+    member(hub, "bob")
+    reply = in_worker(reactor, ChatServicer(hub, reactor).GetStats, pb.StatsRequest(), FakeContext())
+    assert (reply.connections, reply.rooms) == (1, 1)
+
+
+def test_a_chat_call_joins_sends_and_leaves_through_the_reactor(hub, reactor) -> None:
+    other = member(hub, "bob")
+    servicer = ChatServicer(hub, reactor)
+    requests: queue.Queue[pb.ChatEvent | None] = queue.Queue()
+    for event in (
+        pb.ChatEvent(ref="j", join=pb.Join(room="lobby", user="gina")),
+        pb.ChatEvent(send=pb.Send(room="lobby", message="hi")),
+        pb.ChatEvent(ref="l", leave=pb.Leave(room="lobby")),
+        None,  # the client closes its side
+    ):
+        requests.put(event)
+    # The reader thread feeds each event to the reactor; the call ends when it is done.
+    sent = in_worker(reactor, servicer.Chat, iter(requests.get, None), FakeContext())
+    kinds = [pb.ChatEvent.FromString(d).WhichOneof("event") for d in sent]
+    assert kinds == ["presence", "joined", "message", "left"]
+    assert [e.text for e in other.events if e.kind == "message"] == ["hi"]
+    assert [s for s in hub.sessions.values() if s.protocol == "grpc"] == []
