@@ -11,7 +11,12 @@ Client to server (one JSON object per text frame)::
 
 Any request may carry ``"ref"`` (string or number); replies and errors echo it,
 and a chat message with a ``ref`` is acknowledged once stored with
-``{"type": "sent", "room", "id", "seq", "ref"}``.
+``{"type": "sent", "room", "id", "seq", "ref"}``. Any other ``ref`` is refused.
+
+Every frame gets at most one reply. A refused request (malformed JSON, a
+field of the wrong type, an unknown ``type``...) gets ``{"type": "error"}``
+and changes nothing; a server bug answers ``"internal error"``. Neither
+closes the connection.
 
 Server to client::
 
@@ -39,6 +44,7 @@ from chatd import validate
 from chatd.events import Event, Message
 from chatd.http import OriginPolicy
 from chatd.hub import Hub, SendBudget, ServerFull, Session
+from chatd.logs import printable
 from chatd.validate import ChatError
 
 _log = Logger()  # Autobahn claims ``self.log`` on protocols.
@@ -95,9 +101,7 @@ class WebSocketSession(Session):
 
     def _too_slow(self) -> None:
         self._proto.factory.hub.metrics.too_slow(PROTOCOL)
-        self.close(
-            f"too slow: more than {self.budget.limit} bytes waiting to be sent", CLOSE_POLICY
-        )
+        self.close(f"too slow: more than {self.budget.limit} bytes waiting to be sent", CLOSE_POLICY)
 
 
 class ChatServerProtocol(WebSocketServerProtocol):
@@ -131,34 +135,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         session = self.session
         if session is None or session.id not in self.factory.hub.sessions:
             return
-        request: Any = None
-        try:
-            if isBinary:
-                raise ChatError("binary frames are not supported: send JSON text")
-            try:
-                request = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                raise ChatError("malformed JSON") from None
-            if not isinstance(request, dict):
-                request = None
-                raise ChatError("a request must be a JSON object")
-            kind = request.get("type")
-            if kind is None and not request.keys() & {"user", "message", "room"}:
-                raise ChatError("missing type (or the user, message and room of a chat message)")
-            handler = _HANDLERS.get(kind)
-            if handler is None:
-                raise ChatError(f"unknown type: {str(kind)[:64]}")
-            reply = handler(self.factory.hub, session, request)
-        except ChatError as e:
-            self.factory.hub.metrics.error("bad_request", PROTOCOL)
-            error: dict[str, Any] = {"type": "error", "error": e.reason}
-            if isinstance(request, dict):
-                error["request"] = request.get("type", "message")
-                _echo_ref(request, error)
-            session.send(error)
-            return
+        reply = dispatch(self.factory.hub, session, payload, isBinary)
         if reply is not None:
-            _echo_ref(request, reply)
             session.send(reply)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -177,9 +155,83 @@ class ChatServerProtocol(WebSocketServerProtocol):
         )
 
 
+def dispatch(hub: Hub, session: Session, payload: bytes, is_binary: bool = False) -> dict | None:
+    """Handle one client frame; return the reply for this client, if any.
+
+    Whatever the frame holds, this returns (never raises): bad input becomes
+    an error reply and changes nothing, and a bug in a handler becomes an
+    ``internal error`` reply, logged once, so one odd frame can never drop
+    the connection or take others with it. Kept apart from the Autobahn
+    protocol so it can be driven (and fuzzed) without sockets.
+    """
+    request: dict | None = None
+    try:
+        request = _parse(payload, is_binary)
+        kind = request.get("type")
+        if kind is None and not request.keys() & {"user", "message", "room"}:
+            raise ChatError("missing type (or the user, message and room of a chat message)")
+        # Only strings name handlers: a list or object as "type" is unhashable.
+        handler = _HANDLERS.get(kind) if kind is None or isinstance(kind, str) else None
+        if handler is None:
+            raise ChatError(f"unknown type: {str(kind)[:64]}")
+        if "ref" in request and not _is_ref(request["ref"]):
+            raise ChatError("ref must be a string or a number")
+        reply = handler(hub, session, request)
+    except ChatError as e:
+        hub.metrics.error("bad_request", PROTOCOL)
+        return _error(e.reason, request)
+    except Exception:
+        hub.metrics.error("internal", PROTOCOL)
+        _log.failure(
+            "{peer}: {request} request failed",
+            peer=session.peer,
+            request=printable(_request_name(request) or "-", 64),
+        )
+        return _error("internal error", request)
+    if reply is not None:
+        _echo_ref(request, reply)
+    return reply
+
+
+def _parse(payload: bytes, is_binary: bool) -> dict:
+    if is_binary:
+        raise ChatError("binary frames are not supported: send JSON text")
+    try:
+        request = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ChatError("malformed JSON") from None
+    if not isinstance(request, dict):
+        raise ChatError("a request must be a JSON object")
+    return request
+
+
+def _is_ref(value: object) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _request_name(request: dict | None) -> str | int | float | None:
+    """What an error's ``request`` field says: the type as sent, if it is a plain value."""
+    if request is None:
+        return None
+    kind = request.get("type")
+    if kind is None:
+        return "message"
+    return kind if _is_ref(kind) else None
+
+
+def _error(reason: str, request: dict | None) -> dict:
+    error: dict[str, Any] = {"type": "error", "error": reason}
+    name = _request_name(request)
+    if name is not None:
+        error["request"] = name
+    if request is not None:
+        _echo_ref(request, error)
+    return error
+
+
 def _echo_ref(request: dict, reply: dict) -> None:
     ref = request.get("ref")
-    if isinstance(ref, (str, int)) and not isinstance(ref, bool):
+    if _is_ref(ref):
         reply["ref"] = ref
 
 
@@ -196,22 +248,25 @@ def _leave(hub: Hub, session: Session, request: dict) -> dict:
 
 
 def _message(hub: Hub, session: Session, request: dict) -> dict | None:
+    # Every check comes before the first change: a refused message must not
+    # leave the connection named (identify) as a side effect.
     room = validate.room(request.get("room"))
-    if "user" in request:
-        hub.identify(session, request["user"])
+    text = validate.message(request.get("message"), hub.limits)
     if room not in session.rooms:
         raise ChatError(f"not in room {room}: join it first")
-    return _sent(request, hub.publish(room, session.user, request.get("message"), PROTOCOL))
+    if "user" in request:
+        hub.identify(session, request["user"])  # in a room, so named: this only checks
+    return _sent(request, hub.publish(room, session.user, text, PROTOCOL))
 
 
 def _seed(hub: Hub, session: Session, request: dict) -> dict | None:
     """The seed's bare ``{"user", "message", "room"}``: join as needed, then send."""
     room = validate.room(request.get("room"))
-    validate.message(request.get("message"), hub.limits)
+    text = validate.message(request.get("message"), hub.limits)
     hub.identify(session, request.get("user"))
     if room not in session.rooms:
         hub.join(session, room)
-    return _sent(request, hub.publish(room, session.user, request["message"], PROTOCOL))
+    return _sent(request, hub.publish(room, session.user, text, PROTOCOL))
 
 
 def _sent(request: dict, message: Message) -> dict | None:

@@ -8,11 +8,22 @@ import time
 import urllib.error
 import urllib.request
 
+import orjson
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.logger import globalLogPublisher
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from chatd import websocket
+from chatd.hub import Hub
+from chatd.validate import Limits
+from chatd.websocket import ChatWebSocketFactory, WebSocketSession
 from tests.wsclient import Client
 
 
@@ -387,5 +398,241 @@ async def test_a_flooding_user_is_rate_limited_and_the_connection_lives(start) -
             # Another user is not affected.
             b.send(type="message", room="r", message="my turn")
             assert a.recv_type("message")["message"] == "my turn"
+
+    await deferToThread(scenario)
+
+
+# -- dispatch without sockets: fuzzed input never escapes as an exception ------------
+
+
+def _unframe(data: bytes) -> bytes:
+    """The payload of one unmasked server frame."""
+    n = data[1] & 0x7F
+    start = {126: 4, 127: 10}.get(n, 2)
+    return data[start:]
+
+
+class _Recorder:
+    """Stands in for the Autobahn protocol's writes: replies and room frames, decoded."""
+
+    def __init__(self) -> None:
+        self.replies: list[dict] = []
+        self.frames: list[dict] = []
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:  # noqa: N802, N803
+        self.replies.append(orjson.loads(payload))
+
+    def sendPreparedMessage(self, frame) -> None:  # noqa: N802
+        self.frames.append(orjson.loads(_unframe(frame.payloadHybi)))
+
+
+class _Dispatch:
+    """A hub, a ``/ws`` protocol whose writes are recorded, and a watcher in room ``r``."""
+
+    def __init__(self, identified: bool, limits: Limits | None = None) -> None:
+        self.hub = Hub(Clock(), limits=limits)
+        self.hub.startService()
+        factory = ChatWebSocketFactory(self.hub)
+        self.proto = factory.buildProtocol(None)
+        self.out = _Recorder()
+        self.proto.sendMessage = self.out.sendMessage
+        self.proto.sendPreparedMessage = self.out.sendPreparedMessage
+        self.session = WebSocketSession(self.proto, "fuzz", 1 << 20)
+        self.hub.connect(self.session)
+        self.proto.session = self.session
+        watcher_proto = factory.buildProtocol(None)
+        self.seen = _Recorder()
+        watcher_proto.sendMessage = self.seen.sendMessage
+        watcher_proto.sendPreparedMessage = self.seen.sendPreparedMessage
+        self.watcher = WebSocketSession(watcher_proto, "watcher", 1 << 20)
+        self.hub.connect(self.watcher)
+        self.hub.identify(self.watcher, "watcher")
+        self.hub.join(self.watcher, "r")
+        if identified:
+            self.hub.identify(self.session, "alice")
+            self.hub.join(self.session, "r")
+        self.hub.publish("r", "watcher", "before", "websocket")
+        self.out.frames.clear()
+        self.seen.frames.clear()
+
+    def state(self) -> tuple:
+        """Everything a request could change, for before/after comparison."""
+        hub = self.hub
+        stats = hub.stats()
+        return (
+            sorted(hub.sessions),
+            hub.rooms(),
+            {room: hub.members(room) for room in hub.rooms()},
+            stats["connections"],
+            stats["messages"]["total"],
+            [(s.user, sorted(s.rooms)) for s in (self.session, self.watcher)],
+            [(m.seq, m.user, m.text) for m in hub.history("r")],
+        )
+
+    def send(self, payload: bytes, binary: bool = False) -> None:
+        self.proto.onMessage(payload, binary)
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=80)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = {
+    "type": st.sampled_from(["join", "leave", "message", "history", "ping", "dance"]) | _json,
+    "room": st.sampled_from(["r", "s", "bad room", ""]) | _json,
+    "user": st.sampled_from(["alice", "bob", "<x>"]) | _json,
+    "message": st.sampled_from(["hi", "", " "]) | _json,
+    "limit": st.sampled_from([1, 5, 0, -1]) | _json,
+    "ref": st.sampled_from(["a", 1, 2.5]) | _json,
+    "since": st.sampled_from([0, 1]) | _json,
+    "extra": _json,
+}
+_requests = st.fixed_dictionaries({}, optional=_FIELDS)
+_REPLY_TYPES = {"joined", "left", "history", "pong", "sent"}
+
+
+def _check_one(d: _Dispatch, payload: bytes, binary: bool = False) -> None:
+    """The dispatch contract for one frame, whatever it holds."""
+    failures: list[dict] = []
+    before = d.state()
+    with _logged_failures(failures):
+        d.send(payload, binary)
+    assert not failures, failures
+    assert d.session.id in d.hub.sessions, "the connection must live"
+    assert len(d.out.replies) <= 1, d.out.replies
+    reply = d.out.replies[0] if d.out.replies else None
+    if reply is not None and reply["type"] == "error":
+        assert isinstance(reply["error"], str) and reply["error"]
+        assert set(reply) <= {"type", "error", "request", "ref"}, reply
+        assert d.state() == before, "a refused request changed state"
+        assert d.out.frames == [] and d.seen.frames == [], "a refused request reached the room"
+    elif reply is not None:
+        assert reply["type"] in _REPLY_TYPES, reply
+
+
+class _logged_failures:
+    """Collect ``log.failure`` events of ``chatd.websocket`` while the block runs."""
+
+    def __init__(self, into: list[dict]) -> None:
+        self._into = into
+
+    def __enter__(self) -> None:
+        def observe(event: dict) -> None:
+            if event.get("log_namespace", "").startswith("chatd.") and "log_failure" in event:
+                self._into.append(event)
+
+        self._observe = observe
+        globalLogPublisher.addObserver(observe)
+
+    def __exit__(self, *exc) -> None:
+        globalLogPublisher.removeObserver(self._observe)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request=_requests, identified=st.booleans())
+def test_fuzzed_requests_get_a_reply_or_a_clean_error_and_refusals_change_nothing(
+    request, identified
+) -> None:
+    _check_one(_Dispatch(identified), orjson.dumps(request))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_json)
+def test_any_json_value_as_a_frame_is_answered_cleanly(value) -> None:
+    _check_one(_Dispatch(identified=True), orjson.dumps(value))
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(max_size=64), binary=st.booleans())
+def test_any_bytes_as_a_frame_are_answered_cleanly(payload, binary) -> None:
+    d = _Dispatch(identified=True)
+    _check_one(d, payload, binary)
+    assert d.out.replies and d.out.replies[0]["type"] in {"error", *_REPLY_TYPES}
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        ({"type": [1]}, "unknown type"),
+        ({"type": {"a": 1}}, "unknown type"),
+        ({"type": "message", "room": "r", "user": "bob", "message": "hi"}, "not in room r"),
+        ({"type": "message", "room": "r", "user": "bob", "message": ""}, "message must not be empty"),
+        ({"type": "ping", "ref": [1]}, "ref must be a string or a number"),
+        ({"user": "bob", "message": "hi", "room": "r", "ref": {"a": 1}}, "ref must be a string or a number"),
+    ],
+)
+def test_known_bad_requests_are_refused_without_side_effects(request_, reason) -> None:
+    d = _Dispatch(identified=False)
+    _check_one(d, orjson.dumps(request_))
+    assert reason in d.out.replies[0]["error"]
+    assert d.session.user is None
+
+
+def test_an_unexpected_error_in_a_handler_answers_internal_error_logs_once_and_lives(monkeypatch) -> None:
+    d = _Dispatch(identified=True)
+
+    def broken(hub, session, request):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(websocket._HANDLERS, "ping", broken)
+    failures: list[dict] = []
+    with _logged_failures(failures):
+        d.send(b'{"type": "ping", "ref": 9}')
+    assert d.out.replies == [{"type": "error", "error": "internal error", "request": "ping", "ref": 9}]
+    assert len(failures) == 1 and failures[0]["log_failure"].check(RuntimeError)
+    assert d.session.id in d.hub.sessions
+    d.send(b'{"type": "history", "room": "r"}')
+    assert d.out.replies[-1]["type"] == "history"
+    m = _scrape_metrics(d.hub)
+    assert m[("chatd_errors_total", (("kind", "internal"), ("protocol", "websocket")))] == 1
+
+
+def _scrape_metrics(hub) -> dict[tuple[str, tuple], float]:
+    text = generate_latest(hub.metrics.registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_fields_over_a_real_socket_get_errors_and_the_connection_lives(
+    chatd, monkeypatch
+) -> None:
+    def broken(hub, session, request):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(websocket._HANDLERS, "history", broken)
+
+    def scenario():
+        with Client(chatd.ws_url) as a, Client(chatd.ws_url) as watcher:
+            a.join("r", "alice")
+            watcher.join("r", "watcher")
+            a.recv_type("presence")
+            for body in (
+                {"type": [1]},
+                {"type": {"join": 1}},
+                {"type": "join", "room": ["r"], "user": "alice"},
+                {"type": "message", "room": "r", "message": {"text": "hi"}},
+                {"type": "ping", "ref": [1, 2]},
+                {"type": "history", "room": "r", "ref": "h"},
+            ):
+                a.send(**body)
+                error = a.recv()
+                assert error["type"] == "error", (body, error)
+                assert_silent(a)
+            assert error == {"type": "error", "error": "internal error", "request": "history", "ref": "h"}
+            assert_silent(watcher)
+            a.send(type="message", room="r", message="still here")
+            assert watcher.recv_type("message")["message"] == "still here"
 
     await deferToThread(scenario)
