@@ -239,3 +239,82 @@ def test_connection_posting_without_any_transport_expires():
     for token in tokens:
         assert server.request(b"POST", b"/signalr", {"id": token}, b'{"type":6}\x1e').responseCode == 404
     assert "connectionToken" in server.negotiate()
+
+
+# -- POST bodies ----------------------------------------------------------------------
+
+
+def sse_connection(server, **query):
+    token = server.negotiate(**query)["connectionToken"]
+    stream = server.request(b"GET", b"/signalr", {"id": token}, headers={"Accept": "text/event-stream"})
+    server.request(b"POST", b"/signalr", {"id": token}, HANDSHAKE)
+    assert stream.written[-1] == b"data: {}\x1e\r\n\r\n"
+    del stream.written[:]
+    return token, stream
+
+
+def sse_messages(stream) -> list[dict]:
+    codec = p.JsonCodec()
+    out = []
+    for chunk in stream.written:
+        for line in chunk.split(b"\r\n"):
+            if line.startswith(b"data: "):
+                out.extend(codec.feed(line[6:]))
+    return out
+
+
+def test_oversized_post_is_refused_with_413_and_the_connection_lives(server):
+    token, stream = sse_connection(server, user="ada")
+    limit = server.site.body_limit
+    big = b'{"type":6}\x1e' * (limit // 11 + 1)
+    refused = server.request(b"POST", b"/signalr", {"id": token}, big)
+    assert refused.responseCode == 413
+    assert body(refused) == f"Request body too large: the limit is {limit} bytes".encode()
+    # A Content-Length over the limit is refused before the body is looked at.
+    declared = server.request(b"POST", b"/signalr", {"id": token}, b"", headers={"Content-Length": str(limit + 1)})
+    assert declared.responseCode == 413
+    assert stream.written == []  # nothing of either was handled
+    call = p.JsonCodec().encode(p.invocation("GetUsers", ["general"], "1"))
+    assert server.request(b"POST", b"/signalr", {"id": token}, call).responseCode in (None, 200)
+    assert sse_messages(stream) == [{"type": p.COMPLETION, "invocationId": "1", "result": ["ada"]}]
+
+
+def test_negotiate_with_a_body_is_refused(server):
+    refused = server.request(b"POST", b"/signalr/negotiate", {"negotiateVersion": "1"}, b"x" * 65536)
+    assert refused.responseCode == 413
+    assert b"too large" in body(refused)
+    assert not server.manager.connections
+
+
+def test_a_large_post_is_handled_across_reactor_turns_in_order(server):
+    token, stream = sse_connection(server, user="ada")
+    codec = p.JsonCodec()
+    calls = b"".join(codec.encode(p.invocation("GetUsers", ["general"], str(i))) for i in range(5000))
+    first = server.request(b"POST", b"/signalr", {"id": token}, calls)
+    done_at_once = len(sse_messages(stream))
+    assert 0 < done_at_once < 5000 and not first.finished  # the reactor was not held for all of it
+    # A second POST waits for the first: records stay in order.
+    second = server.request(b"POST", b"/signalr", {"id": token}, codec.encode(p.invocation("GetUsers", ["x"], "last")))
+    assert not second.finished
+    turns = 0
+    while not second.finished:
+        server.clock.advance(0)
+        turns += 1
+        assert turns < 1000
+    assert first.finished and first.responseCode in (None, 200) and body(first) == b""
+    ids = [m["invocationId"] for m in sse_messages(stream)]
+    assert ids == [str(i) for i in range(5000)] + ["last"]
+
+
+def test_posts_waiting_on_one_connection_are_bounded(server):
+    token, stream = sse_connection(server, user="ada")
+    pings = b'{"type":6}\x1e' * 10000
+    waiting = [server.request(b"POST", b"/signalr", {"id": token}, pings) for _ in range(5)]
+    assert not any(r.finished for r in waiting)
+    refused = server.request(b"POST", b"/signalr", {"id": token}, b'{"type":6}\x1e')
+    assert refused.responseCode == 429 and b"Too many POST requests" in body(refused)
+    while not waiting[-1].finished:
+        server.clock.advance(0)
+    assert all(r.finished and r.responseCode in (None, 200) for r in waiting)
+    assert not server.manager.inboxes
+    assert server.request(b"POST", b"/signalr", {"id": token}, b'{"type":6}\x1e').responseCode in (None, 200)

@@ -16,10 +16,22 @@ a :class:`ConnectionManager`, following ASP.NET Core's
 ``id`` is the connection token (negotiate version 1) or the connection id
 (version 0). Errors: no id -> 400, unknown id -> 404, another transport ->
 400, a second WebSocket or event stream on one id -> 409, other methods -> 405.
+
+Request bodies are bounded: a POST may carry at most ``body_limit`` bytes
+of records (see :func:`site`), negotiate takes none (a few bytes are
+tolerated); past that the answer is 413 with a text saying the limit, and
+the connection is left as it was. twisted.web reads a whole body before any
+resource sees it, so :class:`_BoundedRequest` stops storing one as soon as
+its Content-Length or the bytes read pass the site's bound. The records of
+an accepted POST are handed to the connection ``_SLICE`` bytes per reactor
+turn (:class:`_Inbox`), one POST after another, so a large one neither
+stalls the reactor nor reorders the connection's records; the POST is
+answered once its last byte has been handed over.
 """
 
 from __future__ import annotations
 
+import io
 import secrets
 from collections import deque
 from typing import Any
@@ -55,6 +67,16 @@ _NO_CACHE = b"no-cache, no-store"
 _CORS_METHODS = b"GET, POST, DELETE, OPTIONS"
 _CORS_HEADERS = b"X-Requested-With, X-SignalR-User-Agent, Authorization, Content-Type"
 
+#: a POST body may hold this many largest records: the JS client joins every record
+#: queued while its previous POST was in flight into one body
+_RECORDS_PER_POST = 16
+#: negotiate takes no body; this much is tolerated from clients that send a little anyway
+_NEGOTIATE_BODY_LIMIT = 1024
+#: bytes of a POST handed to its connection per reactor turn (about 1-2 ms of records)
+_SLICE = 16 * 1024
+#: POSTs that may wait behind the one being handed over, per connection
+_MAX_QUEUED_POSTS = 4
+
 
 def _new_id() -> str:
     """16 random bytes, base64url: URL-safe as clients append it unencoded."""
@@ -86,6 +108,8 @@ class ConnectionManager:
         self.connections: dict[str, HubConnection] = {}
         #: token -> the long-polling transport of a connection that uses one
         self.long_polls: dict[str, LongPollingTransport] = {}
+        #: token -> POSTed records still being handed to a connection
+        self.inboxes: dict[str, _Inbox] = {}
 
     def create(self, peer: str, user: str | None, stateful: bool = False, version: int = 1) -> HubConnection:
         connection_id = _new_id()
@@ -117,6 +141,17 @@ class ConnectionManager:
         if self.connections.get(connection.token) is connection:
             del self.connections[connection.token]
             self.long_polls.pop(connection.token, None)
+
+    def inbox(self, connection: HubConnection) -> _Inbox:
+        """The queue of POSTed records of ``connection`` (made on first use)."""
+        inbox = self.inboxes.get(connection.token)
+        if inbox is None or inbox.connection is not connection:
+            inbox = self.inboxes[connection.token] = _Inbox(connection, self.clock, self._inbox_empty)
+        return inbox
+
+    def _inbox_empty(self, inbox: _Inbox) -> None:
+        if self.inboxes.get(inbox.connection.token) is inbox:
+            del self.inboxes[inbox.connection.token]
 
     def going_away(self, reason: str) -> None:
         """Close every connection, inviting clients to reconnect (server shutdown)."""
@@ -393,6 +428,132 @@ def _poll_headers(request: Request) -> None:
     request.setHeader(b"expires", b"Thu, 01 Jan 1970 00:00:00 GMT")
 
 
+# -- POST bodies ---------------------------------------------------------------------
+
+
+class _Inbox:
+    """The POSTed bytes of one connection, handed over ``_SLICE`` bytes per reactor turn.
+
+    The codec keeps a record cut between two slices, so slicing anywhere is
+    safe. A POST that arrives while an earlier one is still being handed
+    over waits behind it: the connection sees the bytes in the order the
+    POSTs came, and each POST is answered (200, empty) once it is all in.
+    """
+
+    def __init__(self, connection: HubConnection, clock: IReactorTime, on_empty: Any) -> None:
+        self.connection = connection
+        self.clock = clock
+        self._on_empty = on_empty
+        #: [bytes, offset, request] of each POST not handed over yet, oldest first
+        self._queue: deque[list[Any]] = deque()
+        self._call: IDelayedCall | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue)
+
+    def full(self) -> bool:
+        return len(self._queue) > _MAX_QUEUED_POSTS
+
+    def add(self, data: bytes, request: Request) -> bool:
+        """Queue one POST body; True when it was handled at once (answer it now)."""
+        if not self._queue:
+            self.connection.data_received(data[:_SLICE])
+            if len(data) <= _SLICE:
+                self._on_empty(self)
+                return True
+            self._queue.append([data, _SLICE, request])
+        else:
+            self._queue.append([data, 0, request])
+        self._schedule()
+        return False
+
+    def _schedule(self) -> None:
+        if self._call is None:
+            self._call = self.clock.callLater(0, self._run)
+
+    def _run(self) -> None:
+        self._call = None
+        entry = self._queue[0]
+        data, offset, request = entry
+        if self.connection.state != CLOSED:
+            self.connection.data_received(data[offset : offset + _SLICE])
+            entry[1] = offset + _SLICE
+        if self.connection.state == CLOSED or entry[1] >= len(data):
+            self._queue.popleft()
+            _posted(request)
+        if self.connection.state == CLOSED:
+            # Nothing more will be read: answer what waits.
+            while self._queue:
+                _posted(self._queue.popleft()[2])
+        if self._queue:
+            self._schedule()
+        else:
+            self._on_empty(self)
+
+
+def _posted(request: Request) -> None:
+    """Answer a POST whose records were all handed over."""
+    if _open(request):
+        request.setHeader(b"content-type", b"text/plain")
+        request.finish()
+
+
+def _body_size(request: Request) -> int:
+    """How many body bytes the request holds (or said it would hold)."""
+    if getattr(request, "body_overflow", False):
+        return getattr(request, "body_received", 0) or (1 << 62)
+    declared = request.getHeader(b"content-length")
+    if declared is not None:
+        try:
+            return max(int(declared), 0)
+        except ValueError:
+            pass
+    content = request.content
+    if content is None:
+        return 0
+    position = content.tell()
+    content.seek(0, io.SEEK_END)
+    size = content.tell()
+    content.seek(position)
+    return max(size, position)
+
+
+class _BoundedRequest(Request):
+    """A ``twisted.web`` request that stops storing its body past the site's ``body_limit``.
+
+    twisted.web reads the whole body before rendering; this keeps memory to
+    the bound whatever the client sends (a huge Content-Length, or a chunked
+    body that never ends) and flags the request, so the resource answers 413
+    once the body is read, leaving a keep-alive connection usable.
+    """
+
+    body_overflow = False
+    body_received = 0
+
+    def _limit(self) -> int:
+        return getattr(getattr(self.channel, "site", None), "body_limit", 1 << 62)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.body_overflow = True
+            self.body_received = length
+            self.content = io.BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.body_received += len(data)
+        if self.body_overflow:
+            return
+        if self.body_received > self._limit():
+            self.body_overflow = True
+            self.content.close()
+            self.content = io.BytesIO()
+            return
+        super().handleContentChunk(data)
+
+
 # -- resources ---------------------------------------------------------------------
 
 
@@ -409,6 +570,9 @@ class _CorsResource(Resource):
     origin is echoed, never ``*``; a request from an origin the policy
     refuses gets 403 whatever its method.
     """
+
+    #: the largest request body this resource takes
+    body_limit = _NEGOTIATE_BODY_LIMIT
 
     def __init__(self, origins: OriginPolicy) -> None:
         super().__init__()
@@ -432,6 +596,8 @@ class _CorsResource(Resource):
             return b""
         if not hasattr(self, "render_" + request.method.decode("ascii", "replace")):
             return _text(request, 405, "Method not allowed")
+        if _body_size(request) > self.body_limit:
+            return _text(request, 413, f"Request body too large: the limit is {self.body_limit} bytes")
         return super().render(request)
 
 
@@ -487,8 +653,10 @@ class ConnectionResource(_CorsResource):
         manager: ConnectionManager,
         origins: OriginPolicy,
         ws_factory: SignalRWebSocketFactory,
+        body_limit: int,
     ) -> None:
         super().__init__(origins)
+        self.body_limit = body_limit
         self.manager = manager
         self.ws_factory = ws_factory
         self.ws_resource = WebSocketResource(ws_factory)
@@ -579,7 +747,7 @@ class ConnectionResource(_CorsResource):
             return b""
         return transport.take_poll(request)
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> Any:
         connection, error = self._lookup(request)
         if error is not None:
             return error
@@ -588,7 +756,11 @@ class ConnectionResource(_CorsResource):
             return _text(request, 405, "POST requests are not allowed for WebSocket connections.")
         if connection.state == CLOSED:
             return _text(request, 404, "No Connection with that ID")
-        connection.data_received(request.content.read())
+        inbox = self.manager.inbox(connection)
+        if inbox.full():
+            return _text(request, 429, "Too many POST requests waiting on this connection")
+        if not inbox.add(request.content.read(), request):
+            return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/plain")
         return b""
 
@@ -608,9 +780,13 @@ class ConnectionResource(_CorsResource):
 class SignalRSite(Site):
     """The SignalR listener's site; when it stops listening, clients are told to come back."""
 
-    def __init__(self, resource: Resource, manager: ConnectionManager) -> None:
+    requestFactory = _BoundedRequest
+
+    def __init__(self, resource: Resource, manager: ConnectionManager, body_limit: int) -> None:
         super().__init__(resource)
         self.manager = manager
+        #: the largest request body kept (larger ones are counted, not stored, and get 413)
+        self.body_limit = body_limit
         self.noisy = False
 
     def stopFactory(self) -> None:
@@ -625,11 +801,18 @@ def site(
     options: Options | None = None,
     read_limit: int = 65536,
 ) -> SignalRSite:
-    """The SignalR listener's ``twisted.web`` site: ``/signalr`` and ``/signalr/health``."""
+    """The SignalR listener's ``twisted.web`` site: ``/signalr`` and ``/signalr/health``.
+
+    ``read_limit`` bounds a WebSocket frame; a POST, the HTTP transports'
+    frame, may hold ``_RECORDS_PER_POST`` times as much because clients
+    batch records into one POST.
+    """
     origins = origins or OriginPolicy()
     options = options or Options()
     manager = ConnectionManager(hub, clock, options)
-    ws_factory = SignalRWebSocketFactory(manager, max(read_limit, options.max_message_size))
+    frame_limit = max(read_limit, options.max_message_size)
+    ws_factory = SignalRWebSocketFactory(manager, frame_limit)
+    body_limit = _RECORDS_PER_POST * frame_limit
     root = Resource()
-    root.putChild(b"signalr", ConnectionResource(hub, manager, origins, ws_factory))
-    return SignalRSite(root, manager)
+    root.putChild(b"signalr", ConnectionResource(hub, manager, origins, ws_factory, body_limit))
+    return SignalRSite(root, manager, body_limit)
