@@ -17,7 +17,9 @@ closed for not reading. Both are thread-safe (prometheus_client locks), so a
 gRPC worker thread may call them directly. gRPC streams are counted from the
 hub's sessions, with no call from the adapter.
 
-Served at ``/metrics`` on the WebSocket listener (``MetricsResource``).
+Served at ``/metrics`` on the WebSocket listener by :class:`MetricsResource`,
+which renders on the reactor thread: the collectors read hub state that only
+the reactor thread may touch (see its docstring).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 __all__ = ["HubCollector", "HubMetrics", "MetricsResource"]
 
@@ -38,8 +42,42 @@ PROTOCOLS = ("websocket", "signalr", "grpc")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+class MetricsResource(Resource):
+    """``/metrics``: a registry in the Prometheus text (or OpenMetrics) format, rendered on the reactor.
+
+    prometheus_client's own Twisted resource runs its WSGI app in the
+    reactor's thread pool, so :class:`HubCollector` iterated the hub's dicts
+    while the reactor was changing them and scrapes under churn failed with
+    ``dictionary changed size during iteration``. Rendering here, in the
+    reactor thread, reads a consistent hub; for this registry (a few dozen
+    samples) that costs far less than one message's fan-out. Supports the
+    same ``Accept`` negotiation and ``name[]`` filter; no gzip, to keep CPU
+    off the reactor.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        registry: Collector = self._registry
+        names = request.args.get(b"name[]")
+        if names:
+            registry = self._registry.restricted_registry([n.decode("utf-8", "replace") for n in names])
+        output = encoder(registry)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        request.setHeader(b"cache-control", b"no-store")
+        return output
+
+    render_HEAD = render_GET
+
+
 class HubCollector(Collector):
-    """Figures the hub keeps anyway, read when Prometheus scrapes."""
+    """Figures the hub keeps anyway, read when Prometheus scrapes (on the reactor thread)."""
 
     def __init__(self, hub: Any) -> None:
         self._hub = hub

@@ -65,7 +65,7 @@ def check_options(options: Any) -> None:
 
 
 def metrics_resource(hub: Any) -> Resource:
-    """``/metrics``: the hub's own Prometheus registry in text format."""
+    """``/metrics``: the hub's own Prometheus registry in text format, rendered on the reactor thread."""
     return MetricsResource(hub.metrics.registry)
 
 

@@ -9,9 +9,12 @@ import urllib.request
 
 import pytest
 import pytest_twisted
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.python import threadable
 from websockets.exceptions import ConnectionClosed
 
 from chatd import tap
@@ -154,7 +157,9 @@ async def test_metrics_count_refused_requests_of_every_protocol(chatd) -> None:
     def scenario():
         with grpc.insecure_channel(chatd.grpc_target) as channel:
             with pytest.raises(grpc.RpcError) as info:
-                ChatServiceStub(channel).SendMessage(pb.MessageRequest(user="u", message="", room="r"), timeout=10)
+                ChatServiceStub(channel).SendMessage(
+                    pb.MessageRequest(user="u", message="", room="r"), timeout=10
+                )
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # SignalR over a raw WebSocket: handshake, then a hub call with a bad room.
         from websockets.sync.client import connect
@@ -175,3 +180,41 @@ async def test_metrics_count_refused_requests_of_every_protocol(chatd) -> None:
     m = await deferToThread(scenario)
     assert m[("chatd_errors_total", (("kind", "bad_request"), ("protocol", "grpc")))] == 1
     assert m[("chatd_errors_total", (("kind", "bad_request"), ("protocol", "signalr")))] == 1
+
+
+class _ThreadRecorder(Collector):
+    """A collector that notes whether each scrape collected on the reactor thread."""
+
+    def __init__(self) -> None:
+        self.on_reactor: list[bool] = []
+
+    def collect(self):
+        self.on_reactor.append(threadable.isInIOThread())
+        yield GaugeMetricFamily("chatd_test_probe", "which thread collected", value=1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_are_collected_on_the_reactor_thread_only(chatd) -> None:
+    # The hub's state belongs to the reactor thread; a scrape rendered in a
+    # thread pool iterated its dicts while they changed (500s under churn).
+    probe = _ThreadRecorder()
+    chatd.hub.metrics.registry.register(probe)
+
+    def scenario():
+        with Client(chatd.ws_url) as a:
+            for i in range(5):
+                a.join(f"room{i}", "alice")
+                m = _metrics(chatd.url("ws", path="/metrics"))
+                assert m[("chatd_rooms", ())] == i + 1
+                assert m[("chatd_test_probe", ())] == 1
+        # Content negotiation still works: OpenMetrics for those who ask.
+        request = urllib.request.Request(
+            chatd.url("ws", path="/metrics"),
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert r.read().rstrip().endswith(b"# EOF")
+
+    await deferToThread(scenario)
+    assert probe.on_reactor == [True] * 6
