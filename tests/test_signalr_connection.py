@@ -424,3 +424,60 @@ def test_a_transport_attached_in_time_keeps_the_connection(clock, hub):
     # The transport ends: a non-stateful connection ends with it.
     conn.transport_lost(t)
     assert conn.state == CLOSED and not hub.sessions
+
+
+# -- open streams are bounded --------------------------------------------------------
+
+
+def stream_room(conn, invocation_id, room="news"):
+    conn.data_received(record({"type": p.STREAM_INVOCATION, "invocationId": invocation_id, "target": "StreamRoom",
+                               "arguments": [room]}))
+
+
+def upload(conn, invocation_id, stream_id, room="news"):
+    conn.data_received(record({"type": p.INVOCATION, "invocationId": invocation_id, "target": "UploadMessages",
+                               "arguments": [room, "ada"], "streamIds": [stream_id]}))
+
+
+def test_a_second_stream_room_with_an_id_in_use_is_refused(clock, hub):
+    conn, t, _ = open_connection(clock, hub)
+    stream_room(conn, "s", "news")
+    t.take()
+    stream_room(conn, "s", "sport")
+    assert t.take() == [{"type": p.COMPLETION, "invocationId": "s", "error": "Invocation ID 's' is already in use."}]
+    assert conn.dispatcher.streams == {"s": "news"} and "sport" not in conn.dispatcher.session.rooms
+    hub.publish("news", "bob", "still streaming", "grpc")
+    assert [m["invocationId"] for m in t.take() if m["type"] == p.STREAM_ITEM] == ["s"]
+
+
+def test_a_second_upload_with_a_stream_id_in_use_is_refused(clock, hub):
+    conn, t, _ = open_connection(clock, hub)
+    upload(conn, "u1", "1")
+    t.take()
+    upload(conn, "u2", "1")
+    assert t.take() == [{"type": p.COMPLETION, "invocationId": "u2", "error": "Stream ID '1' is already in use."}]
+    conn.data_received(record({"type": p.STREAM_ITEM, "invocationId": "1", "item": "hello"}))
+    conn.data_received(record({"type": p.COMPLETION, "invocationId": "1"}))
+    assert t.take()[-1] == {"type": p.COMPLETION, "invocationId": "u1", "result": 1}
+
+
+def test_open_streams_and_uploads_are_capped_per_connection(clock, hub):
+    conn, t, _ = open_connection(clock, hub)
+    for i in range(100):
+        stream_room(conn, f"s{i}")
+        upload(conn, f"u{i}", f"{i}")
+    t.take()
+    stream_room(conn, "s100")
+    upload(conn, "u100", "100")
+    assert t.take() == [
+        {"type": p.COMPLETION, "invocationId": "s100", "error": "Too many open streams: at most 100 per connection."},
+        {"type": p.COMPLETION, "invocationId": "u100", "error": "Too many open uploads: at most 100 per connection."},
+    ]
+    assert len(conn.dispatcher.streams) == 100 and len(conn.dispatcher._uploads) == 100
+    # Ending one makes room for another.
+    conn.data_received(record({"type": p.CANCEL_INVOCATION, "invocationId": "s0"}))
+    conn.data_received(record({"type": p.COMPLETION, "invocationId": "0"}))
+    t.take()
+    stream_room(conn, "s100")
+    upload(conn, "u100", "100")
+    assert t.take() == [] and conn.state == OPEN

@@ -46,6 +46,9 @@ log = Logger()
 
 PROTOCOL = "signalr"
 DEFAULT_ROOM = "general"
+#: open StreamRooms, and open uploads, one connection may have: each holds an
+#: entry until the client ends it, so without a bound a client grows them forever
+MAX_OPEN_STREAMS = 100
 
 _JSON = p.JsonCodec()
 _MSGPACK = p.MessagePackCodec()
@@ -272,6 +275,10 @@ class ChatHub:
 
     def stream_room(self, invocation_id: str, room: Any) -> None:
         room = validate.room(room)
+        if invocation_id in self.streams:
+            raise ChatError(f"Invocation ID '{invocation_id}' is already in use.")
+        if len(self.streams) >= MAX_OPEN_STREAMS:
+            raise ChatError(f"Too many open streams: at most {MAX_OPEN_STREAMS} per connection.")
         if room not in self.session.rooms:
             self.hub.join(self.session, room)
             self._stream_rooms.add(room)
@@ -303,6 +310,10 @@ class ChatHub:
 
     def upload_messages(self, invocation_id: str | None, stream_id: str, room: Any, user: Any) -> None:
         room = validate.room(room)
+        if stream_id in self._uploads:
+            raise ChatError(f"Stream ID '{stream_id}' is already in use.")
+        if len(self._uploads) >= MAX_OPEN_STREAMS:
+            raise ChatError(f"Too many open uploads: at most {MAX_OPEN_STREAMS} per connection.")
         self._name(user)
         self._ensure_in(room)
         self._uploads[stream_id] = _Upload(invocation_id, room)
