@@ -481,3 +481,65 @@ def test_open_streams_and_uploads_are_capped_per_connection(clock, hub):
     stream_room(conn, "s100")
     upload(conn, "u100", "100")
     assert t.take() == [] and conn.state == OPEN
+
+
+# -- client text in logs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def log_lines():
+    """Every formatted log line of chatd.signalr while the test runs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event):
+        if event.get("log_namespace", "").startswith("chatd.signalr"):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+FORGED = "bye\nchatd.hub info: admin logged in\x1b[2J"
+
+
+def assert_one_line_each(lines: list[str], escaped: str) -> None:
+    assert any(escaped in line for line in lines), lines
+    assert not any(c in line for line in lines for c in "\n\r\x1b"), lines
+
+
+def test_client_close_error_is_logged_escaped(clock, hub, log_lines):
+    conn, t, _ = open_connection(clock, hub)
+    conn.data_received(record({"type": p.CLOSE, "error": FORGED}))
+    assert conn.state == CLOSED
+    assert_one_line_each(log_lines, "bye\\nchatd.hub info: admin logged in\\x1b[2J")
+
+
+def test_client_method_names_are_logged_escaped(clock, hub, log_lines):
+    conn, t, _ = open_connection(clock, hub)
+    invoke(conn, FORGED)
+    assert t.take()[-1]["error"] == f"Unknown hub method '{FORGED}'"  # the client gets its own text back
+    assert_one_line_each(log_lines, "bye\\nchatd.hub")
+
+
+def test_unexpected_failures_log_the_method_name_escaped(clock, hub, log_lines, monkeypatch):
+    import chatd.signalr.chat as chat
+
+    conn, t, _ = open_connection(clock, hub)
+
+    def broken(self, room):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(chat._METHODS, FORGED.lower(), chat._Method(broken, 1, 1))
+    invoke(conn, FORGED, "general")
+    assert "An unexpected error occurred" in t.take()[-1]["error"]
+    assert_one_line_each(log_lines, "bye\\nchatd.hub")
+
+
+def test_handshake_errors_are_logged_escaped(clock, hub, log_lines):
+    handshake = b'{"protocol":"' + FORGED.replace("\n", "\\n").replace("\x1b", "\\u001b").encode() + b'","version":1}\x1e'
+    conn, t, _ = open_connection(clock, hub, handshake=handshake)
+    assert conn.state == CLOSED
+    assert_one_line_each(log_lines, "bye\\nchatd.hub")

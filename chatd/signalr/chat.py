@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from chatd import validate
 from chatd.events import Event
 from chatd.hub import Hub, Session
+from chatd.logs import printable
 from chatd.signalr import protocol as p
 from chatd.signalr.connection import HubConnection
 from chatd.validate import ChatError
@@ -196,12 +197,17 @@ class ChatHub:
                 result = spec.handler(self, *args)
         except ChatError as e:
             self.hub.metrics.error("bad_request", PROTOCOL)
-            log.debug("{peer}: {target} failed: {reason}", peer=self.session.peer, target=target, reason=e.reason)
+            log.debug(
+                "{peer}: {target} failed: {reason}",
+                peer=self.session.peer,
+                target=printable(target),
+                reason=printable(e.reason),
+            )
             if invocation_id is not None:
                 self.connection.send(p.completion(invocation_id, error=e.reason))
             return
         except Exception:
-            log.failure("{peer}: {target} failed", peer=self.session.peer, target=target)
+            log.failure("{peer}: {target} failed", peer=self.session.peer, target=printable(target))
             if invocation_id is not None:
                 error = f"An unexpected error occurred invoking '{target}' on the server."
                 self.connection.send(p.completion(invocation_id, error=error))

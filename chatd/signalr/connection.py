@@ -34,6 +34,7 @@ from typing import Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from chatd.logs import printable
 from chatd.signalr import protocol as p
 from chatd.validate import ChatError
 
@@ -197,7 +198,7 @@ class HubConnection:
         try:
             messages = self.codec.feed(data)  # type: ignore[union-attr]
         except p.ProtocolError as e:
-            log.info("{peer}: protocol error: {reason}", peer=self.peer, reason=e.reason)
+            log.info("{peer}: protocol error: {reason}", peer=self.peer, reason=printable(e.reason))
             self.close(error=f"Connection closed with an error: {e.reason}")
             return
         for message in messages:
@@ -318,7 +319,7 @@ class HubConnection:
         return rest
 
     def _fail_handshake(self, error: str) -> None:
-        log.info("{peer}: handshake refused: {error}", peer=self.peer, error=error)
+        log.info("{peer}: handshake refused: {error}", peer=self.peer, error=printable(error))
         self.close_error = error
         record = p.handshake_response(error)
         if self.transport is not None:
@@ -469,7 +470,7 @@ class HubConnection:
                 dispatcher.on_close()
             except Exception:
                 log.failure("closing the hub side of {peer} failed", peer=self.peer)
-        log.info("{peer} signalr connection closed: {why}", peer=self.peer, why=why[:200])
+        log.info("{peer} signalr connection closed: {why}", peer=self.peer, why=printable(why))
         if self._on_closed is not None:
             self._on_closed(self)
 
