@@ -56,8 +56,9 @@ def printable(value: object, limit: int = 200) -> str:
 
     Peers choose close reasons, error strings and header values; a raw
     newline in one would forge a log line, and other control characters
-    confuse terminals. Everything below U+0020 (and DEL) is written as an
-    escape, and the text is cut at ``limit`` characters.
+    confuse terminals. C0 and C1 controls, DEL and the Unicode line and
+    paragraph separators are written as escapes (``\\n``, ``\\x1b``,
+    ``\\u2028``), and the text is cut at ``limit`` characters.
     """
     text = value if isinstance(value, str) else str(value)
     if len(text) > limit:
@@ -65,15 +66,19 @@ def printable(value: object, limit: int = 200) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+#: the longest header or path an access-log line keeps (they are client text)
+ACCESS_FIELD_LIMIT = 1024
 
 
 def _quoted(value: bytes | str | None) -> str:
+    """A field of the access line: backslash and quote escaped, then controls (never raw)."""
     if value is None:
         return "-"
     if isinstance(value, bytes):
         value = value.decode("ascii", "backslashreplace")
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+    return printable(value.replace("\\", "\\\\").replace('"', '\\"'), ACCESS_FIELD_LIMIT)
 
 
 def access_log_formatter(timestamp: str, request: Any) -> str:
@@ -81,7 +86,9 @@ def access_log_formatter(timestamp: str, request: Any) -> str:
 
     Query strings carry secrets here (SignalR's ``id=`` connection token,
     ``access_token=``), and access lines are logged at info level, so only
-    the path is written, for the request and for the referrer alike.
+    the path is written, for the request and for the referrer alike. Every
+    client-chosen field (path, referrer, User-Agent...) is quoted with its
+    control characters escaped, so no header can forge or garble a line.
     """
     path = request.uri.split(b"?", 1)[0]
     referrer = request.getHeader(b"referer")

@@ -113,7 +113,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
     def onConnect(self, request):
         origin = request.headers.get("origin")
         if not self.factory.origins.allows(origin, request.host):
-            _log.info("{peer} refused: origin {origin} not allowed", peer=request.peer, origin=origin)
+            _log.info(
+                "{peer} refused: origin {origin} not allowed", peer=request.peer, origin=printable(origin)
+            )
             raise ConnectionDeny(403, "origin not allowed")
         return None
 
@@ -145,7 +147,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
             return
         self.session = None
         self.factory.hub.disconnect(session)
-        why = session.close_reason or reason or ("closed" if wasClean else "connection lost")
+        # A peer's close reason is its own text: escaped, it cannot forge a log line.
+        why = session.close_reason or printable(reason or "") or ("closed" if wasClean else "connection lost")
         _log.info(
             "{peer} ({user}) disconnected: {why} (code {code})",
             peer=session.peer,

@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
@@ -25,7 +26,7 @@ from chatd.drain import GOING_AWAY, Drain
 from chatd.events import Event
 from chatd.http import health
 from chatd.hub import Hub, ServerFull, Session
-from chatd.logs import event_as_json, json_observer
+from chatd.logs import access_log_formatter, event_as_json, json_observer, printable
 
 # -- sd_notify -------------------------------------------------------------
 
@@ -403,3 +404,40 @@ def test_host_key_is_created_private_once_and_then_reused(tmp_path) -> None:
     assert (path.stat().st_mode & 0o777) == 0o600
     assert host_key(str(path)) == first
     assert (tmp_path / "host_key.pub").read_bytes().startswith(b"ssh-ed25519 ")
+
+
+class _Request:
+    """Just what the access-log formatter reads of a ``twisted.web`` request."""
+
+    def __init__(self, headers: dict[bytes, bytes], uri: bytes = b"/health?id=secret") -> None:
+        self.uri = uri
+        self.method = b"GET"
+        self.clientproto = b"HTTP/1.1"
+        self.code = 200
+        self.sentLength = 12
+        self._headers = headers
+
+    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
+        return self._headers.get(name)
+
+    def getClientAddress(self):  # noqa: N802
+        return IPv4Address("TCP", "127.0.0.1", 1234)
+
+
+def test_access_log_escapes_control_characters_and_quotes_in_client_text() -> None:
+    agent = b'evil\x1b[31mred\x07 "quoted" back\\slash\x7f\x00\ttab'
+    line = access_log_formatter(
+        "[ts]", _Request({b"user-agent": agent, b"referer": b"http://x/\x1b]0;t\x07?q=1"})
+    )
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in line), repr(line)
+    assert r'"evil\x1b[31mred\x07 \"quoted\" back\\slash\x7f\x00\ttab"' in line
+    assert r'"http://x/\x1b]0;t\x07"' in line
+    assert "secret" not in line and "q=1" not in line
+    # Non-ASCII bytes stay visible as escapes too.
+    assert r"\xff" in access_log_formatter("[ts]", _Request({b"user-agent": b"\xff"}))
+
+
+def test_printable_escapes_every_line_breaking_or_terminal_control_character() -> None:
+    assert printable("a\nb\r\x85c\u2028d\u2029e\x1b[2Jf\x7f") == r"a\nb\r\x85c\u2028d\u2029e\x1b[2Jf\x7f"
+    assert printable("ünïcode ok") == "ünïcode ok"
+    assert printable("x" * 10, limit=4) == "xxxx..."

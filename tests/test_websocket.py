@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread, deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatd import websocket
@@ -636,3 +636,61 @@ async def test_malformed_fields_over_a_real_socket_get_errors_and_the_connection
             assert watcher.recv_type("message")["message"] == "still here"
 
     await deferToThread(scenario)
+
+
+class _LogLines:
+    """Formatted log lines of ``chatd.*`` and the access log while the block runs."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def _observe(self, event: dict) -> None:
+        self.lines.append(formatEvent(event))
+
+    def __enter__(self) -> _LogLines:
+        globalLogPublisher.addObserver(self._observe)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        globalLogPublisher.removeObserver(self._observe)
+
+
+def _raw_http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_text_reaches_the_logs_escaped(chatd) -> None:
+    port = chatd.ports["ws"]
+
+    def scenario():
+        with Client(chatd.ws_url) as a:
+            a.join("r", "alice")
+            a.ws.close(code=1000, reason="bye\nforged: admin logged in\x1b[2J")
+        response = _raw_http(
+            port,
+            b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: curl\x1b[31m\x7f\x01evil\r\nConnection: close\r\n\r\n",
+        )
+        assert b" 200 " in response.split(b"\r\n")[0]
+
+    def closed_logged(log: _LogLines) -> bool:
+        return any("disconnected" in line and "bye" in line for line in log.lines)
+
+    with _LogLines() as log:
+        await deferToThread(scenario)
+        while not closed_logged(log):  # the server logs the close when it sees the TCP end
+            await deferToThread(lambda: None)
+    closed = [line for line in log.lines if "disconnected" in line and "bye" in line]
+    assert closed == [closed[0]] and r"bye\nforged: admin logged in\x1b[2J" in closed[0], closed
+    access = [line for line in log.lines if "GET /health" in line]
+    assert len(access) == 1 and r"curl\x1b[31m\x7f\x01evil" in access[0], access
+    for line in closed + access:
+        assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in line), repr(line)
