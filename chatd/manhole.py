@@ -79,20 +79,37 @@ def _read_keys(path: str) -> list[keys.Key]:
 
 @implementer(IAuthorizedKeysDB)
 class AuthorizedKeysFile:
-    """Keys allowed to log in, whatever the SSH user name; re-read at each login.
+    """Keys allowed to log in, whatever the SSH user name; re-read when the file changes.
 
-    Re-reading means a key removed from the file is refused from the next
-    login on, without restarting the daemon.
+    Every signed login attempt asks for the keys, on the reactor thread and
+    before authentication, so reading and parsing the file each time would
+    let any peer that can reach the port make the reactor do blocking file
+    I/O at will. The parsed keys are kept with the file's identity (device,
+    inode, size, mtime, ctime) and only re-read when one of those changes:
+    an edit or a replacement by rename still takes effect from the next
+    login on, without restarting the daemon. Checking costs one ``stat``.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._seen: tuple[int, ...] | None = None
+        self._keys: list[keys.Key] = []
+        self._failed: str | None = None
 
     def getAuthorizedKeys(self, username: bytes) -> list[keys.Key]:
         try:
-            return _read_keys(self.path)
+            st = os.stat(self.path)
+            seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if seen != self._seen:
+                self._keys = _read_keys(self.path)
+                self._seen = seen
+            self._failed = None
+            return self._keys
         except OSError as e:
-            log.error("manhole: cannot read {path}: {error}", path=self.path, error=e.strerror)
+            self._seen, self._keys = None, []
+            if self._failed != e.strerror:  # once per failure, not once per attempt
+                self._failed = e.strerror
+                log.error("manhole: cannot read {path}: {error}", path=self.path, error=e.strerror)
             return []
 
 

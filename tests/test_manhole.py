@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from websockets.exceptions import ConnectionClosed
 
+from chatd import manhole
+from chatd.manhole import host_key
 from tests.conftest import require_tool
 from tests.wsclient import Client
 
@@ -166,3 +169,39 @@ async def test_operator_logs_in_inspects_rooms_awaits_and_kicks_a_live_client(st
         assert "Permission denied (publickey)" in refused.stderr
 
     await deferToThread(scenario)
+
+
+def test_authorized_keys_are_read_once_until_the_file_changes(tmp_path, monkeypatch) -> None:
+    # Every signed SSH login attempt asks for the keys, on the reactor thread:
+    # an unauthenticated peer must not be able to make it re-read the file each time.
+    ops, other = host_key(str(tmp_path / "ops")), host_key(str(tmp_path / "other"))
+    path = tmp_path / "authorized_keys"
+    path.write_bytes(ops.public().toString("openssh") + b" ops@example\n")
+    reads: list[str] = []
+    real = manhole._read_keys
+    monkeypatch.setattr(manhole, "_read_keys", lambda p: reads.append(p) or real(p))
+    db = manhole.AuthorizedKeysFile(str(path))
+    for _ in range(50):
+        assert db.getAuthorizedKeys(b"anyone") == [ops.public()]
+    assert len(reads) == 1
+    # An edit takes effect at the next attempt: the old key is refused from then on.
+    path.write_bytes(other.public().toString("openssh") + b" someone-else@example\n")
+    assert db.getAuthorizedKeys(b"anyone") == [other.public()]
+    assert db.getAuthorizedKeys(b"anyone") == [other.public()]
+    assert len(reads) == 2
+    # So does a replacement by rename (as editors and config tools do), even at the same size.
+    new = tmp_path / "authorized_keys.new"
+    new.write_bytes(ops.public().toString("openssh") + b" someone-else@example\n")
+    os.replace(new, path)
+    assert db.getAuthorizedKeys(b"anyone") == [ops.public()]
+    assert len(reads) == 3
+    # A file that goes away lets nobody in, and is logged once, not at every attempt.
+    path.unlink()
+    errors: list[dict] = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        assert db.getAuthorizedKeys(b"anyone") == []
+        assert db.getAuthorizedKeys(b"anyone") == []
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert len([e for e in errors if e.get("log_namespace") == "chatd.manhole"]) == 1
