@@ -300,36 +300,89 @@ async def test_configured_origins(start) -> None:
     await deferToThread(scenario)
 
 
-def _stalled_websocket(port: int) -> socket.socket:
-    """A raw client that completes the handshake, joins, then never reads again."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    s.sendall(
-        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        response += s.recv(1)
-    assert b" 101 " in response
-    payload = json.dumps({"type": "join", "room": "r", "user": "sloth"}).encode()
-    mask = b"\x01\x02\x03\x04"
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-    return s
+class _RawWebSocket:
+    """A hand-made client socket: it reads server frames only when the test says so."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self._buffer = b""
+        self.sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        while b"\r\n\r\n" not in self._buffer:
+            self._fill()
+        response, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        assert b" 101 " in response.split(b"\r\n")[0]
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError("the server closed the TCP connection")
+        self._buffer += chunk
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def send_json(self, body: dict) -> None:
+        payload = json.dumps(body).encode()
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    def read_frame(self) -> tuple[int, bytes]:
+        """The next server frame (unmasked): its opcode and payload."""
+        first, second = self._take(2)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._take(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._take(8), "big")
+        return first & 0x0F, self._take(n)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _stalled_websocket(port: int) -> _RawWebSocket:
+    """A raw client that completes the handshake, joins ``r`` as sloth, then stops reading."""
+    s = _RawWebSocket(port)
+    s.send_json({"type": "join", "room": "r", "user": "sloth"})
+    while True:
+        opcode, payload = s.read_frame()
+        if opcode == 0x1 and json.loads(payload)["type"] == "joined":
+            assert json.loads(payload)["members"] == ["sloth"]
+            return s
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_slow_reader_is_closed_and_the_room_carries_on(start) -> None:
     running = await start("--write-buffer-size", "262144", "--max-message-rate", "0")
     big = "x" * 4000
+    slow_metric = ("chatd_sessions_closed_slow_total", (("protocol", "websocket"),))
 
     def scenario():
-        slow = _stalled_websocket(running.ports["ws"])
+        assert _scrape(running.http_url + "/metrics")[slow_metric] == 0
+        slow = _stalled_websocket(running.ports["ws"])  # in the room: its join was answered
         try:
             with Client(running.ws_url) as sender, Client(running.ws_url) as reader:
-                sender.join("r", "sender")
+                assert sender.join("r", "sender")["members"] == ["sloth", "sender"]
                 reader.join("r", "reader")
                 count = 0
                 while "sloth" in on_reactor(running.hub.members, "r"):
@@ -339,11 +392,21 @@ async def test_a_slow_reader_is_closed_and_the_room_carries_on(start) -> None:
                         count += 1
                     for _ in range(20):
                         sender.recv_type("message")
+                # What the slow reader finally reads ends with a 1008 close frame
+                # (read now: the server drops it unread after its close timeout).
+                while True:
+                    opcode, payload = slow.read_frame()
+                    if opcode == 0x8:
+                        break
+                assert int.from_bytes(payload[:2], "big") == 1008
+                assert payload[2:].decode().startswith("too slow")
                 for _ in range(count):
                     assert reader.recv_type("message")["message"] == big
                 assert_silent(reader)
+                assert sender.join("r", "sender")["members"] == ["sender", "reader"]
         finally:
             slow.close()
+        assert _scrape(running.http_url + "/metrics")[slow_metric] == 1
 
     await deferToThread(scenario)
 
