@@ -129,9 +129,34 @@ def test_handshake_timeout(clock, hub):
     assert t.closed and conn.state == CLOSED
 
 
-def test_bad_user_query_fails_the_handshake(clock, hub):
+def test_no_user_query_joins_as_a_guest(clock, hub):
     conn, t, _ = open_connection(clock, hub, user=None)
     assert hub.members("general") == [f"guest-{next(iter(hub.sessions.values())).id}"]
+
+
+def test_bad_user_query_fails_the_handshake(clock, hub):
+    """The chat hub refuses the user (ChatError from the dispatcher factory): a handshake error, nothing kept."""
+    conn, t, closed = open_connection(clock, hub, user="no spaces\nor newlines")
+    (response,) = t.written
+    assert response.startswith(b'{"error":"invalid user name') and response.endswith(b"\x1e")
+    assert t.closed and conn.state == CLOSED and closed == [conn]
+    assert conn.dispatcher is None and not hub.sessions and hub.members("general") == []
+    assert clock.getDelayedCalls() == []
+
+
+def test_full_hub_fails_the_handshake(clock):
+    hub = Hub(clock, max_connections=1)
+    open_connection(clock, hub, user="ada")
+    conn, t, closed = open_connection(clock, hub, user="bob")
+    assert t.written == [b'{"error":"server full: 1 connections open, try again later"}\x1e']
+    assert t.closed and closed == [conn] and hub.members("general") == ["ada"]
+
+
+def test_handshake_during_shutdown_is_refused(clock, hub):
+    hub.closing = True
+    conn, t, closed = open_connection(clock, hub)
+    assert t.written == [b'{"error":"server shutting down, try again shortly"}\x1e']
+    assert t.closed and closed == [conn] and not hub.sessions
 
 
 # -- keep-alive and timeouts -----------------------------------------------------------
@@ -543,3 +568,40 @@ def test_handshake_errors_are_logged_escaped(clock, hub, log_lines):
     conn, t, _ = open_connection(clock, hub, handshake=handshake)
     assert conn.state == CLOSED
     assert_one_line_each(log_lines, "bye\\nchatd.hub")
+
+
+# -- slow clients ---------------------------------------------------------------------
+
+
+def slow_closes(hub) -> float:
+    return hub.metrics.registry.get_sample_value("chatd_sessions_closed_slow_total", {"protocol": "signalr"}) or 0
+
+
+def test_detached_connection_is_closed_past_the_write_limit_and_others_carry_on(clock, hub):
+    watcher, wt, _ = open_connection(clock, hub, user="bob")
+    conn, t, closed = open_connection(
+        clock, hub, handshake=HANDSHAKE_V2, stateful_allowed=True, options={"write_limit": 2000}
+    )
+    conn.transport_lost(t)
+    assert conn.state == DETACHED
+    for i in range(40):
+        hub.publish("general", "eve", f"message {i:03d} " + "x" * 40, "websocket")
+        if conn.state == CLOSED:
+            break
+    assert conn.state == CLOSED and closed == [conn] and i < 39
+    assert conn.close_error == "too slow: more than 2000 bytes not acknowledged"
+    assert slow_closes(hub) == 1
+    assert hub.members("general") == ["bob"]
+    wt.take()
+    hub.publish("general", "eve", "after", "websocket")
+    assert [m["arguments"][1] for m in wt.take() if m.get("target") == "ReceiveMessage"] == ["after"]
+    assert watcher.state == OPEN
+
+
+def test_pending_messages_without_a_transport_are_bounded(clock, hub):
+    conn, closed = bare_connection(clock, hub, write_limit=2000)
+    conn.data_received(HANDSHAKE)
+    for i in range(40):
+        hub.publish("general", "eve", f"message {i:03d} " + "x" * 40, "websocket")
+    assert conn.state == CLOSED and closed == [conn] and not hub.sessions
+    assert slow_closes(hub) == 1

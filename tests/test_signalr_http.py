@@ -1,12 +1,18 @@
-"""SignalR's HTTP edges over real sockets: what twisted.web does before a resource sees a request."""
+"""SignalR over real sockets: what twisted.web does before a resource sees a request,
+the skip-negotiation WebSocket path, and a WebSocket client that stops reading.
+"""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
+import os
+import socket
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
+from websockets.sync.client import connect
 
 HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
 
@@ -48,3 +54,128 @@ async def test_oversized_bodies_get_413_and_the_connection_carries_on(start):
 
     await deferToThread(scenario)
     assert [s.user for s in running.hub.sessions.values()] == ["ada"]
+
+
+# -- skipNegotiation: the WebSocket creates the connection ----------------------------------
+
+
+def _open_ws(url: str, **options):
+    """A websockets sync connection kept open past this call (blocking: run it in a thread)."""
+    return connect(url, open_timeout=10, **options).__enter__()
+
+
+def _skip_negotiation_handshake(url: str) -> tuple[str, bool]:
+    """Connect without negotiate, send the handshake: its response, and whether the server then closed."""
+    from websockets.exceptions import ConnectionClosed
+
+    with connect(url, open_timeout=10) as ws:
+        ws.send('{"protocol":"json","version":1}\x1e')
+        response = ws.recv(timeout=10)
+        try:
+            ws.recv(timeout=10)
+        except ConnectionClosed:
+            return response, True
+        return response, False
+
+
+@pytest_twisted.ensureDeferred
+async def test_skip_negotiation_websocket_on_a_full_server_gets_a_handshake_error(start):
+    running = await start("--max-connections", "1")
+    url = running.url("signalr", "ws", "/signalr?user=late")
+    first = await deferToThread(_open_ws, running.url("signalr", "ws", "/signalr?user=first"))
+    try:
+        await deferToThread(first.send, '{"protocol":"json","version":1}\x1e')
+        assert await deferToThread(first.recv, 10) == "{}\x1e"
+        response, closed = await deferToThread(_skip_negotiation_handshake, url)
+        assert response == '{"error":"server full: 1 connections open, try again later"}\x1e' and closed
+        assert [s.user for s in running.hub.sessions.values()] == ["first"]
+        manager = running.service.getServiceNamed("signalr").factory.manager
+        assert len(manager.connections) == 1  # the refused one is forgotten
+    finally:
+        await deferToThread(first.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_skip_negotiation_websocket_during_shutdown_gets_a_handshake_error(start):
+    running = await start()
+    running.hub.closing = True  # what stopService sets first
+    url = running.url("signalr", "ws", "/signalr?user=late")
+    response, closed = await deferToThread(_skip_negotiation_handshake, url)
+    assert response == '{"error":"server shutting down, try again shortly"}\x1e' and closed
+    assert not running.hub.sessions
+    assert not running.service.getServiceNamed("signalr").factory.manager.connections
+
+
+# -- a WebSocket client that stops reading ----------------------------------------------------
+
+
+class _NonReader:
+    """A SignalR WebSocket client over a raw socket that, once open, never reads again."""
+
+    def __init__(self, port: int, user: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /signalr?user={user} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += self.sock.recv(1)
+        assert received.startswith(b"HTTP/1.1 101"), received
+        self._send_text(b'{"protocol":"json","version":1}\x1e')
+        while b"{}\x1e" not in received:  # open: from here on, nothing is read
+            received += self.sock.recv(1)
+
+    def _send_text(self, payload: bytes) -> None:
+        mask = os.urandom(4)
+        assert len(payload) < 126
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_client_that_stops_reading_is_closed_and_others_carry_on(start):
+    limit = 256 * 1024
+    running = await start("--write-buffer-size", str(limit), "--max-message-rate", "0")
+    hub = running.hub
+    port = running.ports["signalr"]
+    slow = await deferToThread(_NonReader, port, "slow")
+    good = await deferToThread(_open_ws, running.url("signalr", "ws", "/signalr?user=good"), max_queue=None)
+    try:
+        await deferToThread(good.send, '{"protocol":"json","version":1}\x1e')
+        assert await deferToThread(good.recv, 10) == "{}\x1e"
+        (slow_session,) = [s for s in hub.sessions.values() if s.user == "slow"]
+
+        def read_until(text: str) -> None:
+            while True:
+                for raw in good.recv(timeout=10).split("\x1e"):
+                    if raw and json.loads(raw).get("arguments", [None, None])[1] == text:
+                        return
+
+        text = "x" * 4000
+        batches = 0
+        # Batches the good client reads before the next is sent; the slow one's kernel
+        # buffers fill, then its send budget, within a few megabytes.
+        while slow_session.id in hub.sessions:
+            batches += 1
+            assert batches < 1000, "the client that does not read was never closed"
+            for _ in range(15):
+                hub.publish("general", "eve", text, "websocket")
+            hub.publish("general", "eve", f"mark {batches}", "websocket")
+            await deferToThread(read_until, f"mark {batches}")
+        assert slow_session.connection.close_error == f"too slow: more than {limit} bytes waiting to be sent"
+        registry = hub.metrics.registry
+        assert registry.get_sample_value("chatd_sessions_closed_slow_total", {"protocol": "signalr"}) == 1
+        hub.publish("general", "eve", "after", "websocket")
+        await deferToThread(read_until, "after")
+        assert [s.user for s in hub.sessions.values()] == ["good"]
+    finally:
+        await deferToThread(good.close)
+        slow.close()

@@ -318,3 +318,48 @@ def test_posts_waiting_on_one_connection_are_bounded(server):
     assert all(r.finished and r.responseCode in (None, 200) for r in waiting)
     assert not server.manager.inboxes
     assert server.request(b"POST", b"/signalr", {"id": token}, b'{"type":6}\x1e').responseCode in (None, 200)
+
+
+# -- slow clients -----------------------------------------------------------------------
+
+
+def slow_closes(server) -> float:
+    registry = server.hub.metrics.registry
+    return registry.get_sample_value("chatd_sessions_closed_slow_total", {"protocol": "signalr"}) or 0
+
+
+def test_event_stream_that_cannot_keep_up_is_closed_and_others_carry_on():
+    server = Server(write_limit=4096)
+    _, good = sse_connection(server, user="good")
+    _, slow = sse_connection(server, user="slow")
+    slow.producer.pauseProducing()  # what twisted.web does when the socket's buffer is full
+    for i in range(100):
+        server.hub.publish("general", "eve", f"message {i:03d} " + "x" * 100, "websocket")
+        if slow.finished:
+            break
+    assert slow.finished and i < 99
+    assert [s.user for s in server.hub.sessions.values()] == ["good"]
+    assert slow_closes(server) == 1
+    server.hub.publish("general", "eve", "after", "websocket")
+    received = [m["arguments"][1] for m in sse_messages(good) if m.get("target") == "ReceiveMessage"]
+    assert received[-1] == "after" and len(received) == i + 2
+    assert not good.finished
+
+
+def test_long_polling_client_that_does_not_poll_is_closed_and_others_carry_on():
+    server = Server(write_limit=4096)
+    _, good = sse_connection(server, user="good")
+    token = long_poll_connection(server, user="slow")
+    for i in range(100):
+        server.hub.publish("general", "eve", f"message {i:03d} " + "x" * 100, "websocket")
+        if len(server.hub.sessions) == 1:
+            break
+    assert i < 99 and [s.user for s in server.hub.sessions.values()] == ["good"]
+    assert slow_closes(server) == 1
+    # The client's next poll is told why, the one after that to stop.
+    (close,) = messages(server.request(b"GET", b"/signalr", {"id": token}))
+    assert close == {"type": p.CLOSE, "error": "too slow: more than 4096 bytes not polled"}
+    assert server.request(b"GET", b"/signalr", {"id": token}).responseCode == 204
+    assert token not in server.manager.connections
+    server.hub.publish("general", "eve", "after", "websocket")
+    assert sse_messages(good)[-1]["arguments"][1] == "after" and not good.finished
