@@ -516,3 +516,42 @@ def test_a_chat_call_joins_sends_and_leaves_through_the_reactor(hub, reactor) ->
     assert kinds == ["presence", "joined", "message", "left"]
     assert [e.text for e in other.events if e.kind == "message"] == ["hi"]
     assert [s for s in hub.sessions.values() if s.protocol == "grpc"] == []
+
+
+# -- kept messages hold no protobuf copies --------------------------------------
+
+
+def kept_encodings(hub: Any, room: str = "lobby") -> list[Any]:
+    return [m._encoded for m in hub.history_store.since(room, 0)]
+
+
+def test_a_message_sent_over_grpc_keeps_no_encodings_once_acknowledged(hub, reactor) -> None:
+    stream_session(hub, reactor, "watcher")  # a gRPC recipient, so the fan-out encodes
+    servicer = ChatServicer(hub, reactor)
+    request = pb.MessageRequest(user="alice", message="hello", room="lobby")
+    reply = pb.MessageResponse.FromString(in_worker(reactor, servicer.SendMessage, request, FakeContext()))
+    assert (reply.seq, reply.message) == (1, "hello")
+    assert kept_encodings(hub) == [None]
+
+
+def test_a_stream_messages_replay_leaves_no_encodings_on_kept_messages(hub, reactor) -> None:
+    for i in range(3):
+        hub.publish("lobby", "bob", f"m{i}", "websocket")
+    servicer = ChatServicer(hub, reactor)
+    calls = servicer.StreamMessages(pb.StreamRequest(room="lobby", user="ivy", since_seq=0), FakeContext())
+    first = in_worker(reactor, next, calls)  # the join, with its replay, runs on the reactor
+    assert pb.MessageResponse.FromString(first).seq == 1
+    assert kept_encodings(hub) == [None, None, None]
+    calls.close()
+
+
+def test_a_chat_join_replay_leaves_no_encodings_on_kept_messages(hub, reactor) -> None:
+    for i in range(3):
+        hub.publish("lobby", "bob", f"m{i}", "websocket")
+    session = GrpcSession(hub, reactor, "peer", 20, chat=True)
+    hub.connect(session)
+    chat(ChatServicer(hub, reactor), session, "j", join=pb.Join(room="lobby", user="hana", since_seq=0))
+    session.going_away("bye")
+    sent, _ = drain(session)
+    assert [pb.ChatEvent.FromString(d).message.seq for d in sent[:3]] == [1, 2, 3]
+    assert kept_encodings(hub) == [None, None, None]

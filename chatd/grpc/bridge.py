@@ -130,6 +130,7 @@ class GrpcSession(Session):
         self._lock = threading.Lock()
         self._ended = False
         self._last_seq: dict[str, int] = {}
+        self._replaying = False
 
     @property
     def ended(self) -> bool:
@@ -138,10 +139,26 @@ class GrpcSession(Session):
     # -- reactor thread ----------------------------------------------------
 
     def deliver(self, event: Event) -> None:
-        wire = event.encoded(PROTOCOL, encode)
+        # A replay hands kept messages to this session alone: caching their
+        # encodings would only leave protobuf copies on every kept message.
+        wire = encode(event) if self._replaying else event.encoded(PROTOCOL, encode)
         data = wire.chat if self.chat else wire.stream
         if data is not None and self.put(data) and isinstance(event, Message):
             self._last_seq[event.room] = event.seq
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Deliveries in this block replay history to this session only (see :meth:`deliver`).
+
+        ``Hub.join`` with ``since_seq`` delivers the kept messages straight to
+        the joining session; wrap the join in this so they are encoded without
+        being cached on the stored message.
+        """
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
 
     def put(self, data: bytes) -> bool:
         """Queue ``data`` for the client; past the limit the stream is ended instead."""
@@ -210,11 +227,19 @@ class GrpcSession(Session):
 # -- Chat client events: run on the reactor, return the reply or None ----------
 
 
-def _chat_join(hub: Hub, session: Session, join: pb.Join) -> pb.ChatEvent:
+def join_room(hub: Hub, session: GrpcSession, room: str, since_seq: int | None) -> list[str]:
+    """``hub.join`` for a gRPC stream: a ``since_seq`` replay leaves no encodings on kept messages."""
+    if since_seq is None:
+        return hub.join(session, room)
+    with session.replaying():
+        return hub.join(session, room, since_seq=since_seq)
+
+
+def _chat_join(hub: Hub, session: GrpcSession, join: pb.Join) -> pb.ChatEvent:
     room = validate.room(join.room)
     hub.identify(session, join.user or session.user or "")
     since = validate.since_seq(join.since_seq) if join.HasField("since_seq") else None
-    members = hub.join(session, room, since_seq=since)
+    members = join_room(hub, session, room, since)
     return pb.ChatEvent(joined=pb.Joined(room=room, user=session.user, members=members))
 
 
@@ -230,7 +255,7 @@ def _chat_send(hub: Hub, session: Session, send: pb.Send) -> None:
     hub.publish(room, session.user, send.message, PROTOCOL)
 
 
-_CHAT_REQUESTS: dict[str, Callable[[Hub, Session, Any], pb.ChatEvent | None]] = {
+_CHAT_REQUESTS: dict[str, Callable[[Hub, GrpcSession, Any], pb.ChatEvent | None]] = {
     "join": _chat_join,
     "leave": _chat_leave,
     "send": _chat_send,
@@ -262,7 +287,10 @@ class ChatServicer:
 
     def _publish(self, request: pb.MessageRequest) -> bytes:
         message = self.hub.publish(request.room, request.user, request.message, PROTOCOL)
-        return message.encoded(PROTOCOL, encode).stream  # type: ignore[return-value]
+        # Not ``message.encoded``: the fan-out (done by now, or later through a
+        # broker) manages that cache; caching here would keep the reply's
+        # bytes on the stored message for as long as it is kept.
+        return message_response(message).SerializeToString()
 
     def GetStats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         return stats_response(self._on_reactor(self.hub.stats))
@@ -323,7 +351,7 @@ class ChatServicer:
             room = validate.room(request.room)
             self.hub.identify(session, request.user)
             since = validate.since_seq(request.since_seq) if request.HasField("since_seq") else None
-            self.hub.join(session, room, since_seq=since)
+            join_room(self.hub, session, room, since)
 
         with self._stream_slot(context):
             session = self._open(context, False, join)
