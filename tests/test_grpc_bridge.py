@@ -18,7 +18,9 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health
 from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
 
 from chatd.events import Event
 from chatd.grpc import bridge
@@ -36,6 +38,7 @@ class ThreadedFakeReactor(Clock):
         super().__init__()
         self._calls: deque[tuple[Any, tuple, dict]] = deque()
         self._cond = threading.Condition()
+        self._pool: ThreadPool | None = None
 
     def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
         with self._cond:
@@ -74,6 +77,17 @@ class ThreadedFakeReactor(Clock):
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def getThreadPool(self) -> ThreadPool:
+        """A real pool, as ``deferToThreadPool`` needs; its results still wait for :meth:`run_next`."""
+        if self._pool is None:
+            self._pool = ThreadPool(1, 2, "fake-reactor")
+            self._pool.start()
+        return self._pool
+
+    def stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
 
 
 class ReactorOnlyHub:
@@ -185,8 +199,10 @@ class Recorder(Session):
 
 
 @pytest.fixture
-def reactor() -> ThreadedFakeReactor:
-    return ThreadedFakeReactor()
+def reactor() -> Iterator[ThreadedFakeReactor]:
+    reactor = ThreadedFakeReactor()
+    yield reactor
+    reactor.stop_pool()
 
 
 def reactor_only(hub: Hub) -> Iterator[ReactorOnlyHub]:
@@ -402,9 +418,11 @@ def test_health_follows_the_hub_and_goes_not_serving_when_it_stops_accepting(hub
     service = GrpcService(hub, reactor, "127.0.0.1:0")
     check = health_pb2.HealthCheckRequest(service="chat.ChatService")
     service._follow_hub()
+    reactor.run_next()  # the update, made on the health thread, is done
     assert service.health.Check(check, FakeContext()).status == health_pb2.HealthCheckResponse.SERVING
     hub.accepting = False  # what the drain does first
     service._follow_hub()
+    reactor.run_next()
     assert service.health.Check(check, FakeContext()).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -555,3 +573,78 @@ def test_a_chat_join_replay_leaves_no_encodings_on_kept_messages(hub, reactor) -
     sent, _ = drain(session)
     assert [pb.ChatEvent.FromString(d).message.seq for d in sent[:3]] == [1, 2, 3]
     assert kept_encodings(hub) == [None, None, None]
+
+
+# -- nothing grpcio may block in runs on the reactor -----------------------------
+
+
+class StuckHealth(health.HealthServicer):
+    """grpcio's HealthServicer as a Watch client that stopped reading makes it.
+
+    grpcio sends each status change to every watcher from the thread that
+    makes the change and waits until it is sent, so each change here blocks
+    until ``release`` (bounded, so a regression fails instead of hanging).
+    On the reactor thread it would freeze the daemon: there it only records
+    the call and returns, so the test can say where it ran.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reactor_thread = threading.current_thread()
+        self.calls: list[tuple[str, bool]] = []  # (method, ran on the reactor thread)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def set(self, service: str, status: int) -> None:
+        self._stall("set")
+
+    def enter_graceful_shutdown(self) -> None:
+        self._stall("enter_graceful_shutdown")
+
+    def _stall(self, method: str) -> None:
+        on_reactor = threading.current_thread() is self.reactor_thread
+        self.calls.append((method, on_reactor))
+        self.entered.set()
+        if not on_reactor:
+            self.release.wait(10)
+
+
+def test_health_updates_run_off_the_reactor_which_keeps_turning_while_one_is_stuck(hub, reactor) -> None:
+    service = GrpcService(hub, reactor, "127.0.0.1:0")
+    health = service.health = StuckHealth()
+    service._follow_hub()  # returns although the update is stuck
+    assert health.entered.wait(10)
+    assert health.calls == [("set", False)]
+
+    # The reactor goes on meanwhile: the hub takes messages, timers fire.
+    other = member(hub, "bob")
+    hub.publish("lobby", "bob", "still here", "websocket")
+    assert [e.text for e in other.events if e.kind == "message"] == ["still here"]
+    hub.accepting = False
+    reactor.advance(service.health_interval)  # no loop running: _follow_hub by hand
+    service._follow_hub()  # NOT_SERVING queues behind the stuck update, in order
+
+    health.release.set()
+    reactor.run_next()  # SERVING's update reports back to the reactor
+    reactor.run_next()  # then NOT_SERVING's
+    assert health.calls == [("set", False)] * 4
+
+
+def test_stop_service_completes_while_a_health_update_is_stuck(hub, reactor) -> None:
+    service = GrpcService(hub, reactor, "127.0.0.1:0", grace=0.5)
+    health = service.health = StuckHealth()
+    service.startService()  # a real grpcio server on a free port; its SERVING update sticks
+    assert health.entered.wait(10)
+    stream = stream_session(hub, reactor, "sam")
+
+    stopped = service.stopService()  # NOT_SERVING queues behind the stuck update
+    assert health.calls == [("set", False)]
+    assert stream.ended and stream.close_reason is not None  # streams are told at once
+    results: list[Any] = []
+    stopped.addBoth(results.append)
+    reactor.run_until(lambda: bool(results))  # the server's stop, waited for off the reactor
+    assert results == [None]
+
+    health.release.set()  # the client is gone: the queued updates go out, in order
+    reactor.run_until(lambda: len(health.calls) == 3)
+    assert health.calls == [("set", False), ("set", False), ("enter_graceful_shutdown", False)]

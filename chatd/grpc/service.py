@@ -9,7 +9,10 @@ it with the tree, and stops it on shutdown without blocking the reactor.
 from __future__ import annotations
 
 import os
+import queue
 import re
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,6 +23,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from chatd.grpc.bridge import SERVICE_NAME, ChatServicer, GrpcSession, method_handlers
 from chatd.hub import Hub
@@ -77,6 +81,54 @@ def from_options(hub: Hub, options: Any, reactor: Any) -> GrpcService:
     )
 
 
+class _OneThread:
+    """Runs calls in order on one daemon thread of its own, for work that may block.
+
+    grpcio's health servicer sends a status change to every ``Watch`` client
+    from the thread that makes the change, and waits until each message is
+    sent: a client that stops reading (stopped, or its connection's window
+    full) holds that thread until it dies or the server cancels its call. So
+    health changes never run on the reactor; one thread keeps them in order.
+    A daemon thread cannot hold up the process's exit. Each call's outcome
+    comes back to the reactor as a Deferred.
+    """
+
+    def __init__(self, reactor: Any, name: str) -> None:
+        self._reactor = reactor
+        self._name = name
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, defer.Deferred] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Queue ``f(*args)``; the Deferred fires on the reactor once it has run."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        d: defer.Deferred = defer.Deferred()
+        self._calls.put((f, args, d))
+        return d
+
+    def close(self) -> None:
+        """Let the thread end once the calls queued so far have run."""
+        if self._thread is not None:
+            self._calls.put(None)
+            self._thread = None
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            f, args, d = call
+            try:
+                result = f(*args)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)
+
+
+def _log_failure(failure: Failure, what: str) -> None:
+    log.failure("gRPC {what} failed", failure, what=what)
+
+
 class GrpcService(Service):
     """Runs ``chat.ChatService``, health and reflection on one grpcio server.
 
@@ -115,6 +167,7 @@ class GrpcService(Service):
         self._server: grpc.Server | None = None
         self._health_loop: task.LoopingCall | None = None
         self._serving: bool | None = None
+        self._health_calls = _OneThread(reactor, "grpc-health")
 
     def _build(self) -> None:
         server = grpc.server(
@@ -177,8 +230,14 @@ class GrpcService(Service):
             return
         self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        done = self._health_calls.run(self._set_health, self.health, status)
+        done.addErrback(_log_failure, "health update")
+
+    @staticmethod
+    def _set_health(servicer: health.HealthServicer, status: int) -> None:
+        """On the health thread: may block while a ``Watch`` client does not read."""
         for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+            servicer.set(name, status)
 
     def whenListening(self) -> defer.Deferred:
         """A Deferred firing with the bound port number."""
@@ -193,11 +252,20 @@ class GrpcService(Service):
             return None
         if self._health_loop is not None and self._health_loop.running:
             self._health_loop.stop()
-        self.health.enter_graceful_shutdown()
+        # NOT_SERVING goes out on the health thread, after any update still
+        # queued; the stop below does not wait for it: a stuck Watch client is
+        # released when the server cancels the calls left after ``grace``.
+        self._health_calls.run(self.health.enter_graceful_shutdown).addErrback(_log_failure, "health shutdown")
+        self._health_calls.close()
+        self._health_calls = _OneThread(self.reactor, "grpc-health")  # should the service start again
         for session in list(self.hub.sessions.values()):
             if isinstance(session, GrpcSession):
                 session.going_away(SHUTDOWN_REASON)
-        # stop() returns at once; the event is set when the last call is done
-        # (or ``grace`` seconds have passed). Wait for it off the reactor.
-        done = server.stop(self.grace)
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), done.wait)
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._stop_server, server)
+
+    def _stop_server(self, server: grpc.Server) -> None:
+        """In a pool thread: stop and wait until the last call is done (or ``grace`` has passed).
+
+        ``Server.stop`` takes grpcio's server lock, so even it stays off the reactor.
+        """
+        server.stop(self.grace).wait()
