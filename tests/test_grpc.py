@@ -16,6 +16,7 @@ import grpc
 import pytest
 import pytest_twisted
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
@@ -286,6 +287,61 @@ async def test_streams_past_the_limit_are_refused_with_resource_exhausted(start)
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "2 gRPC streams open" in error.details()
     assert reply.seq == 1
+
+
+class ReflectionCall:
+    """A ``ServerReflectionInfo`` stream kept open, as grpcurl or a GUI client holds one."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._out: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+        stub_ = reflection_pb2_grpc.ServerReflectionStub(channel)
+        self.call = stub_.ServerReflectionInfo(iter(self._out.get, None), timeout=TIMEOUT * 2)
+
+    def list_services(self) -> list[str]:
+        self._out.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+        return [s.name for s in next(self.call).list_services_response.service]
+
+    def close(self) -> None:
+        self._out.put(None)
+        self.call.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_long_lived_call_counts_against_the_stream_limit_and_unary_calls_keep_working(start) -> None:
+    running = await start("--grpc-workers", "4", "--grpc-max-streams", "2")
+
+    def scenario() -> dict[str, Any]:
+        with grpc.insecure_channel(running.grpc_target) as channel:
+            held = [ReflectionCall(channel) for _ in range(2)]
+            listed = [call.list_services() for call in held]  # both streams are open on the server
+            refused: dict[str, grpc.RpcError] = {}
+            extra = ReflectionCall(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                extra.list_services()
+            refused["reflection"] = info.value
+            extra.close()
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+            with pytest.raises(grpc.RpcError) as info:
+                next(watch)
+            refused["watch"] = info.value
+            call = stub(channel).StreamMessages(pb.StreamRequest(room="lobby", user="sam"), timeout=TIMEOUT)
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)
+            refused["stream"] = info.value
+            # Workers past the stream limit are kept for unary calls.
+            replies = [send(channel, "lobby", "alice", f"m{i}") for i in range(3)]
+            stats = stub(channel).GetStats(pb.StatsRequest(), timeout=TIMEOUT)
+            for call_ in held:
+                call_.close()
+            return {"listed": listed, "refused": refused, "replies": replies, "stats": stats}
+
+    r = await deferToThread(scenario)
+    assert all("chat.ChatService" in services for services in r["listed"])
+    for kind, error in r["refused"].items():
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, kind
+        assert error.details() == "server full: 2 gRPC streams open, try again later", kind
+    assert [reply.seq for reply in r["replies"]] == [1, 2, 3]
+    assert r["stats"].messages_total == 3
 
 
 @pytest_twisted.ensureDeferred

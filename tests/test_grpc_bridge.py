@@ -27,6 +27,7 @@ from chatd.grpc import bridge
 from chatd.grpc.bridge import ChatServicer, GrpcSession
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.service import GrpcService
+from chatd.grpc.streams import StreamLimit
 from chatd.hub import Hub, Session
 from chatd.validate import Limits
 
@@ -315,7 +316,7 @@ def test_each_event_is_encoded_once_for_every_grpc_recipient(hub, reactor) -> No
 def test_stream_messages_call_joins_on_the_reactor_and_replays_since_seq(hub, reactor) -> None:
     for i in range(4):
         hub.publish("lobby", "bob", f"m{i}", "websocket")
-    servicer = ChatServicer(hub, reactor, queue_size=10, max_streams=5)
+    servicer = ChatServicer(hub, reactor, queue_size=10)
     context = FakeContext()
     request = pb.StreamRequest(room="lobby", user="frank", since_seq=2)
     calls = servicer.StreamMessages(request, context)
@@ -339,7 +340,6 @@ def test_stream_messages_call_joins_on_the_reactor_and_replays_since_seq(hub, re
     thread.join(10)
     assert not thread.is_alive()
     assert received[-1] == 5
-    assert servicer.streams == 0
     reactor.run_pending()
     assert hub.members("lobby") == []
 
@@ -356,7 +356,6 @@ def test_bad_stream_request_aborts_with_invalid_argument_and_leaves_nothing(hub,
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
     assert error.details.startswith("invalid room name")
     assert hub.sessions == {}
-    assert servicer.streams == 0
 
 
 def _first_error(calls: Any) -> Aborted | None:
@@ -367,11 +366,67 @@ def _first_error(calls: Any) -> Aborted | None:
     return None
 
 
-def test_too_many_streams_are_refused_with_resource_exhausted(hub, reactor) -> None:
-    servicer = ChatServicer(hub, reactor, max_streams=0)
-    error = _first_error(servicer.StreamMessages(pb.StreamRequest(room="r", user="u"), FakeContext()))
+def intercepted(limit: StreamLimit, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    return limit.intercept_service(lambda details: handler, None)
+
+
+def test_the_stream_limit_counts_streams_until_they_end_and_refuses_one_past_it() -> None:
+    refused: list[str] = []
+    limit = StreamLimit(2, on_refused=lambda: refused.append("x"))
+
+    def numbers(request: Any, context: Any) -> Iterator[int]:
+        yield from range(3)
+
+    handler = intercepted(limit, grpc.unary_stream_rpc_method_handler(numbers))
+    first, second = (handler.unary_stream(None, FakeContext()) for _ in range(2))
+    assert (next(first), next(second)) == (0, 0)  # both started: two slots taken
+    assert limit.open == 2
+    error = _first_error(handler.unary_stream(None, FakeContext()))
     assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert reactor.pending == 0
+    assert error.details == "server full: 2 gRPC streams open, try again later"
+    assert refused == ["x"]
+    assert list(first) == [1, 2]  # done: its slot is free again
+    second.close()  # cancelled: grpcio drops the generator
+    assert limit.open == 0
+
+
+def test_the_stream_limit_counts_callback_style_streams_until_the_call_ends() -> None:
+    limit = StreamLimit(1)
+    sent: list[Any] = []
+
+    def watch(request: Any, context: Any, send_response_callback: Any = None) -> None:
+        send_response_callback("status")
+
+    watch.experimental_non_blocking = True  # as grpcio's health Watch is
+    handler = intercepted(limit, grpc.unary_stream_rpc_method_handler(watch))
+    assert handler.unary_stream.experimental_non_blocking
+    context = FakeContext()
+    handler.unary_stream(None, context, sent.append)
+    assert (sent, limit.open) == (["status"], 1)  # the handler returned; the call goes on
+    with pytest.raises(Aborted):
+        handler.unary_stream(None, FakeContext(), sent.append)
+    context.end()
+    assert limit.open == 0
+
+
+def test_the_stream_limit_leaves_unary_calls_alone() -> None:
+    limit = StreamLimit(0)
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: "ok")
+    assert intercepted(limit, handler) is handler
+    assert limit.open == 0
+
+
+def test_chat_streams_are_counted_by_the_one_stream_limit(hub, reactor) -> None:
+    limit = StreamLimit(0)
+    handlers = {name: intercepted(limit, h) for name, h in bridge.method_handlers(ChatServicer(hub, reactor)).items()}
+    for call in (
+        handlers["StreamMessages"].unary_stream(pb.StreamRequest(room="r", user="u"), FakeContext()),
+        handlers["Chat"].stream_stream(iter(()), FakeContext()),
+    ):
+        error = _first_error(call)
+        assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reactor.pending == 0  # refused before reaching the hub
+    assert hub.sessions == {}
 
 
 def chat(servicer: ChatServicer, session: GrpcSession, ref: str = "", **event: Any) -> None:

@@ -17,7 +17,9 @@ reactor thread. The rules that keep the two apart:
 
 Unary calls (``SendMessage``, ``GetStats``) hold a worker for one reactor
 round trip. A stream holds one worker for its lifetime; ``Chat`` also holds a
-reader thread that feeds client events to the reactor one at a time.
+reader thread that feeds client events to the reactor one at a time. How many
+streams may be open is not counted here but in
+:class:`chatd.grpc.streams.StreamLimit`, which sees every service's streams.
 """
 
 from __future__ import annotations
@@ -265,13 +267,10 @@ _CHAT_REQUESTS: dict[str, Callable[[Hub, GrpcSession, Any], pb.ChatEvent | None]
 class ChatServicer:
     """``chat.ChatService``: every method runs on a grpcio worker thread."""
 
-    def __init__(self, hub: Hub, reactor: Any, queue_size: int = 1000, max_streams: int = 1000) -> None:
+    def __init__(self, hub: Hub, reactor: Any, queue_size: int = 1000) -> None:
         self.hub = hub
         self.reactor = reactor
         self.queue_size = queue_size
-        self.max_streams = max_streams
-        self.streams = 0
-        self._lock = threading.Lock()
 
     def _on_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
         return blockingCallFromThread(self.reactor, f, *args)
@@ -296,23 +295,6 @@ class ChatServicer:
         return stats_response(self._on_reactor(self.hub.stats))
 
     # -- streams -------------------------------------------------------------
-
-    @contextmanager
-    def _stream_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
-        with self._lock:
-            full = self.streams >= self.max_streams
-            if not full:
-                self.streams += 1
-        if full:
-            context.abort(
-                Code.RESOURCE_EXHAUSTED,
-                f"server full: {self.max_streams} gRPC streams open, try again later",
-            )
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.streams -= 1
 
     def _open(
         self,
@@ -353,18 +335,16 @@ class ChatServicer:
             since = validate.since_seq(request.since_seq) if request.HasField("since_seq") else None
             join_room(self.hub, session, room, since)
 
-        with self._stream_slot(context):
-            session = self._open(context, False, join)
-            yield from session.drain(context)
+        session = self._open(context, False, join)
+        yield from session.drain(context)
 
     def Chat(self, requests: Iterable[pb.ChatEvent], context: grpc.ServicerContext) -> Iterator[bytes]:
-        with self._stream_slot(context):
-            session = self._open(context, True)
-            reader = threading.Thread(
-                target=self._read_chat, args=(session, requests), name=f"grpc-chat-{session.id}", daemon=True
-            )
-            reader.start()
-            yield from session.drain(context)
+        session = self._open(context, True)
+        reader = threading.Thread(
+            target=self._read_chat, args=(session, requests), name=f"grpc-chat-{session.id}", daemon=True
+        )
+        reader.start()
+        yield from session.drain(context)
 
     def _read_chat(self, session: GrpcSession, requests: Iterable[pb.ChatEvent]) -> None:
         """Feed the client's events to the reactor in order, one at a time."""

@@ -25,7 +25,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from chatd.grpc.bridge import SERVICE_NAME, ChatServicer, GrpcSession, method_handlers
+from chatd.grpc.bridge import PROTOCOL, SERVICE_NAME, ChatServicer, GrpcSession, method_handlers
+from chatd.grpc.streams import StreamLimit
 from chatd.hub import Hub
 
 log = Logger()
@@ -161,7 +162,9 @@ class GrpcService(Service):
         self.max_message_size = max_message_size
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.grace = grace
-        self.servicer = ChatServicer(hub, reactor, queue_size=queue_size, max_streams=max_streams)
+        self.servicer = ChatServicer(hub, reactor, queue_size=queue_size)
+        # Every streaming call of every service counts (hub.metrics is thread-safe).
+        self.streams = StreamLimit(max_streams, on_refused=lambda: hub.metrics.error("server_full", PROTOCOL))
         self.health = health.HealthServicer()
         self.port: int | None = None
         self._server: grpc.Server | None = None
@@ -174,6 +177,8 @@ class GrpcService(Service):
             ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="grpc"),
             # Past the pool, calls would wait for a thread forever: refuse them.
             maximum_concurrent_rpcs=self.workers,
+            # Streams may hold at most max_streams workers; the rest serve unary calls.
+            interceptors=(self.streams,),
             options=[
                 ("grpc.max_receive_message_length", self.max_message_size),
                 # Linux gRPC shares ports by default; a busy port must fail loudly.

@@ -1,0 +1,115 @@
+"""The one count of long-lived gRPC calls, against ``--grpc-max-streams``.
+
+Every call grpcio runs holds one of its ``--grpc-workers`` threads until the
+handler returns, and past ``maximum_concurrent_rpcs`` grpcio refuses calls.
+A streaming call can hold its worker for hours, so if streams could take
+every worker, ``SendMessage`` and ``GetStats`` (and health ``Check``) would
+be refused. :class:`StreamLimit` is a server interceptor that counts every
+call that streams either way, whatever its service — ``chat.ChatService``'s
+``StreamMessages`` and ``Chat``, reflection's ``ServerReflectionInfo``,
+health's ``Watch`` — and refuses one past the limit with
+``RESOURCE_EXHAUSTED``, so ``workers - max_streams`` workers stay free for
+unary calls.
+
+A call's slot is taken when its handler starts and given back when the
+handler is done (a blocking stream) or the call ends (a callback-style one,
+such as grpcio's health ``Watch``, which holds no worker between messages
+but is counted all the same, since each costs the server while it lasts).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+__all__ = ["StreamLimit"]
+
+
+class StreamLimit(grpc.ServerInterceptor):
+    """Refuses a streaming call past ``limit`` open at once; ``open`` is the count now."""
+
+    def __init__(self, limit: int, on_refused: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.open = 0
+        self._on_refused = on_refused
+        self._lock = threading.Lock()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        if handler.request_streaming and handler.response_streaming:
+            return handler._replace(stream_stream=self._counted(handler.stream_stream))
+        if handler.response_streaming:
+            return handler._replace(unary_stream=self._counted(handler.unary_stream))
+        return handler._replace(stream_unary=self._counted_unary(handler.stream_unary))
+
+    # -- slots: any grpcio thread ---------------------------------------------
+
+    def _take(self, context: grpc.ServicerContext) -> None:
+        """Take a slot, or end the call with ``RESOURCE_EXHAUSTED`` (raises)."""
+        with self._lock:
+            full = self.open >= self.limit
+            if not full:
+                self.open += 1
+        if full:
+            if self._on_refused is not None:
+                self._on_refused()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server full: {self.limit} gRPC streams open, try again later",
+            )
+
+    def _release(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+    # -- wrappers ----------------------------------------------------------------
+
+    def _counted(self, behavior: Any) -> Any:
+        """A response-streaming handler that holds a slot while it runs."""
+        if getattr(behavior, "experimental_non_blocking", False):
+            return self._counted_callback_style(behavior)
+
+        def counted(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self._take(context)
+            try:
+                yield from behavior(request, context)
+            finally:
+                self._release()
+
+        return counted
+
+    def _counted_callback_style(self, behavior: Any) -> Any:
+        """grpcio's callback-style stream (health ``Watch``): it returns at once and
+        sends later through ``send_response_callback``, so the slot is given back
+        when the call ends, not when the handler returns."""
+
+        def counted(request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
+            self._take(context)
+            if not context.add_callback(self._release):
+                self._release()  # the call is already over
+            return behavior(request, context, send_response_callback)
+
+        counted.experimental_non_blocking = True  # type: ignore[attr-defined]
+        counted.experimental_thread_pool = getattr(behavior, "experimental_thread_pool", None)  # type: ignore[attr-defined]
+        return counted
+
+    def _counted_unary(self, behavior: Any) -> Any:
+        """A client-streaming call with one response: held until it returns."""
+
+        def counted(requests: Any, context: grpc.ServicerContext) -> Any:
+            self._take(context)
+            try:
+                return behavior(requests, context)
+            finally:
+                self._release()
+
+        return counted
