@@ -54,7 +54,7 @@ class Event:
 class Message(Event):
     """A chat message as stored and delivered: ids, order and origin are the hub's."""
 
-    __slots__ = ("id", "seq", "user", "text", "time", "protocol")
+    __slots__ = ("id", "seq", "user", "text", "time", "protocol", "client_id")
     kind = "message"
 
     def __init__(
@@ -67,6 +67,8 @@ class Message(Event):
         self.text = text
         self.time = time
         self.protocol = protocol
+        #: the sender's idempotency key, if it gave one (never sent to other clients)
+        self.client_id: str | None = None
 
     @property
     def timestamp(self) -> str:

@@ -6,26 +6,29 @@ knows which protocol a session speaks. Data flows one way::
 
     adapter -> Hub.publish -> Broker.publish -> Hub.deliver -> Session.deliver
 
-The broker and the history store are seams: :class:`LocalBroker` and
-:class:`MemoryHistory` serve a single process; a Redis broker (fan-out across
-processes) or a durable store slot in behind the same small interfaces.
+The broker and the store are seams: :class:`LocalBroker` fans out within
+this process; the store (``chatd.store``: memory, SQLite, or Redis shared by
+several processes) numbers and keeps messages. A message is fanned out, and
+its sender acknowledged, only once the store holds it.
 """
 
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections import OrderedDict, deque
 from typing import Protocol
 
 from twisted.application.service import Service
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatd import validate
 from chatd.events import Event, Message, Presence
 from chatd.metrics import HubMetrics
+from chatd.store import MemoryStore, Store, Stored
 from chatd.validate import ChatError, Limits, RateLimited
 
 log = Logger()
@@ -35,6 +38,14 @@ _session_ids = itertools.count(1)
 
 class ServerFull(ChatError):
     """``MAX_CONNECTIONS`` sessions are open already."""
+
+
+class SessionClosed(ChatError):
+    """The session was closed while the request ran (a replay too big for a slow reader).
+
+    The client has been told why by the close itself; adapters whose call
+    outlives the close (a gRPC stream) end it with that reason instead.
+    """
 
 
 class Session:
@@ -121,54 +132,17 @@ class SendBudget:
         self.paused = True
 
 
-class History(Protocol):
-    """Where messages are kept for ``history`` and resume; reads are synchronous.
+class Broker(Protocol):
+    """Carries events to every process's hub (just this one, locally).
 
-    A durable store keeps the recent window in memory for reads and writes
-    behind (batched, off the reactor), so this interface stays synchronous.
+    ``stored`` is told of each message the store has just kept; a broker
+    whose store already fans messages out (Redis publishes in the same
+    script that stores) does nothing there. ``publish`` carries presence.
     """
 
-    def append(self, message: Message) -> None: ...
-
-    def recent(self, room: str, limit: int) -> list[Message]: ...
-
-    def since(self, room: str, seq: int) -> list[Message]: ...
-
-
-class MemoryHistory:
-    """The last ``limit`` messages of each room, in memory."""
-
-    def __init__(self, limit: int = 100) -> None:
-        self.limit = limit
-        self._rooms: dict[str, deque[Message]] = {}
-
-    def append(self, message: Message) -> None:
-        ring = self._rooms.get(message.room)
-        if ring is None:
-            ring = self._rooms[message.room] = deque(maxlen=self.limit)
-        ring.append(message)
-
-    def recent(self, room: str, limit: int) -> list[Message]:
-        ring = self._rooms.get(room)
-        if not ring or limit <= 0:
-            return []
-        return list(ring)[-limit:]
-
-    def since(self, room: str, seq: int) -> list[Message]:
-        ring = self._rooms.get(room)
-        if not ring:
-            return []
-        return [m for m in ring if m.seq > seq]
-
-    def last_seq(self, room: str) -> int:
-        ring = self._rooms.get(room)
-        return ring[-1].seq if ring else 0
-
-
-class Broker(Protocol):
-    """Carries published events to every process's hub (just this one, locally)."""
-
     def publish(self, event: Event) -> None: ...
+
+    def stored(self, message: Message) -> None: ...
 
 
 class LocalBroker:
@@ -180,15 +154,28 @@ class LocalBroker:
     def publish(self, event: Event) -> None:
         self._hub.deliver(event)
 
+    stored = publish
+
+
+class Joined(list):
+    """The users of a room just joined, and what a resume could not give back.
+
+    A list, so adapters that only want the members use it as one.
+    """
+
+    #: some messages after the client's ``since`` are older than what is kept
+    truncated: bool = False
+    #: the oldest ``seq`` still kept in the room (what a truncated resume starts from)
+    first_seq: int = 0
+
 
 class _Room:
-    __slots__ = ("name", "sessions", "users", "seq")
+    __slots__ = ("name", "sessions", "users")
 
-    def __init__(self, name: str, seq: int) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.sessions: dict[int, Session] = {}
         self.users: dict[str, int] = {}  # user -> number of that user's sessions here
-        self.seq = seq
 
 
 class _Rate:
@@ -258,14 +245,18 @@ class Hub(Service):
         clock: IReactorTime,
         limits: Limits | None = None,
         max_connections: int = 10000,
-        history: History | None = None,
+        store: Store | None = None,
         broker: Broker | None = None,
+        prune_interval: float = 60.0,
     ) -> None:
         self.clock = clock
         self.limits = limits or Limits()
         self.max_connections = max_connections
-        self.history_store = history or MemoryHistory(self.limits.history_limit)
+        self.store = store or MemoryStore(clock, self.limits.history_limit)
         self.broker = broker or LocalBroker(self)
+        self._prune = task.LoopingCall(self.store.prune)
+        self._prune.clock = clock
+        self._prune_interval = prune_interval
         self.sessions: dict[int, Session] = {}
         self._rooms: dict[str, _Room] = {}
         self._by_protocol: dict[str, int] = {}
@@ -288,12 +279,19 @@ class Hub(Service):
     def startService(self) -> None:
         self.started_at = self.clock.seconds()
         self.accepting = True
+        self.store.load()
+        if self.store.max_age:
+            self._prune.start(self._prune_interval, now=True)
         super().startService()
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred:
+        """Stop taking clients; fires once the store has kept every accepted message."""
         self.accepting = False
         self.closing = True
-        return super().stopService()
+        if self._prune.running:
+            self._prune.stop()
+        super().stopService()
+        return self.store.close()
 
     @property
     def healthy(self) -> bool:
@@ -334,39 +332,43 @@ class Hub(Service):
 
     # -- rooms -------------------------------------------------------------
 
-    def join(self, session: Session, room: object, since_seq: int | None = None) -> list[str]:
+    def join(self, session: Session, room: object, since_seq: int | None = None) -> Joined:
         """Add the session to a room and return the room's users.
 
         The session must have a user. With ``since_seq`` the kept messages
         after that seq are delivered to the session before it goes live, in
         the same reactor turn, so the replay and the live stream have neither
-        a gap nor an overlap.
+        a gap nor an overlap; the result says if some were older than what is
+        kept (``truncated``, ``first_seq``). Joining a room already joined
+        changes nothing (a resume replays again).
         """
         name = validate.room(room)
         if session.user is None:
             raise ChatError("a user name is needed to join a room")
         if session.id not in self.sessions:
             raise ChatError("connection is closed")
-        r = self._room(name)
+        joined = Joined()
         if since_seq is not None:
-            for message in self.history_store.since(name, since_seq):
+            resume = self.store.since(name, since_seq)
+            joined.truncated, joined.first_seq = resume.truncated, resume.first_kept
+            for message in resume.messages:
                 session.deliver(message)
             # The replay may have overflowed a slow session and closed it:
             # joining it now would leave a ghost member nobody can remove.
             if session.id not in self.sessions:
-                raise ChatError("connection is closed: too slow to take the replay")
-            r = self._room(name)
-        if session.id in r.sessions:
-            return list(r.users)
-        r.sessions[session.id] = session
-        session.rooms.add(name)
-        count = r.users.get(session.user, 0)
-        r.users[session.user] = count + 1
-        if count == 0:
-            self.broker.publish(
-                Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))
-            )
-        return list(r.users)
+                raise SessionClosed("connection is closed: too slow to take the replay")
+        r = self._room(name)
+        if session.id not in r.sessions:
+            r.sessions[session.id] = session
+            session.rooms.add(name)
+            count = r.users.get(session.user, 0)
+            r.users[session.user] = count + 1
+            if count == 0:
+                self.broker.publish(
+                    Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))
+                )
+        joined.extend(r.users)
+        return joined
 
     def leave(self, session: Session, room: object) -> None:
         """Remove the session from a room it is in."""
@@ -393,7 +395,7 @@ class Hub(Service):
     def _room(self, name: str) -> _Room:
         r = self._rooms.get(name)
         if r is None:
-            r = self._rooms[name] = _Room(name, self.history_store.last_seq(name))
+            r = self._rooms[name] = _Room(name)
         return r
 
     def members(self, room: object) -> list[str]:
@@ -410,25 +412,44 @@ class Hub(Service):
 
     # -- messages ----------------------------------------------------------
 
-    def publish(self, room: object, user: object, text: object, protocol: str) -> Message:
-        """Validate, number, store and fan out one chat message; returns it as stored."""
+    def publish(
+        self, room: object, user: object, text: object, protocol: str, client_id: object = None
+    ) -> defer.Deferred:
+        """Validate, number, store and fan out one chat message, the one path for every adapter.
+
+        Bad input and the rate limit raise :class:`ChatError` at once and
+        change nothing. Otherwise the returned Deferred fires with the
+        message once the store holds it and it has been fanned out (the
+        moment an adapter may acknowledge it), or fails with
+        :class:`~chatd.store.StoreUnavailable` when it could not be stored.
+        A retry with a ``client_id`` already stored in the room fires with
+        the original message and is neither stored nor delivered again.
+        """
         name = validate.room(room)
         sender = validate.user(user)
         body = validate.message(text, self.limits)
+        key = validate.client_id(client_id)
         if self._user_rate is not None and not self._user_rate.take(sender):
             raise RateLimited(
                 f"rate limited: {sender} may send {self._user_rate.rate} messages a second "
                 f"(bursts of {self._user_rate.burst}); try again shortly"
             )
-        r = self._room(name)
-        r.seq += 1
-        message = Message(uuid.uuid4().hex, r.seq, name, sender, body, self.clock.seconds(), protocol)
-        self.history_store.append(message)
-        self.messages_total += 1
-        self._rate.add()
-        self.metrics.received(protocol)
-        self.broker.publish(message)
+        d = self.store.add(name, sender, body, self.clock.seconds(), protocol, key)
+        d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
+        return d
+
+    def _stored(self, stored: Stored) -> Message:
+        message = stored.message
+        if not stored.duplicate:
+            self.messages_total += 1
+            self._rate.add()
+            self.metrics.received(message.protocol)
+            self.broker.stored(message)
         return message
+
+    def _not_stored(self, failure: Failure, protocol: str) -> Failure:
+        self.metrics.error("not_stored", protocol)
+        return failure
 
     def deliver(self, event: Event) -> None:
         """Hand an event to every local session in its room (called by the broker)."""
@@ -451,12 +472,12 @@ class Hub(Service):
             self.metrics.fanned_out(event.kind, None)
         # A delivery that closed the room's last member may have removed the
         # room already (the nested leave's own fan-out); remove only this one.
-        if not r.sessions and not self.history_store.last_seq(r.name) and self._rooms.get(r.name) is r:
+        if not r.sessions and self._rooms.get(r.name) is r:
             del self._rooms[r.name]
 
     def history(self, room: object, limit: object = None) -> list[Message]:
         """The last ``limit`` kept messages of a room, oldest first."""
-        return self.history_store.recent(validate.room(room), validate.limit(limit, self.limits))
+        return self.store.recent(validate.room(room), validate.limit(limit, self.limits))
 
     # -- statistics --------------------------------------------------------
 

@@ -86,6 +86,17 @@ def limit(value: Any, limits: Limits) -> int:
     return min(value, limits.history_limit)
 
 
+def client_id(value: Any) -> str | None:
+    """A sender's idempotency key: 1-64 printable characters, or absent (None, "")."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ChatError("client_id must be a string")
+    if len(value) > 64 or not value.isprintable():
+        raise ChatError("client_id must be 1-64 printable characters")
+    return value
+
+
 def since_seq(value: Any) -> int:
     """A sequence number to resume after (0 means from the oldest kept message)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

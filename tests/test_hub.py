@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
-from chatd.events import Event
-from chatd.hub import Hub, MemoryHistory, SendBudget, ServerFull, Session
+from chatd.events import Event, Message
+from chatd.hub import Hub, SendBudget, ServerFull, Session
+from chatd.store import MemoryStore
 from chatd.validate import ChatError, Limits, RateLimited
 
 
@@ -30,6 +32,16 @@ class FakeSession(Session):
 
     def presence(self) -> list[tuple[str, str]]:
         return [(e.action, e.user) for e in self.events if e.kind == "presence"]
+
+
+def publish(hub: Hub, *args, **kwargs) -> Message:
+    """``hub.publish`` with the memory store, whose Deferred has fired already."""
+    results: list = []
+    hub.publish(*args, **kwargs).addBoth(results.append)
+    (result,) = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
 
 
 @pytest.fixture
@@ -57,7 +69,7 @@ def test_message_reaches_every_member_of_its_room_only(hub: Hub) -> None:
     hub.join(alice, "r1")
     hub.join(bob, "r1")
     hub.join(carol, "r2")
-    sent = hub.publish("r1", "alice", "hello", "fake")
+    sent = publish(hub, "r1", "alice", "hello", "fake")
     assert [m.text for m in alice.messages()] == ["hello"]
     assert bob.messages() == [sent]
     assert carol.messages() == []
@@ -75,7 +87,7 @@ def test_one_encoding_per_format_is_shared_by_all_recipients(hub: Hub) -> None:
         hub.connect(s)
         hub.join(s, "r")
     calls.clear()
-    message = hub.publish("r", "u0", "hi", "fake")
+    message = publish(hub, "r", "u0", "hi", "fake")
     assert len(calls) == 1
     assert all(s.events[-1] == b"frame" for s in sessions)
     # The frames are not kept with the message in history once delivered.
@@ -84,8 +96,8 @@ def test_one_encoding_per_format_is_shared_by_all_recipients(hub: Hub) -> None:
 
 
 def test_seq_strictly_increases_per_room_and_ids_are_unique(hub: Hub) -> None:
-    a = [hub.publish("a", "x", f"m{i}", "fake") for i in range(10)]
-    b = [hub.publish("b", "x", f"m{i}", "fake") for i in range(3)]
+    a = [publish(hub, "a", "x", f"m{i}", "fake") for i in range(10)]
+    b = [publish(hub, "b", "x", f"m{i}", "fake") for i in range(3)]
     assert [m.seq for m in a] == list(range(1, 11))
     assert [m.seq for m in b] == [1, 2, 3]
     assert len({m.id for m in a + b}) == 13
@@ -93,14 +105,14 @@ def test_seq_strictly_increases_per_room_and_ids_are_unique(hub: Hub) -> None:
 
 def test_timestamps_come_from_the_clock(hub: Hub, clock: Clock) -> None:
     clock.advance(1.5)
-    m = hub.publish("r", "x", "hi", "fake")
+    m = publish(hub, "r", "x", "hi", "fake")
     assert m.time == clock.seconds()
     assert m.as_dict()["timestamp"] == "2023-11-14T22:13:21.500Z"
 
 
 def test_history_keeps_the_last_n(hub: Hub) -> None:
     for i in range(8):
-        hub.publish("r", "x", f"m{i}", "fake")
+        publish(hub, "r", "x", f"m{i}", "fake")
     assert [m.text for m in hub.history("r", 3)] == ["m5", "m6", "m7"]
     assert [m.text for m in hub.history("r", 100)] == ["m3", "m4", "m5", "m6", "m7"]
     assert [m.text for m in hub.history("r", None)] == ["m3", "m4", "m5", "m6", "m7"]
@@ -110,18 +122,18 @@ def test_history_keeps_the_last_n(hub: Hub) -> None:
 def test_seq_continues_after_a_room_empties(hub: Hub) -> None:
     s = connected(hub, "alice")
     hub.join(s, "r")
-    hub.publish("r", "alice", "one", "fake")
+    publish(hub, "r", "alice", "one", "fake")
     hub.leave(s, "r")
     hub.join(s, "r")
-    assert hub.publish("r", "alice", "two", "fake").seq == 2
+    assert publish(hub, "r", "alice", "two", "fake").seq == 2
 
 
 def test_join_since_seq_replays_then_goes_live_without_gap_or_duplicate(hub: Hub) -> None:
     for i in range(4):
-        hub.publish("r", "x", f"m{i}", "fake")
+        publish(hub, "r", "x", f"m{i}", "fake")
     s = connected(hub, "late")
     hub.join(s, "r", since_seq=2)
-    hub.publish("r", "x", "live", "fake")
+    publish(hub, "r", "x", "live", "fake")
     assert [m.seq for m in s.messages()] == [3, 4, 5]
 
 
@@ -201,14 +213,14 @@ def test_bad_input_is_refused_and_changes_nothing(hub: Hub, room, user, text, re
     hub.join(member, "r")
     before = hub.stats()
     with pytest.raises(ChatError, match=reason):
-        hub.publish(room, user, text, "fake")
+        publish(hub, room, user, text, "fake")
     assert member.messages() == []
     assert hub.stats() == before
     assert hub.history("r", 5) == []
 
 
 def test_unicode_names_and_the_length_limit_in_characters(hub: Hub) -> None:
-    m = hub.publish("r", "Zoë Ångström", "é" * 50, "fake")
+    m = publish(hub, "r", "Zoë Ångström", "é" * 50, "fake")
     assert m.user == "Zoë Ångström"
 
 
@@ -230,7 +242,7 @@ def test_a_failing_session_does_not_stop_the_fan_out(hub: Hub) -> None:
     hub.join(broken, "r")
     ok = connected(hub, "ok")
     hub.join(ok, "r")
-    hub.publish("r", "ok", "still here", "fake")
+    publish(hub, "r", "ok", "still here", "fake")
     assert [m.text for m in ok.messages()] == ["still here"]
 
 
@@ -245,7 +257,7 @@ def test_a_session_closed_during_delivery_does_not_disturb_the_others(hub: Hub) 
     hub.join(q, "r")
     ok = connected(hub, "ok")
     hub.join(ok, "r")
-    hub.publish("r", "ok", "hi", "fake")
+    publish(hub, "r", "ok", "hi", "fake")
     assert [m.text for m in ok.messages()] == ["hi"]
     assert hub.members("r") == ["ok"]
 
@@ -256,7 +268,7 @@ def test_stats_count_connections_rooms_and_message_rate(hub: Hub, clock: Clock) 
     hub.join(b, "r2")
     for _ in range(9):  # one a second over the last nine whole seconds
         clock.advance(1)
-        hub.publish("r1", "a", "x", "fake")
+        publish(hub, "r1", "a", "x", "fake")
     clock.advance(1)
     stats = hub.stats()
     assert stats["connections"]["total"] == 2
@@ -273,14 +285,20 @@ def test_health_follows_the_service_state(hub: Hub) -> None:
     assert not hub.healthy
 
 
-def test_memory_history_since() -> None:
-    h = MemoryHistory(limit=3)
-    hub = Hub(Clock(), history=h)
+def test_memory_store_since_says_what_is_gone() -> None:
+    store = MemoryStore(Clock(), limit=3)
+    hub = Hub(Clock(), store=store)
     for i in range(5):
-        hub.publish("r", "x", f"m{i}", "fake")
-    assert [m.seq for m in h.since("r", 0)] == [3, 4, 5]
-    assert [m.seq for m in h.since("r", 4)] == [5]
-    assert h.since("other", 0) == []
+        publish(hub, "r", "x", f"m{i}", "fake")
+    resume = store.since("r", 0)
+    assert [m.seq for m in resume.messages] == [3, 4, 5]
+    assert (resume.first_kept, resume.truncated) == (3, True)
+    resume = store.since("r", 2)
+    assert [m.seq for m in resume.messages] == [3, 4, 5]
+    assert not resume.truncated
+    assert store.since("r", 4).messages[0].seq == 5
+    assert store.since("r", 5) == ([], 3, False)
+    assert store.since("other", 0) == ([], 1, False)
 
 
 class FakeTransport:
@@ -320,14 +338,14 @@ def test_a_user_over_the_rate_limit_is_refused_until_the_bucket_refills(clock: C
     hub.connect(watcher)
     hub.join(watcher, "r")
     for i in range(3):
-        hub.publish("r", "alice", f"m{i}", "fake")
+        publish(hub, "r", "alice", f"m{i}", "fake")
     with pytest.raises(RateLimited, match="rate limited: alice may send 2 messages a second"):
-        hub.publish("r", "alice", "too fast", "fake")
-    hub.publish("r", "bob", "bob is not limited by alice", "fake")
+        publish(hub, "r", "alice", "too fast", "fake")
+    publish(hub, "r", "bob", "bob is not limited by alice", "fake")
     clock.advance(0.5)  # one token back
-    hub.publish("r", "alice", "again", "fake")
+    publish(hub, "r", "alice", "again", "fake")
     with pytest.raises(RateLimited):
-        hub.publish("r", "alice", "too fast again", "fake")
+        publish(hub, "r", "alice", "too fast again", "fake")
     assert [m.text for m in watcher.messages()] == ["m0", "m1", "m2", "bob is not limited by alice", "again"]
     assert hub.stats()["messages"]["total"] == 5
 
@@ -338,7 +356,7 @@ def test_rate_limit_off_by_zero(clock: Clock) -> None:
     hub.connect(watcher)
     hub.join(watcher, "r")
     for i in range(500):  # far past the burst, in no time at all
-        hub.publish("r", "alice", f"m{i}", "fake")
+        publish(hub, "r", "alice", f"m{i}", "fake")
     assert len(watcher.messages()) == 500
     assert hub.stats()["messages"]["total"] == 500
 
@@ -369,7 +387,7 @@ def test_rate_buckets_expire_incrementally_not_by_rebuilding(clock: Clock) -> No
 def test_a_replay_that_closes_the_session_leaves_no_ghost_member(hub: Hub) -> None:
     """A resume whose replay overflows the session (a slow stream) must not join it."""
     for i in range(4):
-        hub.publish("r", "x", f"m{i}", "fake")
+        publish(hub, "r", "x", f"m{i}", "fake")
 
     class Overflowing(FakeSession):
         def deliver(self, event: Event) -> None:

@@ -1,0 +1,230 @@
+"""The message stores on their own: the windows, SQLite on a real file, retention, client ids."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+
+from chatd.hub import Hub
+from chatd.store import MemoryStore, SQLiteStore, Stored, StoreUnavailable
+from chatd.validate import ChatError, Limits
+
+
+def _now() -> float:
+    return reactor.seconds()
+
+
+async def add(store, room: str, text: str, client_id: str | None = None, user: str = "u") -> Stored:
+    return await store.add(room, user, text, _now(), "test", client_id)
+
+
+@pytest.fixture
+def db_path(tmp_path) -> str:
+    return str(tmp_path / "data" / "chatd.sqlite3")
+
+
+def opened(path: str, **kwargs) -> SQLiteStore:
+    store = SQLiteStore(reactor, path, **kwargs)
+    store.open()
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_keeps_messages_and_seq_across_a_restart(db_path: str) -> None:
+    store = opened(db_path)
+    first = [await add(store, "r", f"m{i}") for i in range(3)]
+    assert [s.message.seq for s in first] == [1, 2, 3]
+    assert not any(s.duplicate for s in first)
+    await store.close()
+
+    again = opened(db_path)
+    assert [m.text for m in again.recent("r", 10)] == ["m0", "m1", "m2"]
+    assert [m.id for m in again.recent("r", 10)] == [s.message.id for s in first]
+    assert again.last_seq("r") == 3
+    assert (await add(again, "r", "after")).message.seq == 4
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_data_directory_is_created(tmp_path) -> None:
+    path = str(tmp_path / "a" / "b" / "chatd.sqlite3")
+    store = opened(path)
+    await add(store, "r", "x")
+    await store.close()
+    assert os.path.isfile(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_add_fires_only_once_the_row_is_committed(db_path: str) -> None:
+    """Acknowledged means stored: the Deferred waits for the writer's commit."""
+    store = opened(db_path)
+    gate = threading.Event()
+    real_write = store._write
+
+    def held_write(*args):
+        gate.wait(10)
+        return real_write(*args)
+
+    store._write = held_write
+    d = defer.ensureDeferred(add(store, "r", "held"))
+    await deferLater(0.05)
+    assert not d.called, "acknowledged before it was written"
+    assert store.recent("r", 5) == []
+    gate.set()
+    stored = await d
+    rows = sqlite3.connect(db_path).execute("SELECT text, seq FROM messages").fetchall()
+    assert rows == [("held", 1)]
+    assert stored.message.seq == 1
+    await store.close()
+
+
+def deferLater(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_adds_share_a_transaction_and_keep_their_order(db_path: str) -> None:
+    store = opened(db_path)
+    results = await defer.gatherResults(
+        [defer.ensureDeferred(add(store, f"r{i % 3}", f"m{i}")) for i in range(300)]
+    )
+    for room in ("r0", "r1", "r2"):
+        seqs = [s.message.seq for s in results if s.message.room == room]
+        assert seqs == list(range(1, 101))
+    assert store.batches < 300, "every message had a transaction of its own"
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_by_count_bounds_the_file_and_the_window(db_path: str) -> None:
+    store = opened(db_path, limit=5)
+    for i in range(20):
+        await add(store, "r", f"m{i}")
+    assert [m.seq for m in store.recent("r", 100)] == [16, 17, 18, 19, 20]
+    await store.close()
+    rows = sqlite3.connect(db_path).execute("SELECT seq FROM messages ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == [16, 17, 18, 19, 20]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_by_age_drops_old_messages_but_seq_goes_on(db_path: str) -> None:
+    clock = Clock()
+    clock.advance(_now())
+    store = SQLiteStore(reactor, db_path, limit=100, max_age=60)
+    store.clock = clock
+    store.open()
+    await store.add("r", "u", "old", clock.seconds(), "test", None)
+    clock.advance(61)
+    await store.add("r", "u", "new", clock.seconds(), "test", None)
+    store.prune()
+    assert [m.text for m in store.recent("r", 10)] == ["new"]
+    resume = store.since("r", 0)
+    assert ([m.text for m in resume.messages], resume.first_kept, resume.truncated) == (["new"], 2, True)
+    await store.close()
+    rows = sqlite3.connect(db_path).execute("SELECT text FROM messages").fetchall()
+    assert rows == [("new",)]
+    clock.advance(61)
+    again = SQLiteStore(reactor, db_path, limit=100, max_age=60)
+    again.clock = clock
+    again.open()
+    assert again.recent("r", 10) == []
+    assert (await again.add("r", "u", "later", clock.seconds(), "test", None)).message.seq == 3
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_id_is_stored_once_even_across_a_restart(db_path: str) -> None:
+    store = opened(db_path)
+    original = await add(store, "r", "hello", client_id="c-1")
+    retry = await add(store, "r", "hello again", client_id="c-1")
+    assert retry.duplicate
+    assert (retry.message.id, retry.message.seq) == (original.message.id, original.message.seq)
+    other_room = await add(store, "s", "hello", client_id="c-1")
+    assert not other_room.duplicate
+    await store.close()
+
+    again = opened(db_path)
+    after = await add(again, "r", "hello", client_id="c-1")
+    assert after.duplicate and after.message.id == original.message.id
+    assert again.last_seq("r") == 1
+    await again.close()
+    count = sqlite3.connect(db_path).execute("SELECT count(*) FROM messages WHERE room='r'").fetchone()
+    assert count == (1,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_while_the_original_is_still_being_written_gets_the_original(db_path: str) -> None:
+    store = opened(db_path)
+    first = defer.ensureDeferred(add(store, "r", "x", client_id="same"))
+    second = defer.ensureDeferred(add(store, "r", "x", client_id="same"))
+    a, b = await first, await second
+    assert not a.duplicate and b.duplicate
+    assert a.message.id == b.message.id
+    assert store.last_seq("r") == 1
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_write_is_an_error_and_hands_out_no_seq(db_path: str) -> None:
+    store = opened(db_path)
+    await add(store, "r", "one")
+    real_write = store._write
+
+    def broken(db, seqs, writes, prunes):
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO rooms VALUES ('r', 99) ON CONFLICT (room) DO UPDATE SET last_seq = 99")
+        db.execute("INSERT INTO nowhere VALUES (1)")  # fails: no such table
+
+    def failing(db, seqs, writes, prunes):
+        try:
+            broken(db, seqs, writes, prunes)
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+        return [(d, StoreUnavailable("message not stored: disk trouble")) for _, _, d in writes]
+
+    store._write = failing
+    with pytest.raises(StoreUnavailable, match="not stored"):
+        await add(store, "r", "lost")
+    store._write = real_write
+    assert (await add(store, "r", "two")).message.seq == 2
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hub_publish_acknowledges_after_storing_and_delivers_in_order(db_path: str) -> None:
+    store = opened(db_path, limit=10)
+    hub = Hub(reactor, limits=Limits(history_limit=10), store=store)
+    hub.startService()
+    from tests.test_hub import FakeSession
+
+    watcher = FakeSession("watcher")
+    hub.connect(watcher)
+    hub.join(watcher, "r")
+    sent = await defer.gatherResults([hub.publish("r", "alice", f"m{i}", "fake") for i in range(50)])
+    assert [m.seq for m in sent] == list(range(1, 51))
+    assert [m.seq for m in watcher.messages()] == list(range(1, 51))
+    again = await hub.publish("r", "alice", "retry", "fake", client_id="k")
+    dup = await hub.publish("r", "alice", "retry", "fake", client_id="k")
+    assert dup.id == again.id and dup.seq == again.seq == 51
+    assert [m.seq for m in watcher.messages()][-1] == 51
+    assert len(watcher.messages()) == 51, "the retry was delivered again"
+    with pytest.raises(ChatError, match="client_id"):
+        hub.publish("r", "alice", "x", "fake", client_id="x" * 65)
+    await hub.stopService()
+
+
+def test_memory_store_numbers_rooms_independently() -> None:
+    store = MemoryStore(Clock(), limit=2)
+    results: list = []
+    for room in ("a", "a", "b", "a"):
+        store.add(room, "u", "t", 0.0, "test").addCallback(results.append)
+    assert [(s.message.room, s.message.seq) for s in results] == [("a", 1), ("a", 2), ("b", 1), ("a", 3)]
+    assert [m.seq for m in store.recent("a", 10)] == [2, 3]
