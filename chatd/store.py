@@ -31,7 +31,6 @@ import sqlite3
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from twisted.internet import defer
@@ -267,7 +266,7 @@ class SQLiteStore(Store):
 
     Every message waiting when the writer comes round goes into one
     transaction (``synchronous=NORMAL`` in WAL mode: a commit survives the
-    process being killed; ``--sqlite-sync full`` also survives power loss),
+    process being killed, not a power loss),
     and their Deferreds fire together, in order, on the reactor. The writer
     gives each message its ``seq`` inside the transaction from the room's row
     in ``rooms``, so a failed transaction hands out nothing. Retention runs
@@ -462,13 +461,4 @@ def from_options(reactor: Any, options: Any) -> Store:
     data_dir = options["data-dir"]
     if not data_dir:
         return MemoryStore(reactor, limit, max_age)
-    return SQLiteStore(
-        reactor,
-        os.path.join(data_dir, "chatd.sqlite3"),
-        limit,
-        max_age,
-        synchronous=options["sqlite-sync"].upper(),
-    )
-
-
-Factory = Callable[[Any, Any], Store]
+    return SQLiteStore(reactor, os.path.join(data_dir, "chatd.sqlite3"), limit, max_age)

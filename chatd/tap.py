@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatd import signalr, webclient, websocket
+from chatd import signalr, store, webclient, websocket
 from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
@@ -42,6 +42,11 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         "bytes that may wait for a slow client before it is disconnected",
     ),
     "history-limit": ("HISTORY_LIMIT", 100, "messages kept per room for history and resume"),
+    "history-max-age": (
+        "HISTORY_MAX_AGE",
+        7 * 24 * 3600,
+        "seconds a message is kept for history and resume; 0 keeps messages until --history-limit pushes them out",
+    ),
     "max-message-length": ("MAX_MESSAGE_LENGTH", 4096, "longest chat message, in characters"),
     "max-message-rate": (
         "MAX_MESSAGE_RATE",
@@ -61,7 +66,7 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
     ),
 }
 
-_ZERO_MEANS_OFF = {"max-message-rate"}
+_ZERO_MEANS_OFF = {"max-message-rate", "history-max-age"}
 
 # option -> (environment variable, default, help); free text.
 STRINGS: dict[str, tuple[str, str, str]] = {
@@ -92,6 +97,18 @@ STRINGS: dict[str, tuple[str, str, str]] = {
         "MANHOLE_HOST_KEY",
         "",
         "the manhole's SSH host key, created if missing (default $STATE_DIRECTORY/manhole_host_key)",
+    ),
+    "data-dir": (
+        "DATA_DIR",
+        "./data",
+        "directory of the history file (chatd.sqlite3), created if missing; "
+        "empty keeps history in memory only (lost on restart)",
+    ),
+    "redis": (
+        "REDIS_URL",
+        "",
+        "redis://host:port/db (rediss:// for TLS): keep history, order and presence in Redis, "
+        "shared by every chatd process using it; empty uses --data-dir",
     ),
     "grpc": ("GRPC_PORT", "[::]:50051", "gRPC listener as host:port (not an endpoint); a bare number means [::]:N"),
     "grpc-tls-cert": ("GRPC_TLS_CERT", "", "PEM certificate chain for gRPC over TLS (with --grpc-tls-key)"),
@@ -233,7 +250,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         message_burst=options["message-burst"],
     )
     GcTuning(reactor).setServiceParent(top)
-    hub = Hub(reactor, limits=limits, max_connections=options["max-connections"])
+    hub = Hub(
+        reactor,
+        limits=limits,
+        max_connections=options["max-connections"],
+        store=store.from_options(reactor, options),
+    )
     hub.setServiceParent(top)
 
     origins = _origins(options)

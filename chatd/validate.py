@@ -97,8 +97,8 @@ def client_id(value: Any) -> str | None:
     return value
 
 
-def since_seq(value: Any) -> int:
+def since_seq(value: Any, name: str = "since_seq") -> int:
     """A sequence number to resume after (0 means from the oldest kept message)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ChatError("since_seq must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 63:
+        raise ChatError(f"{name} must be a non-negative integer")
     return value

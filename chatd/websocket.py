@@ -4,6 +4,10 @@ Client to server (one JSON object per text frame)::
 
     {"user": U, "message": M, "room": R}          seed form: join R as U if needed, then send M
     {"type": "join", "room": R, "user": U}        -> {"type": "joined", "room", "user", "members"}
+    {"type": "join", "room": R, "user": U, "since": N}
+                                                  resume: every kept message after seq N, then live;
+                                                  the reply adds "truncated": true and "first_seq"
+                                                  when some of those are older than what is kept
     {"type": "leave", "room": R}                  -> {"type": "left", "room"}
     {"type": "message", "room": R, "message": M}  (must have joined R)
     {"type": "history", "room": R, "limit": N}    -> {"type": "history", "room", "messages": [...]}
@@ -12,6 +16,11 @@ Client to server (one JSON object per text frame)::
 Any request may carry ``"ref"`` (string or number); replies and errors echo it,
 and a chat message with a ``ref`` is acknowledged once stored with
 ``{"type": "sent", "room", "id", "seq", "ref"}``. Any other ``ref`` is refused.
+A chat message (either form) may carry ``"client_id"`` (1-64 characters): a
+retry with the same one in the same room is stored and delivered once, and
+its ``sent`` (always sent when there is a ``client_id``) carries the
+original's ``id`` and ``seq``. A message the store could not keep gets an
+error, never a ``sent``.
 
 Every frame gets at most one reply. A refused request (malformed JSON, a
 field of the wrong type, an unknown ``type``...) gets ``{"type": "error"}``
@@ -38,7 +47,9 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd import validate
 from chatd.events import Event, Message
@@ -138,7 +149,14 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if session is None or session.id not in self.factory.hub.sessions:
             return
         reply = dispatch(self.factory.hub, session, payload, isBinary)
-        if reply is not None:
+        if isinstance(reply, defer.Deferred):
+            reply.addCallback(self._reply_later, session)
+        elif reply is not None:
+            session.send(reply)
+
+    def _reply_later(self, reply: dict | None, session: WebSocketSession) -> None:
+        """The reply of a request that waited (a message being stored), if the client is still here."""
+        if reply is not None and session.id in self.factory.hub.sessions:
             session.send(reply)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -158,8 +176,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
         )
 
 
-def dispatch(hub: Hub, session: Session, payload: bytes, is_binary: bool = False) -> dict | None:
+def dispatch(
+    hub: Hub, session: Session, payload: bytes, is_binary: bool = False
+) -> dict | defer.Deferred | None:
     """Handle one client frame; return the reply for this client, if any.
+
+    A chat message's reply waits for the store: it comes as a Deferred that
+    fires with the ``sent`` (or error) reply and never fails.
 
     Whatever the frame holds, this returns (never raises): bad input becomes
     an error reply and changes nothing, and a bug in a handler becomes an
@@ -180,20 +203,32 @@ def dispatch(hub: Hub, session: Session, payload: bytes, is_binary: bool = False
         if "ref" in request and not _is_ref(request["ref"]):
             raise ChatError("ref must be a string or a number")
         reply = handler(hub, session, request)
-    except ChatError as e:
-        hub.metrics.error("bad_request", PROTOCOL)
-        return _error(e.reason, request)
     except Exception:
-        hub.metrics.error("internal", PROTOCOL)
-        _log.failure(
-            "{peer}: {request} request failed",
-            peer=session.peer,
-            request=printable(_request_name(request) or "-", 64),
-        )
-        return _error("internal error", request)
+        return _refused(Failure(), hub, session, request)
+    if isinstance(reply, defer.Deferred):
+        return reply.addCallbacks(_finish, _refused, callbackArgs=(request,), errbackArgs=(hub, session, request))
+    return _finish(reply, request)
+
+
+def _finish(reply: dict | None, request: dict) -> dict | None:
     if reply is not None:
         _echo_ref(request, reply)
     return reply
+
+
+def _refused(failure: Failure, hub: Hub, session: Session, request: dict | None) -> dict:
+    """The error reply for a request that failed, at once or once the store answered."""
+    if failure.check(ChatError):
+        hub.metrics.error("bad_request", PROTOCOL)
+        return _error(failure.value.reason, request)
+    hub.metrics.error("internal", PROTOCOL)
+    _log.failure(
+        "{peer}: {request} request failed",
+        failure,
+        peer=session.peer,
+        request=printable(_request_name(request) or "-", 64),
+    )
+    return _error("internal error", request)
 
 
 def _parse(payload: bytes, is_binary: bool) -> dict:
@@ -240,9 +275,14 @@ def _echo_ref(request: dict, reply: dict) -> None:
 
 def _join(hub: Hub, session: Session, request: dict) -> dict:
     room = validate.room(request.get("room"))
+    since = validate.since_seq(request["since"], "since") if request.get("since") is not None else None
     hub.identify(session, request.get("user", session.user))
-    members = hub.join(session, room)
-    return {"type": "joined", "room": room, "user": session.user, "members": members}
+    joined = hub.join(session, room, since_seq=since)
+    reply = {"type": "joined", "room": room, "user": session.user, "members": list(joined)}
+    if joined.truncated:
+        reply["truncated"] = True
+        reply["first_seq"] = joined.first_seq
+    return reply
 
 
 def _leave(hub: Hub, session: Session, request: dict) -> dict:
@@ -255,28 +295,37 @@ def _message(hub: Hub, session: Session, request: dict) -> dict | None:
     # leave the connection named (identify) as a side effect.
     room = validate.room(request.get("room"))
     text = validate.message(request.get("message"), hub.limits)
+    client_id = validate.client_id(request.get("client_id"))
     if room not in session.rooms:
         raise ChatError(f"not in room {room}: join it first")
     if "user" in request:
         hub.identify(session, request["user"])  # in a room, so named: this only checks
-    return _sent(request, hub.publish(room, session.user, text, PROTOCOL))
+    return _sent(request, hub.publish(room, session.user, text, PROTOCOL, client_id))
 
 
 def _seed(hub: Hub, session: Session, request: dict) -> dict | None:
     """The seed's bare ``{"user", "message", "room"}``: join as needed, then send."""
     room = validate.room(request.get("room"))
     text = validate.message(request.get("message"), hub.limits)
+    client_id = validate.client_id(request.get("client_id"))
     hub.identify(session, request.get("user"))
     if room not in session.rooms:
         hub.join(session, room)
-    return _sent(request, hub.publish(room, session.user, text, PROTOCOL))
+    return _sent(request, hub.publish(room, session.user, text, PROTOCOL, client_id))
 
 
-def _sent(request: dict, message: Message) -> dict | None:
-    """The acknowledgement of a stored message, for senders that asked (gave a ``ref``)."""
-    if "ref" not in request:
-        return None
-    return {"type": "sent", "room": message.room, "id": message.id, "seq": message.seq}
+def _sent(request: dict, stored: defer.Deferred) -> defer.Deferred:
+    """The acknowledgement of a stored message, for senders that asked (a ``ref`` or a ``client_id``)."""
+
+    def ack(message: Message) -> dict | None:
+        if "ref" not in request and not request.get("client_id"):
+            return None
+        reply = {"type": "sent", "room": message.room, "id": message.id, "seq": message.seq}
+        if request.get("client_id"):
+            reply["client_id"] = request["client_id"]
+        return reply
+
+    return stored.addCallback(ack)
 
 
 def _history(hub: Hub, session: Session, request: dict) -> dict:
@@ -288,7 +337,7 @@ def _ping(hub: Hub, session: Session, request: dict) -> dict:
     return {"type": "pong"}
 
 
-_HANDLERS: dict[Any, Callable[[Hub, Session, dict], dict | None]] = {
+_HANDLERS: dict[Any, Callable[[Hub, Session, dict], dict | defer.Deferred | None]] = {
     None: _seed,
     "join": _join,
     "leave": _leave,

@@ -78,7 +78,9 @@ async def start_chatd(*extra: str, environ: dict[str, str] | None = None) -> Run
     from twisted.internet import reactor
 
     options = tap.Options(environ=environ or {})
-    options.parseOptions([*listener_args(), *extra])
+    # Each test its own history (memory) unless it names a --data-dir.
+    defaults = [] if "--data-dir" in extra else ["--data-dir", ""]
+    options.parseOptions([*listener_args(), *defaults, *extra])
     service = tap.makeService(options, reactor=reactor)
     service.startService()
     running = Running(service, options)

@@ -56,6 +56,10 @@ class Daemon:
 
     def __init__(self, *extra: str, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         self.ports = free_ports()
+        if "--data-dir" not in extra and "DATA_DIR" not in (env or {}):
+            # Each daemon its own history, never the checkout's ./data.
+            self._data = tempfile.TemporaryDirectory(prefix="chatd-data-")
+            extra = ("--data-dir", self._data.name, *extra)
         self.argv = [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", *listener_args(self.ports), *extra]
         environ = source_env(env)
         # The log goes to a file, not a pipe: nobody reads a pipe while the
@@ -118,4 +122,13 @@ class Daemon:
         self.stop()
 
 
-_CHATD_ENV = {"WS_PORT", "SIGNALR_PORT", "GRPC_PORT", "WEB_PORT", "MAX_CONNECTIONS", "MANHOLE"}
+_CHATD_ENV = {
+    "WS_PORT",
+    "SIGNALR_PORT",
+    "GRPC_PORT",
+    "WEB_PORT",
+    "MAX_CONNECTIONS",
+    "MANHOLE",
+    "DATA_DIR",
+    "REDIS_URL",
+}

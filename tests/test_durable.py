@@ -1,0 +1,161 @@
+"""Nothing acknowledged is lost: resume, idempotent sends, and restarts of a real daemon.
+
+The daemon tests start ``twistd -n chatd`` on a data directory, talk to it
+with the ``websockets`` library, stop it (SIGTERM, or SIGKILL right after
+the acknowledgements) and start it again on the same directory.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from tests.daemon import Daemon
+from tests.wsclient import Client
+
+
+def send_acked(ws: Client, room: str, text: str, **extra) -> dict:
+    ref = f"ref-{text}"
+    ws.send(type="message", room=room, message=text, ref=ref, **extra)
+    return ws.recv_until(lambda f: f.get("ref") == ref)
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_resume_gets_exactly_what_was_missed_then_live(chatd) -> None:
+    def scenario() -> tuple[list[int], dict]:
+        with Client(chatd.ws_url) as writer:
+            writer.join("r", "writer")
+            seqs = [send_acked(writer, "r", f"m{i}")["seq"] for i in range(6)]
+            assert seqs == [1, 2, 3, 4, 5, 6]
+            with Client(chatd.ws_url) as back:
+                back.send(type="join", room="r", user="back", since=3)
+                got: list[int] = []
+                joined = None
+                while joined is None:
+                    frame = back.recv()
+                    if frame["type"] == "message":
+                        got.append(frame["seq"])
+                    elif frame["type"] == "joined":
+                        joined = frame
+                send_acked(writer, "r", "live")
+                got.append(back.recv_type("message")["seq"])
+                return got, joined
+
+    got, joined = await deferToThread(scenario)
+    assert got == [4, 5, 6, 7]
+    assert "truncated" not in joined
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_resume_past_retention_is_told_what_is_gone(start) -> None:
+    running = await start("--history-limit", "3", "--max-message-rate", "0")
+
+    def scenario() -> tuple[list[int], dict]:
+        with Client(running.ws_url) as writer, Client(running.ws_url) as back:
+            writer.join("r", "writer")
+            for i in range(8):
+                send_acked(writer, "r", f"m{i}")
+            back.send(type="join", room="r", user="back", since=2)
+            got: list[int] = []
+            while True:
+                frame = back.recv()
+                if frame["type"] == "message":
+                    got.append(frame["seq"])
+                elif frame["type"] == "joined":
+                    return got, frame
+
+    got, joined = await deferToThread(scenario)
+    assert got == [6, 7, 8]
+    assert joined["truncated"] is True and joined["first_seq"] == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_since_is_refused_and_joins_nothing(chatd) -> None:
+    def scenario() -> dict:
+        with Client(chatd.ws_url) as ws:
+            ws.send(type="join", room="r", user="u", since=-1, ref=1)
+            return ws.recv()
+
+    reply = await deferToThread(scenario)
+    assert reply == {"type": "error", "error": "since must be a non-negative integer", "request": "join", "ref": 1}
+    assert chatd.hub.members("r") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retried_client_id_is_delivered_once_and_acknowledged_as_the_original(chatd) -> None:
+    def scenario() -> tuple[dict, dict, dict, list[dict]]:
+        with Client(chatd.ws_url) as sender, Client(chatd.ws_url) as watcher:
+            watcher.join("r", "watcher")
+            sender.join("r", "sender")
+            first = send_acked(sender, "r", "once", client_id="abc-1")
+            retry = send_acked(sender, "r", "once", client_id="abc-1")
+            # the seed form takes a client_id too, and says sent without a ref
+            sender.send(user="sender", room="r", message="once", client_id="abc-1")
+            seed = sender.recv_type("sent")
+            send_acked(sender, "r", "after")
+            seen = []
+            while not seen or seen[-1]["message"] != "after":
+                seen.append(watcher.recv_type("message"))
+            return first, retry, seed, seen
+
+    first, retry, seed, seen = await deferToThread(scenario)
+    assert (retry["id"], retry["seq"]) == (first["id"], first["seq"]) == (seed["id"], seed["seq"])
+    assert retry["client_id"] == "abc-1"
+    assert [(m["message"], m["seq"]) for m in seen] == [("once", 1), ("after", 2)]
+    assert "client_id" not in seen[0], "a sender's key is not shown to others"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_client_id_is_refused_and_stores_nothing(chatd) -> None:
+    def scenario() -> dict:
+        with Client(chatd.ws_url) as ws:
+            ws.join("r", "u")
+            ws.send(type="message", room="r", message="x", client_id=["no"], ref="a")
+            return ws.recv()
+
+    reply = await deferToThread(scenario)
+    assert reply["type"] == "error" and reply["error"] == "client_id must be a string"
+    assert chatd.hub.history("r") == []
+
+
+def _chat_then_stop(tmp_path, sig: int) -> tuple[list[dict], str]:
+    data = str(tmp_path / "data")
+    with Daemon("--data-dir", data, "--max-message-rate", "0") as first:
+        first.wait_healthy()
+        with Client(first.ws_url) as ws:
+            ws.join("keep", "alice")
+            acks = [send_acked(ws, "keep", f"m{i}", client_id=f"c{i}") for i in range(20)]
+        output = first.stop(sig)
+    return acks, output
+
+
+def _history_after_restart(tmp_path) -> tuple[dict, dict, dict]:
+    data = str(tmp_path / "data")
+    with Daemon("--data-dir", data, "--max-message-rate", "0") as again:
+        again.wait_healthy()
+        with Client(again.ws_url) as ws:
+            ws.join("keep", "bob")
+            ws.send(type="history", room="keep", limit=100)
+            history = ws.recv_type("history")
+            retry = send_acked(ws, "keep", "m3", client_id="c3")
+            new = send_acked(ws, "keep", "new")
+        return history, retry, new
+
+
+def test_history_and_seq_survive_a_clean_restart(tmp_path) -> None:
+    acks, output = _chat_then_stop(tmp_path, signal.SIGTERM)
+    history, retry, new = _history_after_restart(tmp_path)
+    assert [m["seq"] for m in history["messages"]] == list(range(1, 21))
+    assert [m["id"] for m in history["messages"]] == [a["id"] for a in acks]
+    assert (retry["id"], retry["seq"]) == (acks[3]["id"], 4)
+    assert new["seq"] == 21
+
+
+def test_every_acknowledged_message_survives_kill_9(tmp_path) -> None:
+    acks, _ = _chat_then_stop(tmp_path, signal.SIGKILL)
+    history, retry, new = _history_after_restart(tmp_path)
+    assert [(m["id"], m["seq"]) for m in history["messages"]] == [(a["id"], a["seq"]) for a in acks]
+    assert retry["seq"] == 4
+    assert new["seq"] == 21
