@@ -334,7 +334,7 @@ def test_errors_are_completions_and_the_connection_lives(clock, hub):
     invoke(conn, "sendmessage", "ada", "case-insensitive", invocation_id="7")
     replies = {m["invocationId"]: m.get("error") for m in t.take() if m["type"] == p.COMPLETION}
     assert replies["1"] == "Unknown hub method 'nope'"
-    assert replies["2"] == "Invocation provides 2 argument(s) but target expects 3."
+    assert replies["2"] == "Invocation provides 2 argument(s) but target expects 3 to 4."
     assert replies["3"] == "message must be a string"
     assert replies["4"] == "limit must be an integer"
     assert "non-streaming invocation" in replies["5"]

@@ -2,14 +2,28 @@
 
 Client to server (method names match case-insensitively, as in ASP.NET Core)::
 
-    SendMessage(user, message)          publish to the default room ("general")
-    SendToRoom(room, user, message)     join ``room`` if needed, then publish
-    JoinRoom(room[, user])              -> the room's users
+    SendMessage(user, message)          publish to the default room ("general") -> message dict
+    SendToRoom(room, user, message[, client_id])
+                                        join ``room`` if needed, then publish -> message dict
+    JoinRoom(room[, user[, since]])     -> the room's users; with ``since``, see below
     LeaveRoom(room)
     GetHistory(room[, limit])           -> [message dict, ...], oldest first
     GetUsers(room)                      -> [user, ...]
-    StreamRoom(room)                    stream: each new message of ``room`` as a message dict
+    StreamRoom(room[, since])           stream: each new message of ``room`` as a message dict
     UploadMessages(room, user, stream)  client-to-server stream: each item is a message -> count
+
+A send completes once the message is stored (a store failure completes
+with an error, never a result); its result is the stored message dict. A
+retry of ``SendToRoom`` with the same ``client_id`` in the same room
+completes with the original's dict (same ``id`` and ``seq``) and is not
+delivered again.
+
+Resume: ``StreamRoom(room, since)`` streams every kept message after seq
+``since`` first, then live ones, with no gap and no duplicate; if some of
+what was missed is no longer kept, the first item is ``{"type":
+"truncated", "room", "first_seq"}``. ``JoinRoom(room, user, since)`` replays
+the missed messages as ``ReceiveMessage`` calls and returns ``{"users",
+"truncated", "first_seq", "last_seq"}`` instead of the plain user list.
 
 Server to client::
 
@@ -33,14 +47,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd import validate
 from chatd.events import Event
 from chatd.hub import Hub, Session
 from chatd.logs import printable
 from chatd.signalr import protocol as p
-from chatd.signalr.connection import HubConnection
+from chatd.signalr.connection import CLOSED, HubConnection
 from chatd.validate import ChatError
 
 log = Logger()
@@ -106,13 +122,15 @@ def _as_dict(event: Event) -> dict:
 class _Upload:
     """A client-to-server stream feeding ``UploadMessages``."""
 
-    __slots__ = ("invocation_id", "room", "count", "error")
+    __slots__ = ("invocation_id", "room", "count", "error", "pending")
 
     def __init__(self, invocation_id: str | None, room: str) -> None:
         self.invocation_id = invocation_id
         self.room = room
         self.count = 0
         self.error: str | None = None
+        #: items sent to the store and not yet stored: the completion waits for them
+        self.pending: set[defer.Deferred] = set()
 
 
 class ChatHub:
@@ -212,12 +230,30 @@ class ChatHub:
                 error = f"An unexpected error occurred invoking '{target}' on the server."
                 self.connection.send(p.completion(invocation_id, error=error))
             return
-        if invocation_id is None or spec.kind != "call":
+        if spec.kind != "call":
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(self._complete, self._failed, (invocation_id,), None, (invocation_id, target))
+        elif invocation_id is not None:
+            self._complete(result, invocation_id)
+
+    def _complete(self, result: Any, invocation_id: str | None) -> None:
+        if invocation_id is None or self.connection.state == CLOSED:
             return
         if result is _VOID:
             self.connection.send(p.completion(invocation_id, void=True))
         else:
             self.connection.send(p.completion(invocation_id, result))
+
+    def _failed(self, failure: Failure, invocation_id: str | None, target: str) -> None:
+        """A call that failed once the store answered (the message was not stored)."""
+        if failure.check(ChatError):
+            error = failure.value.reason
+        else:
+            log.failure("{peer}: {target} failed", failure, peer=self.session.peer, target=printable(target))
+            error = f"An unexpected error occurred invoking '{target}' on the server."
+        if invocation_id is not None and self.connection.state != CLOSED:
+            self.connection.send(p.completion(invocation_id, error=error))
 
     # -- naming --------------------------------------------------------------
 
@@ -247,21 +283,30 @@ class ChatHub:
     def send_message(self, user: Any, message: Any) -> object:
         return self.send_to_room(self.default_room, user, message)
 
-    def send_to_room(self, room: Any, user: Any, message: Any) -> object:
+    def send_to_room(self, room: Any, user: Any, message: Any, client_id: Any = None) -> defer.Deferred:
         room = validate.room(room)
         validate.user(user)
         validate.message(message, self.hub.limits)
+        validate.client_id(client_id)
         self._name(user)
         self._ensure_in(room)
-        self.hub.publish(room, self.session.user, message, PROTOCOL)
-        return _VOID
+        return self.hub.publish(room, self.session.user, message, PROTOCOL, client_id).addCallback(_as_dict)
 
-    def join_room(self, room: Any, user: Any = None) -> list[str]:
+    def join_room(self, room: Any, user: Any = None, since: Any = None) -> list[str] | dict:
         room = validate.room(room)
+        resume = validate.since_seq(since, "since") if since is not None else None
         if user is not None:
             self._name(user)
         self._stream_rooms.discard(room)
-        return self.hub.join(self.session, room)
+        joined = self.hub.join(self.session, room, since_seq=resume)
+        if resume is None:
+            return list(joined)
+        return {
+            "users": list(joined),
+            "truncated": joined.truncated,
+            "first_seq": joined.first_seq,
+            "last_seq": self.hub.store.last_seq(room),
+        }
 
     def leave_room(self, room: Any) -> object:
         self.hub.leave(self.session, room)
@@ -279,8 +324,9 @@ class ChatHub:
 
     # -- server-to-client streams -------------------------------------------
 
-    def stream_room(self, invocation_id: str, room: Any) -> None:
+    def stream_room(self, invocation_id: str, room: Any, since: Any = None) -> None:
         room = validate.room(room)
+        resume = validate.since_seq(since, "since") if since is not None else None
         if invocation_id in self.streams:
             raise ChatError(f"Invocation ID '{invocation_id}' is already in use.")
         if len(self.streams) >= MAX_OPEN_STREAMS:
@@ -288,6 +334,16 @@ class ChatHub:
         if room not in self.session.rooms:
             self.hub.join(self.session, room)
             self._stream_rooms.add(room)
+        if resume is not None:
+            # The replay goes to this stream only, in the same reactor turn as
+            # it goes live: no gap, no duplicate, and the room's ReceiveMessage
+            # handlers do not see old messages again.
+            missed = self.hub.store.since(room, resume)
+            if missed.truncated:
+                item = {"type": "truncated", "room": room, "first_seq": missed.first_kept}
+                self.connection.send(p.stream_item(invocation_id, item))
+            for message in missed.messages:
+                self.connection.send(p.stream_item(invocation_id, message.as_dict()))
         self.streams[invocation_id] = room
 
     def stream_event(self, event: Event) -> None:
@@ -331,15 +387,37 @@ class ChatHub:
         try:
             if upload.room not in self.session.rooms:
                 raise ChatError(f"not in room {upload.room}")
-            self.hub.publish(upload.room, self.session.user, item, PROTOCOL)
-            upload.count += 1
+            d = self.hub.publish(upload.room, self.session.user, item, PROTOCOL)
         except ChatError as e:
             self.hub.metrics.error("bad_request", PROTOCOL)
             upload.error = e.reason
+            return
+        upload.pending.add(d)
+
+        def stored(_: Any) -> None:
+            upload.pending.discard(d)
+            upload.count += 1
+
+        def failed(failure: Failure) -> None:
+            upload.pending.discard(d)
+            upload.error = upload.error or (failure.value.reason if failure.check(ChatError) else "internal error")
+
+        d.addCallbacks(stored, failed)
 
     def _upload_done(self, stream_id: str, error: str | None) -> None:
         upload = self._uploads.pop(stream_id, None)
         if upload is None or upload.invocation_id is None:
+            return
+        if upload.pending:
+            # Complete once every item sent is stored (or failed), with the true count.
+            waiting = defer.DeferredList(list(upload.pending), consumeErrors=True)
+            waiting.addCallback(lambda _: self._upload_complete(upload, error))
+            return
+        self._upload_complete(upload, error)
+
+    def _upload_complete(self, upload: _Upload, error: str | None) -> None:
+        assert upload.invocation_id is not None
+        if self.connection.state == CLOSED:
             return
         if upload.error is not None:
             self.connection.send(p.completion(upload.invocation_id, error=upload.error))
@@ -364,11 +442,11 @@ class _Method:
 
 _METHODS: dict[str, _Method] = {
     "sendmessage": _Method(ChatHub.send_message, 2, 2),
-    "sendtoroom": _Method(ChatHub.send_to_room, 3, 3),
-    "joinroom": _Method(ChatHub.join_room, 1, 2),
+    "sendtoroom": _Method(ChatHub.send_to_room, 3, 4),
+    "joinroom": _Method(ChatHub.join_room, 1, 3),
     "leaveroom": _Method(ChatHub.leave_room, 1, 1),
     "gethistory": _Method(ChatHub.get_history, 1, 2),
     "getusers": _Method(ChatHub.get_users, 1, 1),
-    "streamroom": _Method(ChatHub.stream_room, 1, 1, "stream"),
+    "streamroom": _Method(ChatHub.stream_room, 1, 2, "stream"),
     "uploadmessages": _Method(ChatHub.upload_messages, 2, 2, "upload"),
 }
