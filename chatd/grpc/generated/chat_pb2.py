@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63hatd/grpc/generated/chat.proto\x12\x04\x63hat\"=\n\x0eMessageRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\"|\n\x0fMessageResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04room\x18\x05 \x01(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\t\x12\x10\n\x08protocol\x18\x07 \x01(\t\"Q\n\rStreamRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x16\n\tsince_seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_since_seq\"\x0e\n\x0cStatsRequest\"\xb9\x02\n\rStatsResponse\x12\x13\n\x0b\x63onnections\x18\x01 \x01(\x04\x12O\n\x17\x63onnections_by_protocol\x18\x02 \x03(\x0b\x32..chat.StatsResponse.ConnectionsByProtocolEntry\x12\x1c\n\x14\x63onnections_accepted\x18\x03 \x01(\x04\x12\r\n\x05rooms\x18\x04 \x01(\x04\x12\x16\n\x0emessages_total\x18\x05 \x01(\x04\x12\x1b\n\x13messages_per_second\x18\x06 \x01(\x01\x12\x12\n\ndeliveries\x18\x07 \x01(\x04\x12\x0e\n\x06uptime\x18\x08 \x01(\x01\x1a<\n\x1a\x43onnectionsByProtocolEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9f\x02\n\tChatEvent\x12\x1a\n\x04join\x18\x01 \x01(\x0b\x32\n.chat.JoinH\x00\x12\x1c\n\x05leave\x18\x02 \x01(\x0b\x32\x0b.chat.LeaveH\x00\x12\x1a\n\x04send\x18\x03 \x01(\x0b\x32\n.chat.SendH\x00\x12(\n\x07message\x18\x04 \x01(\x0b\x32\x15.chat.MessageResponseH\x00\x12\"\n\x08presence\x18\x05 \x01(\x0b\x32\x0e.chat.PresenceH\x00\x12\x1e\n\x06joined\x18\x06 \x01(\x0b\x32\x0c.chat.JoinedH\x00\x12\x1a\n\x04left\x18\x07 \x01(\x0b\x32\n.chat.LeftH\x00\x12\x1c\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x0b.chat.ErrorH\x00\x12\x0b\n\x03ref\x18\x0f \x01(\tB\x07\n\x05\x65vent\"H\n\x04Join\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x16\n\tsince_seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_since_seq\"\x15\n\x05Leave\x12\x0c\n\x04room\x18\x01 \x01(\t\"%\n\x04Send\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"j\n\x08Presence\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\"5\n\x06Joined\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0f\n\x07members\x18\x03 \x03(\t\"\x14\n\x04Left\x12\x0c\n\x04room\x18\x01 \x01(\t\"6\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\t2\xec\x01\n\x0b\x43hatService\x12:\n\x0bSendMessage\x12\x14.chat.MessageRequest\x1a\x15.chat.MessageResponse\x12>\n\x0eStreamMessages\x12\x13.chat.StreamRequest\x1a\x15.chat.MessageResponse0\x01\x12\x33\n\x08GetStats\x12\x12.chat.StatsRequest\x1a\x13.chat.StatsResponse\x12,\n\x04\x43hat\x12\x0f.chat.ChatEvent\x1a\x0f.chat.ChatEvent(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63hatd/grpc/generated/chat.proto\x12\x04\x63hat\"P\n\x0eMessageRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\"|\n\x0fMessageResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04room\x18\x05 \x01(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\t\x12\x10\n\x08protocol\x18\x07 \x01(\t\"Q\n\rStreamRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x16\n\tsince_seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_since_seq\"\x0e\n\x0cStatsRequest\"\xb9\x02\n\rStatsResponse\x12\x13\n\x0b\x63onnections\x18\x01 \x01(\x04\x12O\n\x17\x63onnections_by_protocol\x18\x02 \x03(\x0b\x32..chat.StatsResponse.ConnectionsByProtocolEntry\x12\x1c\n\x14\x63onnections_accepted\x18\x03 \x01(\x04\x12\r\n\x05rooms\x18\x04 \x01(\x04\x12\x16\n\x0emessages_total\x18\x05 \x01(\x04\x12\x1b\n\x13messages_per_second\x18\x06 \x01(\x01\x12\x12\n\ndeliveries\x18\x07 \x01(\x04\x12\x0e\n\x06uptime\x18\x08 \x01(\x01\x1a<\n\x1a\x43onnectionsByProtocolEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xbb\x02\n\tChatEvent\x12\x1a\n\x04join\x18\x01 \x01(\x0b\x32\n.chat.JoinH\x00\x12\x1c\n\x05leave\x18\x02 \x01(\x0b\x32\x0b.chat.LeaveH\x00\x12\x1a\n\x04send\x18\x03 \x01(\x0b\x32\n.chat.SendH\x00\x12(\n\x07message\x18\x04 \x01(\x0b\x32\x15.chat.MessageResponseH\x00\x12\"\n\x08presence\x18\x05 \x01(\x0b\x32\x0e.chat.PresenceH\x00\x12\x1e\n\x06joined\x18\x06 \x01(\x0b\x32\x0c.chat.JoinedH\x00\x12\x1a\n\x04left\x18\x07 \x01(\x0b\x32\n.chat.LeftH\x00\x12\x1c\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x0b.chat.ErrorH\x00\x12\x1a\n\x04sent\x18\t \x01(\x0b\x32\n.chat.SentH\x00\x12\x0b\n\x03ref\x18\x0f \x01(\tB\x07\n\x05\x65vent\"H\n\x04Join\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x16\n\tsince_seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_since_seq\"\x15\n\x05Leave\x12\x0c\n\x04room\x18\x01 \x01(\t\"8\n\x04Send\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\"@\n\x04Sent\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tclient_id\x18\x04 \x01(\t\"j\n\x08Presence\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\"[\n\x06Joined\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x11\n\tfirst_seq\x18\x05 \x01(\x04\"\x14\n\x04Left\x12\x0c\n\x04room\x18\x01 \x01(\t\"6\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\t2\xec\x01\n\x0b\x43hatService\x12:\n\x0bSendMessage\x12\x14.chat.MessageRequest\x1a\x15.chat.MessageResponse\x12>\n\x0eStreamMessages\x12\x13.chat.StreamRequest\x1a\x15.chat.MessageResponse0\x01\x12\x33\n\x08GetStats\x12\x12.chat.StatsRequest\x1a\x13.chat.StatsResponse\x12,\n\x04\x43hat\x12\x0f.chat.ChatEvent\x1a\x0f.chat.ChatEvent(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSRESPONSE_CONNECTIONSBYPROTOCOLENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_CONNECTIONSBYPROTOCOLENTRY']._serialized_options = b'8\001'
   _globals['_MESSAGEREQUEST']._serialized_start=41
-  _globals['_MESSAGEREQUEST']._serialized_end=102
-  _globals['_MESSAGERESPONSE']._serialized_start=104
-  _globals['_MESSAGERESPONSE']._serialized_end=228
-  _globals['_STREAMREQUEST']._serialized_start=230
-  _globals['_STREAMREQUEST']._serialized_end=311
-  _globals['_STATSREQUEST']._serialized_start=313
-  _globals['_STATSREQUEST']._serialized_end=327
-  _globals['_STATSRESPONSE']._serialized_start=330
-  _globals['_STATSRESPONSE']._serialized_end=643
-  _globals['_STATSRESPONSE_CONNECTIONSBYPROTOCOLENTRY']._serialized_start=583
-  _globals['_STATSRESPONSE_CONNECTIONSBYPROTOCOLENTRY']._serialized_end=643
-  _globals['_CHATEVENT']._serialized_start=646
-  _globals['_CHATEVENT']._serialized_end=933
-  _globals['_JOIN']._serialized_start=935
-  _globals['_JOIN']._serialized_end=1007
-  _globals['_LEAVE']._serialized_start=1009
-  _globals['_LEAVE']._serialized_end=1030
-  _globals['_SEND']._serialized_start=1032
-  _globals['_SEND']._serialized_end=1069
-  _globals['_PRESENCE']._serialized_start=1071
-  _globals['_PRESENCE']._serialized_end=1177
-  _globals['_JOINED']._serialized_start=1179
-  _globals['_JOINED']._serialized_end=1232
-  _globals['_LEFT']._serialized_start=1234
-  _globals['_LEFT']._serialized_end=1254
-  _globals['_ERROR']._serialized_start=1256
-  _globals['_ERROR']._serialized_end=1310
-  _globals['_CHATSERVICE']._serialized_start=1313
-  _globals['_CHATSERVICE']._serialized_end=1549
+  _globals['_MESSAGEREQUEST']._serialized_end=121
+  _globals['_MESSAGERESPONSE']._serialized_start=123
+  _globals['_MESSAGERESPONSE']._serialized_end=247
+  _globals['_STREAMREQUEST']._serialized_start=249
+  _globals['_STREAMREQUEST']._serialized_end=330
+  _globals['_STATSREQUEST']._serialized_start=332
+  _globals['_STATSREQUEST']._serialized_end=346
+  _globals['_STATSRESPONSE']._serialized_start=349
+  _globals['_STATSRESPONSE']._serialized_end=662
+  _globals['_STATSRESPONSE_CONNECTIONSBYPROTOCOLENTRY']._serialized_start=602
+  _globals['_STATSRESPONSE_CONNECTIONSBYPROTOCOLENTRY']._serialized_end=662
+  _globals['_CHATEVENT']._serialized_start=665
+  _globals['_CHATEVENT']._serialized_end=980
+  _globals['_JOIN']._serialized_start=982
+  _globals['_JOIN']._serialized_end=1054
+  _globals['_LEAVE']._serialized_start=1056
+  _globals['_LEAVE']._serialized_end=1077
+  _globals['_SEND']._serialized_start=1079
+  _globals['_SEND']._serialized_end=1135
+  _globals['_SENT']._serialized_start=1137
+  _globals['_SENT']._serialized_end=1201
+  _globals['_PRESENCE']._serialized_start=1203
+  _globals['_PRESENCE']._serialized_end=1309
+  _globals['_JOINED']._serialized_start=1311
+  _globals['_JOINED']._serialized_end=1402
+  _globals['_LEFT']._serialized_start=1404
+  _globals['_LEFT']._serialized_end=1424
+  _globals['_ERROR']._serialized_start=1426
+  _globals['_ERROR']._serialized_end=1480
+  _globals['_CHATSERVICE']._serialized_start=1483
+  _globals['_CHATSERVICE']._serialized_end=1719
 # @@protoc_insertion_point(module_scope)

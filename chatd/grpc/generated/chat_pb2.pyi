@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MessageRequest(_message.Message):
-    __slots__ = ("user", "message", "room")
+    __slots__ = ("user", "message", "room", "client_id")
     USER_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ROOM_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     user: str
     message: str
     room: str
-    def __init__(self, user: _Optional[str] = ..., message: _Optional[str] = ..., room: _Optional[str] = ...) -> None: ...
+    client_id: str
+    def __init__(self, user: _Optional[str] = ..., message: _Optional[str] = ..., room: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class MessageResponse(_message.Message):
     __slots__ = ("id", "seq", "user", "message", "room", "timestamp", "protocol")
@@ -76,7 +78,7 @@ class StatsResponse(_message.Message):
     def __init__(self, connections: _Optional[int] = ..., connections_by_protocol: _Optional[_Mapping[str, int]] = ..., connections_accepted: _Optional[int] = ..., rooms: _Optional[int] = ..., messages_total: _Optional[int] = ..., messages_per_second: _Optional[float] = ..., deliveries: _Optional[int] = ..., uptime: _Optional[float] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
-    __slots__ = ("join", "leave", "send", "message", "presence", "joined", "left", "error", "ref")
+    __slots__ = ("join", "leave", "send", "message", "presence", "joined", "left", "error", "sent", "ref")
     JOIN_FIELD_NUMBER: _ClassVar[int]
     LEAVE_FIELD_NUMBER: _ClassVar[int]
     SEND_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +87,7 @@ class ChatEvent(_message.Message):
     JOINED_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
     join: Join
     leave: Leave
@@ -94,8 +97,9 @@ class ChatEvent(_message.Message):
     joined: Joined
     left: Left
     error: Error
+    sent: Sent
     ref: str
-    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., message: _Optional[_Union[MessageResponse, _Mapping]] = ..., presence: _Optional[_Union[Presence, _Mapping]] = ..., joined: _Optional[_Union[Joined, _Mapping]] = ..., left: _Optional[_Union[Left, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., ref: _Optional[str] = ...) -> None: ...
+    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., message: _Optional[_Union[MessageResponse, _Mapping]] = ..., presence: _Optional[_Union[Presence, _Mapping]] = ..., joined: _Optional[_Union[Joined, _Mapping]] = ..., left: _Optional[_Union[Left, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent: _Optional[_Union[Sent, _Mapping]] = ..., ref: _Optional[str] = ...) -> None: ...
 
 class Join(_message.Message):
     __slots__ = ("room", "user", "since_seq")
@@ -114,12 +118,26 @@ class Leave(_message.Message):
     def __init__(self, room: _Optional[str] = ...) -> None: ...
 
 class Send(_message.Message):
-    __slots__ = ("room", "message")
+    __slots__ = ("room", "message", "client_id")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     room: str
     message: str
-    def __init__(self, room: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    client_id: str
+    def __init__(self, room: _Optional[str] = ..., message: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class Sent(_message.Message):
+    __slots__ = ("room", "id", "seq", "client_id")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    id: str
+    seq: int
+    client_id: str
+    def __init__(self, room: _Optional[str] = ..., id: _Optional[str] = ..., seq: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("room", "action", "user", "timestamp", "protocol", "count")
@@ -138,14 +156,18 @@ class Presence(_message.Message):
     def __init__(self, room: _Optional[str] = ..., action: _Optional[str] = ..., user: _Optional[str] = ..., timestamp: _Optional[str] = ..., protocol: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Joined(_message.Message):
-    __slots__ = ("room", "user", "members")
+    __slots__ = ("room", "user", "members", "truncated", "first_seq")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
     room: str
     user: str
     members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, room: _Optional[str] = ..., user: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+    truncated: bool
+    first_seq: int
+    def __init__(self, room: _Optional[str] = ..., user: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ..., first_seq: _Optional[int] = ...) -> None: ...
 
 class Left(_message.Message):
     __slots__ = ("room",)

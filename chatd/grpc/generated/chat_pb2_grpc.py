@@ -62,7 +62,9 @@ class ChatServiceServicer:
     """
 
     def SendMessage(self, request, context):
-        """Publish one message to a room; answers the message as stored (id, seq, timestamp).
+        """Publish one message to a room; answers the message as stored (id, seq,
+        timestamp) once the history store holds it. A retry with the same
+        client_id in the same room answers the original and stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,7 +73,8 @@ class ChatServiceServicer:
     def StreamMessages(self, request, context):
         """Join a room and receive its messages until the call is cancelled. With
         since_seq, the kept messages after that seq come first, then live ones,
-        with no gap and no duplicate.
+        with no gap and no duplicate. When some of those are no longer kept, the
+        initial metadata says so: chatd-truncated: true, chatd-first-seq: N.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
