@@ -92,15 +92,19 @@ def go_duration(seconds: float) -> str:
 
 
 def health(hub, service: str) -> tuple[int, dict]:
-    """The health document: 200 while the hub serves, 503 once shutdown starts."""
+    """The health document: 200 while the hub serves; 503, with the reason, once
+    shutdown starts or while the store cannot keep messages (Redis away)."""
     ok = hub.healthy
-    return (200 if ok else 503), {
+    body = {
         "status": "healthy" if ok else "unhealthy",
         "service": service,
         "timestamp": rfc3339(hub.clock.seconds()),
         "clients": len(hub.sessions),
         "uptime": go_duration(hub.uptime()),
     }
+    if not ok:
+        body["reason"] = hub.problem
+    return (200 if ok else 503), body
 
 
 _INFO = """<!doctype html>

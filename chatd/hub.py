@@ -144,6 +144,8 @@ class Broker(Protocol):
 
     def stored(self, message: Message) -> None: ...
 
+    def members(self, room: str, local: list[str]) -> list[str]: ...
+
 
 class LocalBroker:
     """In-process fan-out: hand the event straight back to the hub, in order."""
@@ -155,6 +157,9 @@ class LocalBroker:
         self._hub.deliver(event)
 
     stored = publish
+
+    def members(self, room: str, local: list[str]) -> list[str]:
+        return local
 
 
 class Joined(list):
@@ -295,7 +300,14 @@ class Hub(Service):
 
     @property
     def healthy(self) -> bool:
-        return self.running and self.accepting
+        return self.running and self.accepting and self.store.problem is None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the hub is not healthy, in a few words (None when it is)."""
+        if not self.running or not self.accepting:
+            return "shutting down"
+        return self.store.problem
 
     # -- sessions ----------------------------------------------------------
 
@@ -367,7 +379,7 @@ class Hub(Service):
                 self.broker.publish(
                     Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))
                 )
-        joined.extend(r.users)
+        joined.extend(self.broker.members(name, list(r.users)))
         return joined
 
     def leave(self, session: Session, room: object) -> None:
@@ -399,9 +411,18 @@ class Hub(Service):
         return r
 
     def members(self, room: object) -> list[str]:
-        """The users in a room now, in the order they came."""
-        r = self._rooms.get(validate.room(room))
+        """The users in a room now (on every process), in the order they came."""
+        name = validate.room(room)
+        return self.broker.members(name, self.local_users(name))
+
+    def local_users(self, room: str) -> list[str]:
+        """The users in a room on this process."""
+        r = self._rooms.get(room)
         return list(r.users) if r else []
+
+    def local_presence(self) -> dict[str, dict[str, int]]:
+        """Every room's users on this process and how many sessions each has there."""
+        return {name: dict(r.users) for name, r in self._rooms.items() if r.users}
 
     def rooms(self) -> dict[str, int]:
         """Every room with anyone in it, and how many users it has."""

@@ -110,7 +110,12 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "chatd_accepting",
             "1 while the server takes new clients, 0 while draining",
-            value=int(hub.healthy),
+            value=int(hub.running and hub.accepting),
+        )
+        yield GaugeMetricFamily(
+            "chatd_store_healthy",
+            "1 while the history store (SQLite, or Redis with --redis) takes messages",
+            value=int(hub.store.problem is None),
         )
         yield GaugeMetricFamily("chatd_uptime_seconds", "Seconds since the hub started", value=hub.uptime())
 

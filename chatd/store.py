@@ -84,6 +84,9 @@ class Store:
     order messages were added to one room, with ``seq`` filled in.
     """
 
+    #: a stored message enters its window when its add fires (False: the backend puts it there)
+    keeps_on_ack = True
+
     def __init__(self, clock: IReactorTime, limit: int = 100, max_age: float = 0.0) -> None:
         self.clock = clock
         self.limit = limit
@@ -144,7 +147,7 @@ class Store:
         def stored(result: Stored) -> Stored:
             if key is not None:
                 self._in_flight.pop(key, None)
-            if not result.duplicate:
+            if not result.duplicate and self.keeps_on_ack:
                 self.keep(result.message, client_id)
             for retry in retries:
                 retry.callback(Stored(result.message, True))

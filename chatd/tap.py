@@ -160,6 +160,10 @@ class Options(usage.Options):
             self[name] = value
         for name, (env, default, _) in STRINGS.items():
             self[name] = str(self._value(name, env, default))
+        if self["redis"]:
+            from chatd.redis import parse_url
+
+            parse_url(self["redis"])
         check_options(self)
         webclient.check_options(self)
         grpc_service.check_options(self)
@@ -250,12 +254,21 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         message_burst=options["message-burst"],
     )
     GcTuning(reactor).setServiceParent(top)
-    hub = Hub(
-        reactor,
-        limits=limits,
-        max_connections=options["max-connections"],
-        store=store.from_options(reactor, options),
-    )
+    if options["redis"]:
+        from chatd.redis import RedisBackplane
+
+        backplane = RedisBackplane(
+            reactor, options["redis"], options["history-limit"], float(options["history-max-age"])
+        )
+        hub = Hub(reactor, limits=limits, max_connections=options["max-connections"], store=backplane)
+        backplane.attach(hub)
+    else:
+        hub = Hub(
+            reactor,
+            limits=limits,
+            max_connections=options["max-connections"],
+            store=store.from_options(reactor, options),
+        )
     hub.setServiceParent(top)
 
     origins = _origins(options)

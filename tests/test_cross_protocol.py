@@ -71,6 +71,12 @@ class SignalRClient:
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
 
+    def __enter__(self) -> SignalRClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 def _key(m: dict) -> tuple:
     return (m["seq"], m["user"], m["message"], m["protocol"])

@@ -1,0 +1,668 @@
+"""``--redis``: history, order, fan-out and presence shared by every chatd process.
+
+One :class:`RedisBackplane` per process is both the hub's store and its
+broker. It keeps two connections to Redis (txredisapi protocols, each kept up
+by a Twisted ``ClientService`` with backoff):
+
+* **commands**: a Lua script numbers a message (``INCR``), keeps it
+  (a sorted set per room, score = seq, trimmed to ``--history-limit`` and
+  ``--history-max-age``), remembers its ``client_id`` and ``PUBLISH``\\ es it,
+  all in one atomic step. Two processes never hand out the same ``seq``, a
+  retried ``client_id`` is found whichever process stored it first, and a
+  message is published only if it is stored;
+* **events**: a subscription to one channel. Every process delivers every
+  room's messages from it, in the order Redis ran the scripts, i.e. in
+  ``seq`` order. A message reaches the windows (history, resume) and the
+  local sessions only through this path; a sender is acknowledged once its
+  own message has come back (or at once if the subscription is down: the
+  message is stored, and catch-up will deliver it).
+
+Nothing acknowledged is lost when Redis goes away: a publish that cannot
+reach Redis fails (the sender gets an error in its protocol's form, never a
+false ``sent``), ``/health`` answers 503 with the reason (a ``PING`` round
+trip every second), both connections reconnect with backoff, and on every
+(re)subscription the process catches up from the sorted sets before it
+delivers anything live, so a subscriber that missed messages while away
+delivers them, in order, before the next live one. A jump in ``seq`` on a
+live subscription (a lost publish) is filled the same way.
+
+Presence: each process counts its own users per room in one hash
+(``chatd:presence``, field ``proc \\n room \\n user``) and says so on the
+channel; every process mirrors the other processes' entries, so members and
+join replies list users on every process. Each process refreshes an expiring
+key (``chatd:proc:ID``, 10 s); every process looks, every few seconds, for
+processes in the presence hash whose key has expired (a ``kill -9``), and a
+script removes their entries and publishes a ``leave`` for each, once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints, protocol, ssl, task
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from chatd.events import Event, Message, Presence
+from chatd.store import Store, Stored, StoreUnavailable
+
+log = Logger()
+
+PREFIX = "chatd:"
+CHANNEL = PREFIX + "events"
+PRESENCE = PREFIX + "presence"
+ROOMS = PREFIX + "rooms"
+#: a process's heartbeat key lives this long; a crashed process's users go within it plus REAP_INTERVAL
+HEARTBEAT_TTL = 10
+HEARTBEAT_INTERVAL = 3.0
+REAP_INTERVAL = 4.0
+CHECK_INTERVAL = 1.0
+REPLY_TIMEOUT = 5
+
+# KEYS: seq, hist, cid, rooms. ARGV: room, id, user, text, time, protocol, client_id,
+# limit, cutoff (0: no age limit), ttl (0: none), channel.
+_STORE = """
+local cid = ARGV[7]
+if cid ~= '' then
+  local existing = redis.call('HGET', KEYS[3], cid)
+  if existing then return {1, existing} end
+end
+local seq = redis.call('INCR', KEYS[1])
+local payload = cjson.encode({k='m', id=ARGV[2], seq=seq, room=ARGV[1], user=ARGV[3], text=ARGV[4],
+  time=tonumber(ARGV[5]), protocol=ARGV[6], cid=cid})
+redis.call('ZADD', KEYS[2], seq, payload)
+if cid ~= '' then redis.call('HSET', KEYS[3], cid, payload) end
+redis.call('SADD', KEYS[4], ARGV[1])
+local function drop(items)
+  for _, item in ipairs(items) do
+    local m = cjson.decode(item)
+    if m.cid ~= '' then redis.call('HDEL', KEYS[3], m.cid) end
+    redis.call('ZREM', KEYS[2], item)
+  end
+end
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[8])
+if excess > 0 then drop(redis.call('ZRANGE', KEYS[2], 0, excess - 1)) end
+local cutoff = tonumber(ARGV[9])
+if cutoff > 0 then
+  for _ = 1, 100 do
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0)
+    if #head == 0 or cjson.decode(head[1]).time >= cutoff then break end
+    drop(head)
+  end
+end
+local ttl = tonumber(ARGV[10])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+redis.call('PUBLISH', ARGV[11], payload)
+return {0, payload}
+"""
+
+# KEYS: presence. ARGV: field, delta, event payload, channel.
+_PRESENCE = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[2]))
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return n
+"""
+
+# KEYS: presence, the dead process's heartbeat. ARGV: proc, time, channel.
+# Removes every entry of a process whose heartbeat expired and says leave for each, once.
+_REAP = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local prefix = ARGV[1] .. '\\n'
+local fields = redis.call('HKEYS', KEYS[1])
+local n = 0
+for _, field in ipairs(fields) do
+  if string.sub(field, 1, #prefix) == prefix then
+    redis.call('HDEL', KEYS[1], field)
+    local rest = string.sub(field, #prefix + 1)
+    local sep = string.find(rest, '\\n', 1, true)
+    local room = string.sub(rest, 1, sep - 1)
+    local user = string.sub(rest, sep + 1)
+    redis.call('PUBLISH', ARGV[3], cjson.encode({k='p', proc=ARGV[1], room=room, user=user,
+      action='leave', time=tonumber(ARGV[2]), protocol='-', gone=1}))
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: presence. ARGV: proc, then field/count pairs (this process's entries now).
+_RESYNC = """
+local prefix = ARGV[1] .. '\\n'
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, #prefix) == prefix then redis.call('HDEL', KEYS[1], field) end
+end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 0
+"""
+
+
+def parse_url(url: str) -> dict[str, Any]:
+    """``redis://[user:password@]host[:port][/db]`` (``rediss://`` for TLS) as connection settings."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise usage.UsageError(f"--redis: expected redis://host:port/db or rediss://..., not {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise usage.UsageError(f"--redis: bad port in {url!r}") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise usage.UsageError(f"--redis: the database must be a number, not {path!r}")
+    if not parts.hostname:
+        raise usage.UsageError(f"--redis: no host in {url!r}")
+    return {
+        "host": parts.hostname,
+        "port": port,
+        "db": int(path) if path else 0,
+        "tls": parts.scheme == "rediss",
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+    }
+
+
+def _key(kind: str, room: str) -> str:
+    return f"{PREFIX}{kind}:{room}"
+
+
+def _message(payload: dict) -> Message:
+    m = Message(payload["id"], int(payload["seq"]), payload["room"], payload["user"], payload["text"],
+                float(payload["time"]), payload["protocol"])
+    m.client_id = payload.get("cid") or None
+    return m
+
+
+class _Factory(protocol.Factory):
+    """Builds txredisapi protocols for a ClientService (which does the reconnecting)."""
+
+    isLazy = True
+
+    def __init__(self, protocol_class: type, settings: dict[str, Any], on_message: Callable | None = None):
+        self.protocol_class = protocol_class
+        self.settings = settings
+        self.on_message = on_message
+
+    def buildProtocol(self, addr: Any) -> Any:
+        s = self.settings
+        p = self.protocol_class(
+            charset="utf-8",
+            replyTimeout=REPLY_TIMEOUT if self.on_message is None else None,
+            password=s["password"],
+            dbid=s["db"] or None,
+            convertNumbers=False,
+            username=s["username"],
+        )
+        p.factory = self
+        if self.on_message is not None:
+            p.messageReceived = lambda pattern, channel, message: self.on_message(message)
+        return p
+
+    # txredisapi calls these when AUTH or SELECT fails: the ClientService keeps trying.
+    def stopTrying(self) -> None:
+        pass
+
+    def connectionError(self, why: str) -> None:
+        log.error("redis: {why}", why=why)
+
+
+class _Link:
+    """One Redis connection kept up by a ClientService; ``proto`` is None while it is down."""
+
+    def __init__(self, reactor: Any, settings: dict[str, Any], factory: _Factory, name: str,
+                 on_ready: Callable[[Any], Any]) -> None:
+        self.name = name
+        self.proto: Any = None
+        self.last_error = "not connected yet"
+        self._on_ready = on_ready
+        endpoint = endpoints.HostnameEndpoint(reactor, settings["host"], settings["port"], timeout=5)
+        if settings["tls"]:
+            # Certificate and host name verified (service-identity) against the system's CAs.
+            endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(settings["host"]), endpoint)
+        self.service = ClientService(
+            endpoint,
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+
+    def _prepare(self, proto: Any) -> defer.Deferred:
+        def ready(p: Any) -> Any:
+            self.proto = p
+            self.last_error = ""
+            proto.whenDisconnected().addCallback(self._lost)
+            log.info("redis {name} connection up", name=self.name)
+            return self._on_ready(p)
+
+        return proto.whenConnected().addCallback(ready)
+
+    def _lost(self, proto: Any) -> None:
+        if self.proto is proto:
+            self.proto = None
+            self.last_error = "connection lost"
+            log.warn("redis {name} connection lost; reconnecting", name=self.name)
+
+    def start(self) -> None:
+        self.service.startService()
+
+    def stop(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.service.stopService)
+
+
+class _Mirror:
+    """Other processes' presence entries: room -> user -> {process: sessions}."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, dict[str, dict[str, int]]] = {}
+
+    def clear(self) -> None:
+        self.rooms.clear()
+
+    def set(self, proc: str, room: str, user: str, count: int) -> None:
+        users = self.rooms.setdefault(room, {})
+        procs = users.setdefault(user, {})
+        if count > 0:
+            procs[proc] = count
+            return
+        procs.pop(proc, None)
+        if not procs:
+            del users[user]
+            if not users:
+                del self.rooms[room]
+
+    def change(self, proc: str, room: str, user: str, delta: int) -> None:
+        current = self.rooms.get(room, {}).get(user, {}).get(proc, 0)
+        self.set(proc, room, user, current + delta)
+
+    def users(self, room: str) -> dict[str, dict[str, int]]:
+        return self.rooms.get(room, {})
+
+    def procs(self) -> set[str]:
+        return {p for users in self.rooms.values() for procs in users.values() for p in procs}
+
+
+class RedisBackplane(Store):
+    """The store and broker of a hub when ``--redis`` is given; see the module docstring."""
+
+    #: windows take messages from the subscription only, in the order Redis published them
+    keeps_on_ack = False
+
+    def __init__(self, reactor: Any, url: str, limit: int = 100, max_age: float = 0.0) -> None:
+        super().__init__(reactor, limit, max_age)
+        self.reactor = reactor
+        self.url = url
+        self.settings = parse_url(url)
+        self.proc = uuid.uuid4().hex[:12]
+        self.hub: Any = None
+        self.mirror = _Mirror()
+        self._shas: dict[str, str] = {}
+        #: room -> [(seq, Deferred)] of own messages waiting to come back on the subscription
+        self._waiting: dict[str, list[tuple[int, defer.Deferred]]] = {}
+        #: None when live; else the events held back while catching up
+        self._held: list[dict] | None = []
+        self._syncing_rooms: dict[str, list[dict]] = {}
+        self._sync_generation = 0
+        self.synced = defer.Deferred()
+        self._commands = _Link(reactor, self.settings, _Factory(txredisapi.RedisProtocol, self.settings),
+                               "command", self._commands_ready)
+        self._events = _Link(reactor, self.settings,
+                             _Factory(txredisapi.SubscriberProtocol, self.settings, self._on_event),
+                             "subscriber", self._events_ready)
+        self._loops = [
+            self._loop(self._heartbeat, HEARTBEAT_INTERVAL),
+            self._loop(self._reap, REAP_INTERVAL),
+            self._loop(self._check, CHECK_INTERVAL),
+        ]
+        self.problem = "connecting to Redis"
+        self._started = False
+
+    def _loop(self, f: Callable[[], Any], interval: float) -> tuple[task.LoopingCall, float]:
+        call = task.LoopingCall(f)
+        call.clock = self.reactor
+        return call, interval
+
+    def attach(self, hub: Any) -> None:
+        """Become ``hub``'s broker too."""
+        self.hub = hub
+        hub.broker = self
+
+    # -- life ------------------------------------------------------------------------
+
+    def load(self) -> defer.Deferred:
+        if not self._started:
+            self._started = True
+            self._commands.start()
+            self._events.start()
+            for call, interval in self._loops:
+                call.start(interval, now=False)
+        return self.synced
+
+    def close(self) -> defer.Deferred:
+        for call, _ in self._loops:
+            if call.running:
+                call.stop()
+        d = defer.succeed(None)
+        proto = self._commands.proto
+        if proto is not None:
+            # Our users leave with us, at once rather than after the heartbeat expires.
+            d = self._script(_RESYNC, [PRESENCE], [self.proc]).addErrback(lambda _: None)
+            d.addCallback(lambda _: proto.execute_command("DEL", PREFIX + "proc:" + self.proc))
+            d.addErrback(lambda _: None)
+        d.addCallback(lambda _: defer.DeferredList([self._commands.stop(), self._events.stop()]))
+        return d
+
+    def check(self) -> defer.Deferred:
+        proto = self._commands.proto
+        if proto is None:
+            return defer.fail(StoreUnavailable(f"redis unreachable: {self._commands.last_error}"))
+        d = proto.execute_command("PING")
+        d.addTimeout(CHECK_INTERVAL, self.reactor)
+        return d
+
+    def _check(self) -> defer.Deferred:
+        def ok(_: Any) -> None:
+            if self._events.proto is None:
+                self.problem = f"redis subscription down: {self._events.last_error}"
+            elif self._held is not None:
+                self.problem = "catching up from Redis"
+            else:
+                self.problem = None
+
+        def bad(failure: Failure) -> None:
+            reason = failure.value.reason if failure.check(StoreUnavailable) else f"redis unreachable: {failure.getErrorMessage() or failure.type.__name__}"
+            self.problem = reason
+
+        return self.check().addCallbacks(ok, bad)
+
+    # -- scripts --------------------------------------------------------------------
+
+    def _script(self, source: str, keys: list[str], args: list[Any]) -> defer.Deferred:
+        proto = self._commands.proto
+        if proto is None:
+            return defer.fail(
+                StoreUnavailable(f"message not stored: Redis is unavailable ({self._commands.last_error}); try again shortly")
+            )
+        sha = self._shas.get(source)
+
+        def run(sha: str) -> defer.Deferred:
+            return proto.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+        def retry(failure: Failure) -> Any:
+            if "NOSCRIPT" in failure.getErrorMessage():
+                self._shas.pop(source, None)
+                return self._script(source, keys, args)
+            return failure
+
+        if sha is None:
+            d = proto.execute_command("SCRIPT", "LOAD", source)
+            d.addCallback(lambda sha: self._shas.__setitem__(source, sha) or sha)
+            return d.addCallback(run)
+        return run(sha).addErrback(retry)
+
+    def _commands_ready(self, proto: Any) -> defer.Deferred:
+        self._shas.clear()
+        return self._resync_presence().addErrback(lambda f: log.failure("redis: presence resync failed", f))
+
+    # -- messages ---------------------------------------------------------------------
+
+    def _persist(self, message: Message, client_id: str | None) -> defer.Deferred:
+        room = message.room
+        cutoff = self.clock.seconds() - self.max_age if self.max_age else 0
+        args = [room, message.id, message.user, message.text, repr(message.time), message.protocol,
+                client_id or "", self.limit, repr(cutoff), int(self.max_age), CHANNEL]
+        d = self._script(_STORE, [_key("seq", room), _key("hist", room), _key("cid", room), ROOMS], args)
+
+        def stored(reply: list) -> Any:
+            duplicate, payload = int(reply[0]), orjson.loads(reply[1])
+            stored_message = _message(payload)
+            if duplicate:
+                known = self._find(room, stored_message.seq)
+                return Stored(known or stored_message, True)
+            return self._wait_for(stored_message)
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(StoreUnavailable):
+                return failure
+            reason = failure.getErrorMessage() or failure.type.__name__
+            log.warn("redis: message not stored: {reason}", reason=reason)
+            raise StoreUnavailable(f"message not stored: Redis failed ({reason}); try again")
+
+        return d.addCallbacks(stored, failed)
+
+    def _find(self, room: str, seq: int) -> Message | None:
+        window = self._windows.get(room)
+        if window is not None:
+            for m in reversed(window.messages):
+                if m.seq == seq:
+                    return m
+        return None
+
+    def _wait_for(self, message: Message) -> Any:
+        """Acknowledge once our own message has come back and been delivered here."""
+        if self.last_seq(message.room) >= message.seq:
+            return Stored(self._find(message.room, message.seq) or message, False)
+        if self._events.proto is None:
+            return Stored(message, False)  # stored; catch-up delivers it once the subscription is back
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.setdefault(message.room, []).append((message.seq, d))
+        return d
+
+    def _release(self, room: str) -> None:
+        waiting = self._waiting.get(room)
+        if not waiting:
+            return
+        last = self.last_seq(room)
+        ready = [(s, d) for s, d in waiting if s <= last]
+        if not ready:
+            return
+        rest = [(s, d) for s, d in waiting if s > last]
+        if rest:
+            self._waiting[room] = rest
+        else:
+            del self._waiting[room]
+        for seq, d in ready:
+            d.callback(Stored(self._find(room, seq) or _placeholder(room, seq), False))
+
+    # -- the subscription ----------------------------------------------------------------
+
+    def _events_ready(self, proto: Any) -> defer.Deferred:
+        self._held = []
+        self._sync_generation += 1
+        generation = self._sync_generation
+        d = proto.subscribe(CHANNEL)
+        d.addCallback(lambda _: self._catch_up(generation))
+        d.addErrback(lambda f: log.failure("redis: subscribing failed", f))
+        return d
+
+    def _on_event(self, raw: Any) -> None:
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warn("redis: not a chatd event on {channel}", channel=CHANNEL)
+            return
+        if self._held is not None:
+            self._held.append(event)
+            return
+        self._apply(event)
+
+    @defer.inlineCallbacks
+    def _catch_up(self, generation: int) -> Any:
+        """Everything stored since what this process has delivered, then what was held, then live."""
+        proto = self._commands.proto
+        try:
+            if proto is None:
+                raise StoreUnavailable("no command connection")
+            rooms = yield proto.execute_command("SMEMBERS", ROOMS)
+            for room in sorted(rooms or []):
+                yield self._fetch(proto, room, self.last_seq(room) + 1)
+            entries = yield proto.execute_command("HGETALL", PRESENCE)
+        except Exception:
+            log.failure("redis: catching up failed; trying again")
+            if generation == self._sync_generation:
+                self.reactor.callLater(1.0, self._retry_catch_up, generation)
+            return
+        if generation != self._sync_generation:
+            return
+        self._load_presence(entries)
+        held, self._held = self._held or [], None
+        for event in held:
+            self._apply(event)
+        for room in list(self._waiting):
+            self._release(room)
+        log.info("redis: caught up ({rooms} rooms); live", rooms=len(rooms or []))
+        if not self.synced.called:
+            self.synced.callback(None)
+
+    def _retry_catch_up(self, generation: int) -> None:
+        if generation == self._sync_generation and self._events.proto is not None:
+            self._catch_up(generation)
+
+    @defer.inlineCallbacks
+    def _fetch(self, proto: Any, room: str, first: int) -> Any:
+        """Put what Redis keeps of ``room`` from seq ``first`` on into its window, in order."""
+        items = yield proto.execute_command("ZRANGEBYSCORE", _key("hist", room), first, "+inf")
+        seq = yield proto.execute_command("GET", _key("seq", room))
+        for item in items or []:
+            self._deliver_stored(_message(orjson.loads(item)))
+        # Messages gone by age: the room's seq goes on all the same.
+        if seq is not None:
+            window = self._window(room)
+            window.last_seq = max(window.last_seq, int(seq))
+
+    def _apply(self, event: dict) -> None:
+        kind = event.get("k")
+        if kind == "m":
+            message = _message(event)
+            room = message.room
+            if room in self._syncing_rooms:
+                self._syncing_rooms[room].append(event)
+                return
+            last = self.last_seq(room)
+            if message.seq > last + 1:
+                self._fill_gap(room, last + 1, event)
+                return
+            self._deliver_stored(message)
+        elif kind == "p":
+            self._remote_presence(event)
+
+    def _fill_gap(self, room: str, first: int, event: dict) -> None:
+        """A live message skipped some seqs (a publish lost): fetch them, then go on."""
+        self._syncing_rooms[room] = [event]
+        proto = self._commands.proto
+
+        def done(_: Any) -> None:
+            held = self._syncing_rooms.pop(room, [])
+            for e in held:
+                message = _message(e)
+                if message.seq > self.last_seq(room):
+                    self._deliver_stored(message)
+
+        def failed(failure: Failure) -> None:
+            log.failure("redis: filling a gap in {room} failed", failure, room=room)
+            done(None)
+
+        if proto is None:
+            failed(Failure(StoreUnavailable("no command connection")))
+            return
+        self._fetch(proto, room, first).addCallbacks(done, failed)
+
+    def _deliver_stored(self, message: Message) -> None:
+        if self.keep(message, message.client_id):
+            if self.hub is not None:
+                self.hub.deliver(message)
+            self._release(message.room)
+
+    # -- presence --------------------------------------------------------------------------
+
+    def _field(self, room: str, user: str) -> str:
+        return f"{self.proc}\n{room}\n{user}"
+
+    def publish(self, event: Event) -> None:
+        """Presence of this process's users: here at once (if it changes who is in the room), and to Redis."""
+        if not isinstance(event, Presence):
+            return
+        if not self.mirror.users(event.room).get(event.user):
+            self._deliver_presence(event)
+        payload = orjson.dumps({"k": "p", "proc": self.proc, "room": event.room, "user": event.user,
+                                "action": event.action, "time": event.time, "protocol": event.protocol})
+        delta = 1 if event.action == "join" else -1
+        d = self._script(_PRESENCE, [PRESENCE], [self._field(event.room, event.user), delta, payload, CHANNEL])
+        # Lost while Redis is away; the presence resync on reconnect puts it right.
+        d.addErrback(lambda f: log.debug("redis: presence not published: {why}", why=f.getErrorMessage()))
+
+    def stored(self, message: Message) -> None:
+        """Nothing to do: the store script published it, and the subscription delivers it."""
+
+    def _deliver_presence(self, event: Presence) -> None:
+        if self.hub is None:
+            return
+        count = len(self.members(event.room, self.hub.local_users(event.room)))
+        self.hub.deliver(Presence(event.room, event.action, event.user, event.time, event.protocol, count))
+
+    def _remote_presence(self, event: dict) -> None:
+        proc = event.get("proc")
+        if proc == self.proc or not isinstance(proc, str):
+            return
+        room, user, action = event["room"], event["user"], event["action"]
+        local = self.hub.local_users(room) if self.hub is not None else []
+        before = user in local or bool(self.mirror.users(room).get(user))
+        if event.get("gone"):
+            self.mirror.set(proc, room, user, 0)
+        else:
+            self.mirror.change(proc, room, user, 1 if action == "join" else -1)
+        after = user in local or bool(self.mirror.users(room).get(user))
+        if before != after:
+            self._deliver_presence(Presence(room, action, user, float(event.get("time") or 0), event.get("protocol", "-"), 0))
+
+    def _load_presence(self, entries: Any) -> None:
+        self.mirror.clear()
+        pairs = entries.items() if isinstance(entries, dict) else zip(entries[::2], entries[1::2], strict=False)
+        for field, count in pairs:
+            proc, _, rest = field.partition("\n")
+            room, _, user = rest.partition("\n")
+            if proc != self.proc:
+                self.mirror.set(proc, room, user, int(count))
+
+    def members(self, room: str, local: list[str]) -> list[str]:
+        """Users in ``room`` on every process: this one's first, in the order they came."""
+        remote = [u for u in self.mirror.users(room) if u not in local]
+        return [*local, *remote]
+
+    def _resync_presence(self) -> defer.Deferred:
+        args: list[Any] = [self.proc]
+        if self.hub is not None:
+            for room, users in self.hub.local_presence().items():
+                for user, count in users.items():
+                    args += [self._field(room, user), count]
+        return self._script(_RESYNC, [PRESENCE], args)
+
+    def _heartbeat(self) -> Any:
+        proto = self._commands.proto
+        if proto is None:
+            return None
+        d = proto.execute_command("SET", PREFIX + "proc:" + self.proc, "1", "EX", HEARTBEAT_TTL)
+        return d.addErrback(lambda _: None)
+
+    def _reap(self) -> Any:
+        """Remove the presence of processes whose heartbeat expired (crashed, or cut off)."""
+        if self._commands.proto is None:
+            return None
+        calls = [
+            self._script(_REAP, [PRESENCE, PREFIX + "proc:" + proc], [proc, repr(self.clock.seconds()), CHANNEL])
+            for proc in self.mirror.procs()
+        ]
+        return defer.DeferredList(calls, consumeErrors=True)
+
+
+def _placeholder(room: str, seq: int) -> Message:
+    return Message("", seq, room, "", "", 0.0, "")
