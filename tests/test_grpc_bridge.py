@@ -454,6 +454,7 @@ def test_chat_events_join_send_leave_and_errors_keep_the_call(hub, reactor) -> N
         ("presence", ""),  # gina's own join, fanned out to the room
         ("joined", "2"),
         ("message", ""),
+        ("sent", "3"),  # a send with a ref is acknowledged once stored
         ("error", "4"),
         ("error", "5"),
         ("left", "6"),
@@ -462,8 +463,9 @@ def test_chat_events_join_send_leave_and_errors_keep_the_call(hub, reactor) -> N
     assert events[0].error.code == "INVALID_ARGUMENT"
     assert events[2].joined.members == ["bob", "gina"]
     assert (events[3].message.user, events[3].message.protocol) == ("gina", "grpc")
-    assert events[4].error.reason.startswith("user name is fixed")
-    assert events[5].error.reason == "expected join, leave or send, not message"
+    assert (events[4].sent.id, events[4].sent.seq) == (events[3].message.id, events[3].message.seq)
+    assert events[5].error.reason.startswith("user name is fixed")
+    assert events[6].error.reason == "expected join, leave or send, not message"
     assert [e.text for e in other.events if e.kind == "message"] == ["hi all"]
 
 
@@ -595,7 +597,7 @@ def test_a_chat_call_joins_sends_and_leaves_through_the_reactor(hub, reactor) ->
 
 
 def kept_encodings(hub: Any, room: str = "lobby") -> list[Any]:
-    return [m._encoded for m in hub.history_store.since(room, 0)]
+    return [m._encoded for m in hub.store.since(room, 0).messages]
 
 
 def test_a_message_sent_over_grpc_keeps_no_encodings_once_acknowledged(hub, reactor) -> None:

@@ -298,7 +298,7 @@ def test_a_subscriber_cut_off_catches_up_in_order(redis) -> None:
                 sent = []
                 for i in range(60):
                     alice.send(type="message", room="r", message=f"m{i}", ref=i)
-                    reply = alice.recv_until(lambda f: f.get("ref") == i)
+                    reply = alice.recv_until(lambda f, ref=i: f.get("ref") == ref)
                     if reply["type"] == "sent":
                         sent.append(reply["seq"])
                     time.sleep(0.01)

@@ -31,13 +31,16 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import grpc
+from twisted.internet import defer
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd import validate
 from chatd.events import Event, Message, Presence, rfc3339
 from chatd.grpc.generated import chat_pb2 as pb
-from chatd.hub import Hub, ServerFull, Session
+from chatd.hub import Hub, Joined, ServerFull, Session, SessionClosed
+from chatd.store import StoreUnavailable
 from chatd.validate import ChatError, RateLimited
 
 log = Logger()
@@ -99,6 +102,10 @@ def abort(context: grpc.ServicerContext, error: ChatError, hub: Hub) -> None:
     """End the call with the status that fits a refused request (raises)."""
     if isinstance(error, ShuttingDown):
         code, kind = Code.UNAVAILABLE, "shutting_down"
+    elif isinstance(error, StoreUnavailable):
+        code, kind = Code.UNAVAILABLE, "not_stored"
+    elif isinstance(error, SessionClosed):
+        code, kind = Code.RESOURCE_EXHAUSTED, "too_slow"
     elif isinstance(error, ServerFull):
         code, kind = Code.RESOURCE_EXHAUSTED, "server_full"
     elif isinstance(error, RateLimited):
@@ -229,7 +236,7 @@ class GrpcSession(Session):
 # -- Chat client events: run on the reactor, return the reply or None ----------
 
 
-def join_room(hub: Hub, session: GrpcSession, room: str, since_seq: int | None) -> list[str]:
+def join_room(hub: Hub, session: GrpcSession, room: str, since_seq: int | None) -> Joined:
     """``hub.join`` for a gRPC stream: a ``since_seq`` replay leaves no encodings on kept messages."""
     if since_seq is None:
         return hub.join(session, room)
@@ -241,8 +248,12 @@ def _chat_join(hub: Hub, session: GrpcSession, join: pb.Join) -> pb.ChatEvent:
     room = validate.room(join.room)
     hub.identify(session, join.user or session.user or "")
     since = validate.since_seq(join.since_seq) if join.HasField("since_seq") else None
-    members = join_room(hub, session, room, since)
-    return pb.ChatEvent(joined=pb.Joined(room=room, user=session.user, members=members))
+    joined = join_room(hub, session, room, since)
+    return pb.ChatEvent(
+        joined=pb.Joined(
+            room=room, user=session.user, members=joined, truncated=joined.truncated, first_seq=joined.first_seq
+        )
+    )
 
 
 def _chat_leave(hub: Hub, session: Session, leave: pb.Leave) -> pb.ChatEvent:
@@ -250,14 +261,18 @@ def _chat_leave(hub: Hub, session: Session, leave: pb.Leave) -> pb.ChatEvent:
     return pb.ChatEvent(left=pb.Left(room=leave.room))
 
 
-def _chat_send(hub: Hub, session: Session, send: pb.Send) -> None:
+def _chat_send(hub: Hub, session: Session, send: pb.Send) -> defer.Deferred:
+    """Publish; fires with the Sent reply once stored (sent only if the client gave a ref or client_id)."""
     room = validate.room(send.room)
     if room not in session.rooms:
         raise ChatError(f"not in room {room}: join it first")
-    hub.publish(room, session.user, send.message, PROTOCOL)
+    d = hub.publish(room, session.user, send.message, PROTOCOL, send.client_id or None)
+    return d.addCallback(
+        lambda m: pb.ChatEvent(sent=pb.Sent(room=room, id=m.id, seq=m.seq, client_id=send.client_id))
+    )
 
 
-_CHAT_REQUESTS: dict[str, Callable[[Hub, GrpcSession, Any], pb.ChatEvent | None]] = {
+_CHAT_REQUESTS: dict[str, Callable[[Hub, GrpcSession, Any], pb.ChatEvent | defer.Deferred | None]] = {
     "join": _chat_join,
     "leave": _chat_leave,
     "send": _chat_send,
@@ -284,12 +299,13 @@ class ChatServicer:
             abort(context, e, self.hub)
             raise  # not reached: abort raises
 
-    def _publish(self, request: pb.MessageRequest) -> bytes:
-        message = self.hub.publish(request.room, request.user, request.message, PROTOCOL)
+    def _publish(self, request: pb.MessageRequest) -> defer.Deferred:
+        """Publish; fires with the reply once stored (``blockingCallFromThread`` waits for it)."""
+        d = self.hub.publish(request.room, request.user, request.message, PROTOCOL, request.client_id or None)
         # Not ``message.encoded``: the fan-out (done by now, or later through a
         # broker) manages that cache; caching here would keep the reply's
         # bytes on the stored message for as long as it is kept.
-        return message_response(message).SerializeToString()
+        return d.addCallback(lambda message: message_response(message).SerializeToString())
 
     def GetStats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         return stats_response(self._on_reactor(self.hub.stats))
@@ -322,6 +338,10 @@ class ChatServicer:
         try:
             if setup is not None:
                 setup(session)
+        except SessionClosed:
+            # A replay too big for the queue ended the stream already: the
+            # client reads what fitted, then the reason and how to resume.
+            return session
         except ChatError:
             self.hub.disconnect(session)
             raise
@@ -329,13 +349,17 @@ class ChatServicer:
         return session
 
     def StreamMessages(self, request: pb.StreamRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        joined: list[Joined] = []
+
         def join(session: GrpcSession) -> None:
             room = validate.room(request.room)
             self.hub.identify(session, request.user)
             since = validate.since_seq(request.since_seq) if request.HasField("since_seq") else None
-            join_room(self.hub, session, room, since)
+            joined.append(join_room(self.hub, session, room, since))
 
         session = self._open(context, False, join)
+        if joined and joined[0].truncated:
+            context.send_initial_metadata((("chatd-truncated", "true"), ("chatd-first-seq", str(joined[0].first_seq))))
         yield from session.drain(context)
 
     def Chat(self, requests: Iterable[pb.ChatEvent], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -370,10 +394,30 @@ class ChatServicer:
                 raise ChatError(f"expected join, leave or send, not {kind or 'an empty event'}")
             reply = handler(self.hub, session, getattr(event, kind))  # type: ignore[arg-type]
         except ChatError as e:
-            reply = pb.ChatEvent(error=pb.Error(code=Code.INVALID_ARGUMENT.name, reason=e.reason, request=kind or ""))
+            reply = _error_event(e, kind or "")
+        if isinstance(reply, defer.Deferred):
+            # A send: the reader goes on at once; the reply follows once stored.
+            def stored(sent: pb.ChatEvent) -> pb.ChatEvent | None:
+                return sent if event.ref or event.send.client_id else None
+
+            def refused(failure: Failure) -> pb.ChatEvent:
+                failure.trap(ChatError)
+                return _error_event(failure.value, kind or "")
+
+            reply.addCallbacks(stored, refused).addCallback(self._reply, session, event.ref)
+            reply.addErrback(lambda f: log.failure("gRPC Chat {kind} failed", f, kind=kind))
+            return
+        self._reply(reply, session, event.ref)
+
+    def _reply(self, reply: pb.ChatEvent | None, session: GrpcSession, ref: str) -> None:
         if reply is not None:
-            reply.ref = event.ref
+            reply.ref = ref
             session.put(reply.SerializeToString())
+
+
+def _error_event(error: ChatError, request: str) -> pb.ChatEvent:
+    code = Code.UNAVAILABLE if isinstance(error, StoreUnavailable) else Code.INVALID_ARGUMENT
+    return pb.ChatEvent(error=pb.Error(code=code.name, reason=error.reason, request=request))
 
 
 def stats_response(stats: dict) -> pb.StatsResponse:
