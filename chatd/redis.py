@@ -237,12 +237,17 @@ class _Link:
         )
 
     def _prepare(self, proto: Any) -> defer.Deferred:
-        def ready(p: Any) -> Any:
+        """Usable once ``on_ready`` (script loading, subscribing) has run on it."""
+
+        def usable(_: Any, p: Any) -> Any:
             self.proto = p
             self.last_error = ""
-            proto.whenDisconnected().addCallback(self._lost)
             log.info("redis {name} connection up", name=self.name)
-            return self._on_ready(p)
+            return p
+
+        def ready(p: Any) -> Any:
+            p.whenDisconnected().addCallback(self._lost)
+            return defer.maybeDeferred(self._on_ready, p).addCallback(usable, p)
 
         return proto.whenConnected().addCallback(ready)
 
@@ -386,32 +391,36 @@ class RedisBackplane(Store):
 
     # -- scripts --------------------------------------------------------------------
 
-    def _script(self, source: str, keys: list[str], args: list[Any]) -> defer.Deferred:
-        proto = self._commands.proto
+    def _script(self, source: str, keys: list[str], args: list[Any], proto: Any = None) -> defer.Deferred:
+        """Run one of the scripts, sent at once so that calls reach Redis in the order made."""
+        proto = proto or self._commands.proto
         if proto is None:
             return defer.fail(
                 StoreUnavailable(f"message not stored: Redis is unavailable ({self._commands.last_error}); try again shortly")
             )
         sha = self._shas.get(source)
+        if sha is None:  # not loaded (a SCRIPT FLUSH): EVAL sends the source, still in order
+            return proto.execute_command("EVAL", source, len(keys), *keys, *args)
 
-        def run(sha: str) -> defer.Deferred:
-            return proto.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-
-        def retry(failure: Failure) -> Any:
+        def reload(failure: Failure) -> Any:
             if "NOSCRIPT" in failure.getErrorMessage():
                 self._shas.pop(source, None)
+                log.warn("redis: scripts were flushed; sending their source")
                 return self._script(source, keys, args)
             return failure
 
-        if sha is None:
-            d = proto.execute_command("SCRIPT", "LOAD", source)
-            d.addCallback(lambda sha: self._shas.__setitem__(source, sha) or sha)
-            return d.addCallback(run)
-        return run(sha).addErrback(retry)
+        return proto.execute_command("EVALSHA", sha, len(keys), *keys, *args).addErrback(reload)
 
-    def _commands_ready(self, proto: Any) -> defer.Deferred:
+    @defer.inlineCallbacks
+    def _commands_ready(self, proto: Any) -> Any:
+        """Load the scripts, then put this process's presence right, before any command uses it."""
         self._shas.clear()
-        return self._resync_presence().addErrback(lambda f: log.failure("redis: presence resync failed", f))
+        for source in (_STORE, _PRESENCE, _REAP, _RESYNC):
+            self._shas[source] = yield proto.execute_command("SCRIPT", "LOAD", source)
+        try:
+            yield self._resync_presence(proto)
+        except Exception:
+            log.failure("redis: presence resync failed")
 
     # -- messages ---------------------------------------------------------------------
 
@@ -638,13 +647,13 @@ class RedisBackplane(Store):
         remote = [u for u in self.mirror.users(room) if u not in local]
         return [*local, *remote]
 
-    def _resync_presence(self) -> defer.Deferred:
+    def _resync_presence(self, proto: Any = None) -> defer.Deferred:
         args: list[Any] = [self.proc]
         if self.hub is not None:
             for room, users in self.hub.local_presence().items():
                 for user, count in users.items():
                     args += [self._field(room, user), count]
-        return self._script(_RESYNC, [PRESENCE], args)
+        return self._script(_RESYNC, [PRESENCE], args, proto)
 
     def _heartbeat(self) -> Any:
         proto = self._commands.proto

@@ -247,8 +247,8 @@ def test_kill_9_of_one_process_removes_its_users_within_15_seconds(redis) -> Non
                 lambda f: f.get("type") == "presence" and f["user"] == "bob" and f["action"] == "leave", timeout=20
             )
             took = time.monotonic() - started
-        with SignalRClient(signalr_url(a, "carol")) as carol:
-            users = carol.call("GetUsers", "room")
+            with SignalRClient(signalr_url(a, "carol")) as carol:
+                users = carol.call("GetUsers", "room")
     assert took < 15, f"bob stayed {took:.1f} s after his process died"
     assert leave["count"] == 1
     assert users == ["alice"]
