@@ -223,6 +223,14 @@ class _UserRate:
         self._refill = self.burst / rate
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
+    def allows(self, user: str) -> bool:
+        """Whether ``take`` would succeed now."""
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            return True
+        tokens, then = bucket
+        return min(self.burst, tokens + (self._clock.seconds() - then) * self.rate) >= 1
+
     def take(self, user: str) -> bool:
         now = self._clock.seconds()
         buckets = self._buckets
@@ -365,6 +373,8 @@ class Hub(Service):
             joined.truncated, joined.first_seq = resume.truncated, resume.first_kept
             for message in resume.messages:
                 session.deliver(message)
+                # Kept messages hold no frames: a replay encodes for one session only.
+                message.forget_encodings()
             # The replay may have overflowed a slow session and closed it:
             # joining it now would leave a ghost member nobody can remove.
             if session.id not in self.sessions:
@@ -451,13 +461,27 @@ class Hub(Service):
         body = validate.message(text, self.limits)
         key = validate.client_id(client_id)
         if self._user_rate is not None and not self._user_rate.take(sender):
-            raise RateLimited(
-                f"rate limited: {sender} may send {self._user_rate.rate} messages a second "
-                f"(bursts of {self._user_rate.burst}); try again shortly"
-            )
+            raise self._rate_limited(sender)
         d = self.store.add(name, sender, body, self.clock.seconds(), protocol, key)
         d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
         return d
+
+    def check_rate(self, user: str) -> None:
+        """Raise :class:`RateLimited` if ``user`` may not send now (takes nothing from the bucket).
+
+        For requests that change something before they publish (the seed
+        form joins first): refused, they must change nothing.
+        """
+        if self._user_rate is not None and not self._user_rate.allows(user):
+            raise self._rate_limited(user)
+
+    def _rate_limited(self, user: str) -> RateLimited:
+        rate = self._user_rate
+        assert rate is not None
+        return RateLimited(
+            f"rate limited: {user} may send {rate.rate} messages a second "
+            f"(bursts of {rate.burst}); try again shortly"
+        )
 
     def _stored(self, stored: Stored) -> Message:
         message = stored.message

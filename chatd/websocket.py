@@ -308,7 +308,9 @@ def _seed(hub: Hub, session: Session, request: dict) -> dict | None:
     room = validate.room(request.get("room"))
     text = validate.message(request.get("message"), hub.limits)
     client_id = validate.client_id(request.get("client_id"))
-    hub.identify(session, request.get("user"))
+    user = validate.user(request.get("user"))
+    hub.check_rate(user)  # refused before the join below, so a refusal changes nothing
+    hub.identify(session, user)
     if room not in session.rooms:
         hub.join(session, room)
     return _sent(request, hub.publish(room, session.user, text, PROTOCOL, client_id))

@@ -454,3 +454,40 @@ def test_a_delivery_that_closes_the_only_member_of_a_room_without_history(hub: H
     # the session left every room, so no ghost anywhere
     hub.join(other, "r")
     assert hub.members("r") == ["other"]
+
+
+def test_a_replay_leaves_no_cached_frames_on_kept_messages(hub: Hub) -> None:
+    for i in range(3):
+        publish(hub, "r", "x", f"m{i}", "fake")
+
+    class Caching(FakeSession):
+        def deliver(self, event: Event) -> None:
+            self.events.append(event.encoded("fmt", lambda e: b"frame"))
+
+    s = Caching("late")
+    hub.connect(s)
+    hub.join(s, "r", since_seq=0)
+    assert s.events[:3] == [b"frame"] * 3
+    assert all(m._encoded is None for m in hub.store.since("r", 0).messages)
+
+
+def test_a_rate_limited_seed_message_changes_nothing(clock: Clock) -> None:
+    """The seed form joins before it publishes: a refusal must not leave the join behind."""
+    import orjson
+
+    from chatd.websocket import dispatch
+
+    hub = Hub(clock, limits=Limits(message_rate=1, message_burst=1))
+    hub.startService()
+    watcher = connected(hub, "watcher")
+    hub.join(watcher, "r")
+    first, second = FakeSession(), FakeSession()
+    hub.connect(first)
+    hub.connect(second)
+    seed = orjson.dumps({"user": "alice", "room": "r", "message": "hi"})
+    assert dispatch(hub, first, seed).result is None
+    before = (list(watcher.events), hub.members("r"))
+    reply = dispatch(hub, second, seed)
+    assert reply["type"] == "error" and reply["error"].startswith("rate limited: alice")
+    assert second.rooms == set() and second.user is None
+    assert (watcher.events, hub.members("r")) == before

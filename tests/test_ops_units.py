@@ -25,7 +25,7 @@ from chatd import sdnotify, tap
 from chatd.drain import GOING_AWAY, Drain
 from chatd.events import Event
 from chatd.http import health
-from chatd.hub import Hub, ServerFull, Session
+from chatd.hub import Hub, LocalBroker, ServerFull, Session
 from chatd.logs import access_log_formatter, event_as_json, json_observer, printable
 
 # -- sd_notify -------------------------------------------------------------
@@ -293,13 +293,15 @@ def test_publish_to_deliver_latency_is_measured_from_the_publish_time() -> None:
     clock = Clock()
     hub = Hub(clock)
 
-    class SlowBroker:
+    class SlowBroker(LocalBroker):
         """Carries the event after 0.3 s, as a remote broker hop would."""
 
         def publish(self, event: Event) -> None:
             clock.callLater(0.3, hub.deliver, event)
 
-    hub.broker = SlowBroker()
+        stored = publish
+
+    hub.broker = SlowBroker(hub)
     s = CountingSession()
     hub.connect(s)
     hub.identify(s, "u")
