@@ -255,7 +255,8 @@ class _Link:
         if self.proto is proto:
             self.proto = None
             self.last_error = "connection lost"
-            log.warn("redis {name} connection lost; reconnecting", name=self.name)
+            if self.service.running:
+                log.warn("redis {name} connection lost; reconnecting", name=self.name)
 
     def start(self) -> None:
         self.service.startService()
@@ -508,9 +509,10 @@ class RedisBackplane(Store):
     def _catch_up(self, generation: int) -> Any:
         """Everything stored since what this process has delivered, then what was held, then live."""
         proto = self._commands.proto
+        if proto is None:  # the subscription came up first: wait for the other connection
+            self.reactor.callLater(0.1, self._retry_catch_up, generation)
+            return
         try:
-            if proto is None:
-                raise StoreUnavailable("no command connection")
             rooms = yield proto.execute_command("SMEMBERS", ROOMS)
             for room in sorted(rooms or []):
                 yield self._fetch(proto, room, self.last_seq(room) + 1)

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatd import signalr, store, webclient, websocket
+from chatd import signalr, store, webclient, websocket, workers
 from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
@@ -54,6 +54,11 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         "messages a second one user may send on average, over all protocols; 0 turns the limit off",
     ),
     "message-burst": ("MESSAGE_BURST", 50, "messages one user may send at once before the rate limit applies"),
+    "workers": (
+        "WORKERS",
+        1,
+        "processes serving the same ports, each with its own core, joined through --redis (required past 1)",
+    ),
     "drain-timeout": ("DRAIN_TIMEOUT", 10, "seconds a shutdown waits for clients to leave before closing the rest"),
     "grpc-workers": ("GRPC_WORKERS", 1100, "gRPC worker threads; each open stream holds one"),
     "grpc-max-streams": ("GRPC_MAX_STREAMS", 1000, "most gRPC streams open at once (below --grpc-workers)"),
@@ -164,6 +169,10 @@ class Options(usage.Options):
             from chatd.redis import parse_url
 
             parse_url(self["redis"])
+        self["worker-index"] = workers.worker_index(self.environ)
+        if self["worker-index"]:
+            self["manhole"] = ""  # one console, in worker 0: the others would fight for its port
+        workers.check_options(self, list(LISTENERS))
         check_options(self)
         webclient.check_options(self)
         grpc_service.check_options(self)
@@ -221,6 +230,16 @@ class Listener(StreamServerEndpointService):
         return d
 
 
+def worker_argv(options: Options) -> list[str]:
+    """The options of a ``--workers`` worker: every resolved value, spelled out, except ``--workers``."""
+    argv: list[str] = []
+    for name in (*LISTENERS, *INTEGERS, *STRINGS):
+        if name == "workers":
+            continue
+        argv += [f"--{name}", str(options[name])]
+    return argv
+
+
 def _origins(options: Options) -> OriginPolicy:
     return OriginPolicy(o for o in options["allowed-origins"].split(","))
 
@@ -246,6 +265,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = _reactor
     top = ServiceTree()
     top.setName("chatd")
+    if options["workers"] > 1 and options["worker-index"] is None:
+        workers.WorkerPool(reactor, options, list(LISTENERS), worker_argv(options)).setServiceParent(top)
+        return top
+    adopted = workers.adopted_endpoints(reactor, options.environ)
+
+    def endpoint(name: str) -> Any:
+        return adopted.get(name) or endpoints.serverFromString(reactor, options[name])
 
     limits = Limits(
         max_message_length=options["max-message-length"],
@@ -278,9 +304,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         read_limit=options["read-buffer-size"],
         write_limit=options["write-buffer-size"],
     )
-    ws = Listener(
-        endpoints.serverFromString(reactor, options["ws"]), ws_site(hub, ws_factory)
-    )
+    ws = Listener(endpoint("ws"), ws_site(hub, ws_factory))
     ws.setName("ws")
     ws.setServiceParent(top)
 
@@ -292,14 +316,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             client_timeout=options["signalr-client-timeout"],
         ),
     )
-    sr = Listener(endpoints.serverFromString(reactor, options["signalr"]), signalr_site)
+    sr = Listener(endpoint("signalr"), signalr_site)
     sr.setName("signalr")
     sr.setServiceParent(top)
 
-    web = Listener(
-        endpoints.serverFromString(reactor, options["web"]),
-        webclient.web_site(hub, webclient.ListenerMap(top, options.get)),
-    )
+    web = Listener(endpoint("web"), webclient.web_site(hub, webclient.ListenerMap(top, options.get)))
     web.setName("web")
     web.setServiceParent(top)
     grpc_service.from_options(hub, options, reactor).setServiceParent(top)

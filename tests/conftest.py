@@ -113,3 +113,13 @@ def start():
     yield _start
     for running in started:
         pytest_twisted.blockon(defer.maybeDeferred(running.service.stopService))
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A ``redis-server`` of the test's own (append-only, fsync always), stopped after it."""
+    from tests.redisserver import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()

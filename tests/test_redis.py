@@ -11,79 +11,22 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
-import pytest
 
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
-from tests.conftest import require_tool
-from tests.daemon import Daemon, free_port
+from tests.daemon import Daemon
+from tests.redisserver import RedisServer
 from tests.test_cross_protocol import SignalRClient
 from tests.wsclient import Client
 
 TIMEOUT = 20
-
-
-class RedisServer:
-    """A ``redis-server`` on a free loopback port, in its own directory; restartable."""
-
-    def __init__(self, directory: Path) -> None:
-        self.binary = require_tool("redis-server")
-        self.dir = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
-             "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def command(self, *args: str) -> bytes:
-        """One command in Redis's inline form; the raw reply."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall((" ".join(args) + "\r\n").encode())
-            return s.recv(65536)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 def chatd(redis: RedisServer, *extra: str) -> Daemon:

@@ -74,6 +74,8 @@ def from_options(hub: Hub, options: Any, reactor: Any) -> GrpcService:
         reactor,
         options["grpc"],
         workers=options["grpc-workers"],
+        # --workers: every worker serves the same port (the supervisor checked it is free).
+        reuse_port=options.get("worker-index") is not None,
         max_streams=options["grpc-max-streams"],
         queue_size=options["grpc-stream-queue"],
         max_message_size=options["read-buffer-size"],
@@ -154,6 +156,7 @@ class GrpcService(Service):
         tls_cert: str | None = None,
         tls_key: str | None = None,
         grace: float = 5.0,
+        reuse_port: bool = False,
     ) -> None:
         self.hub = hub
         self.reactor = reactor
@@ -162,6 +165,7 @@ class GrpcService(Service):
         self.max_message_size = max_message_size
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.grace = grace
+        self.reuse_port = reuse_port
         self.servicer = ChatServicer(hub, reactor, queue_size=queue_size)
         # Every streaming call of every service counts (hub.metrics is thread-safe).
         self.streams = StreamLimit(max_streams, on_refused=lambda: hub.metrics.error("server_full", PROTOCOL))
@@ -182,7 +186,7 @@ class GrpcService(Service):
             options=[
                 ("grpc.max_receive_message_length", self.max_message_size),
                 # Linux gRPC shares ports by default; a busy port must fail loudly.
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self.reuse_port)),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
             ],

@@ -1,0 +1,104 @@
+"""``twistd -n chatd --workers 2 --redis ...``: two processes behind the same ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.daemon import TWISTD, Daemon, free_ports, listener_args, source_env
+from tests.wsclient import Client
+
+
+def workers_of(daemon: Daemon) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(daemon.proc.pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def serving_pids(port: int) -> dict[int, int]:
+    """How many established connections each process holds on ``port`` (from ``ss``)."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+    ).stdout
+    counts: dict[int, int] = {}
+    for line in out.splitlines():
+        for part in line.split("pid=")[1:]:
+            pid = int(part.split(",")[0])
+            counts[pid] = counts.get(pid, 0) + 1
+    return counts
+
+
+def wait_for(check, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_two_workers_share_the_ports_and_every_room(redis) -> None:
+    with Daemon("--workers", "2", "--redis", redis.url, "--max-message-rate", "0") as daemon:
+        daemon.wait_healthy()
+        pids = wait_for(lambda: len(w := workers_of(daemon)) == 2 and w)
+        clients = [Client(daemon.ws_url) for _ in range(16)]
+        try:
+            for i, c in enumerate(clients):
+                c.join("everyone", f"u{i}")
+            spread = serving_pids(daemon.ports["ws"])
+            assert set(spread) == set(pids), f"connections not spread over both workers: {spread}"
+            for n in range(5):
+                clients[n].send(type="message", room="everyone", message=f"m{n}", ref=n)
+            for c in clients:
+                got = [c.recv_type("message") for _ in range(5)]
+                assert [m["seq"] for m in got] == [1, 2, 3, 4, 5]
+            # a worker that dies is started again
+            os.kill(pids[0], signal.SIGKILL)
+            replaced = wait_for(lambda: len(w := workers_of(daemon)) == 2 and pids[0] not in w and w)
+            assert pids[1] in replaced
+        finally:
+            for c in clients:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+        log = daemon.stop()
+    assert daemon.proc.returncode == 0, log
+    assert "2 workers started" in log
+    assert "starting it again" in log
+
+
+def test_sigterm_drains_every_worker(redis) -> None:
+    with Daemon("--workers", "2", "--redis", redis.url) as daemon:
+        daemon.wait_healthy()
+        wait_for(lambda: len(workers_of(daemon)) == 2)
+        clients = [Client(daemon.ws_url) for _ in range(8)]
+        for i, c in enumerate(clients):
+            c.join("r", f"u{i}")
+        assert len(serving_pids(daemon.ports["ws"])) == 2
+        daemon.proc.send_signal(signal.SIGTERM)
+        codes = []
+        for c in clients:
+            try:
+                while True:
+                    c.recv(timeout=15)
+            except Exception:
+                codes.append(c.ws.close_code)
+        daemon.proc.wait(30)
+    assert codes == [1001] * len(clients)
+    assert daemon.proc.returncode == 0
+
+
+def test_workers_without_redis_is_a_one_line_usage_error() -> None:
+    result = subprocess.run(
+        [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", "--workers", "2", *listener_args(free_ports())],
+        env=source_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--workers needs --redis" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
