@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, endpoints, protocol, ssl, task
+from twisted.internet import defer, endpoints, error, protocol, ssl, task
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -186,11 +186,16 @@ class _Factory(protocol.Factory):
     """Builds txredisapi protocols for a ClientService (which does the reconnecting)."""
 
     isLazy = True
+    noisy = False
 
     def __init__(self, protocol_class: type, settings: dict[str, Any], on_message: Callable | None = None):
         self.protocol_class = protocol_class
         self.settings = settings
         self.on_message = on_message
+        #: told why each connection ended (a refused TLS certificate says so here)
+        self.on_lost: Callable[[Failure], None] = lambda reason: None
+        #: told of each new protocol, to make it usable once Redis has answered on it
+        self.on_new: Callable[[Any], None] = lambda proto: None
 
     def buildProtocol(self, addr: Any) -> Any:
         s = self.settings
@@ -203,6 +208,14 @@ class _Factory(protocol.Factory):
             username=s["username"],
         )
         p.factory = self
+        lost = p.connectionLost
+
+        def connection_lost(reason: Failure) -> Any:
+            self.on_lost(reason)
+            return lost(reason)
+
+        p.connectionLost = connection_lost
+        self.on_new(p)
         if self.on_message is not None:
             p.messageReceived = lambda pattern, channel, message: self.on_message(message)
         return p
@@ -226,35 +239,53 @@ class _Link:
         self._on_ready = on_ready
         endpoint = endpoints.HostnameEndpoint(reactor, settings["host"], settings["port"], timeout=5)
         if settings["tls"]:
-            # Certificate and host name verified (service-identity) against the system's CAs.
-            endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(settings["host"]), endpoint)
+            # Certificate and host name verified (service-identity), against
+            # --redis-ca if given, else the system's trusted CAs.
+            trust = None
+            if settings.get("ca"):
+                with open(settings["ca"], "rb") as f:
+                    trust = ssl.Certificate.loadPEM(f.read())
+            endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(settings["host"], trustRoot=trust), endpoint)
+        factory.on_lost = self._why
+        factory.on_new = self._new
+        # No prepareConnection: its state machine cannot take a connection lost
+        # while it prepares (a TLS handshake refused after connect does that).
         self.service = ClientService(
             endpoint,
             factory,
             retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
             clock=reactor,
-            prepareConnection=self._prepare,
         )
 
-    def _prepare(self, proto: Any) -> defer.Deferred:
-        """Usable once ``on_ready`` (script loading, subscribing) has run on it."""
+    def _new(self, proto: Any) -> None:
+        """A connection is usable once ``on_ready`` (script loading, subscribing) has run on it."""
 
-        def usable(_: Any, p: Any) -> Any:
-            self.proto = p
-            self.last_error = ""
-            log.info("redis {name} connection up", name=self.name)
-            return p
+        def usable(_: Any) -> None:
+            if proto.connected:
+                self.proto = proto
+                self.last_error = ""
+                log.info("redis {name} connection up", name=self.name)
 
         def ready(p: Any) -> Any:
             p.whenDisconnected().addCallback(self._lost)
-            return defer.maybeDeferred(self._on_ready, p).addCallback(usable, p)
+            return defer.maybeDeferred(self._on_ready, p).addCallback(usable)
 
-        return proto.whenConnected().addCallback(ready)
+        def failed(failure: Failure) -> None:
+            log.debug("redis {name}: connection not usable: {why}", name=self.name, why=failure.getErrorMessage())
+
+        proto.whenConnected().addCallback(ready).addErrback(failed)
+
+    def _why(self, reason: Failure) -> None:
+        """Keep (and log once) why a connection ended, for /health and the operator."""
+        why = _reason(reason)
+        if why and why != self.last_error and self.service.running:
+            log.warn("redis {name} connection: {why}", name=self.name, why=why)
+        if why:
+            self.last_error = why
 
     def _lost(self, proto: Any) -> None:
         if self.proto is proto:
             self.proto = None
-            self.last_error = "connection lost"
             if self.service.running:
                 log.warn("redis {name} connection lost; reconnecting", name=self.name)
 
@@ -303,11 +334,14 @@ class RedisBackplane(Store):
     #: windows take messages from the subscription only, in the order Redis published them
     keeps_on_ack = False
 
-    def __init__(self, reactor: Any, url: str, limit: int = 100, max_age: float = 0.0) -> None:
+    def __init__(
+        self, reactor: Any, url: str, limit: int = 100, max_age: float = 0.0, ca: str | None = None
+    ) -> None:
         super().__init__(reactor, limit, max_age)
         self.reactor = reactor
         self.url = url
         self.settings = parse_url(url)
+        self.settings["ca"] = ca
         self.proc = uuid.uuid4().hex[:12]
         self.hub: Any = None
         self.mirror = _Mirror()
@@ -491,7 +525,8 @@ class RedisBackplane(Store):
         generation = self._sync_generation
         d = proto.subscribe(CHANNEL)
         d.addCallback(lambda _: self._catch_up(generation))
-        d.addErrback(lambda f: log.failure("redis: subscribing failed", f))
+        # A connection lost meanwhile is logged (once) by its link; the next one tries again.
+        d.addErrback(lambda f: log.debug("redis: subscribing failed: {why}", why=f.getErrorMessage()))
         return d
 
     def _on_event(self, raw: Any) -> None:
@@ -673,6 +708,19 @@ class RedisBackplane(Store):
             for proc in self.mirror.procs()
         ]
         return defer.DeferredList(calls, consumeErrors=True)
+
+
+def _reason(failure: Failure) -> str:
+    """A connection's end in a few words: a TLS refusal names the certificate problem."""
+    value = failure.value
+    if failure.check(error.ConnectionDone):
+        return "connection closed"
+    if failure.check(error.ConnectionLost):
+        return "connection lost"
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list):  # OpenSSL's error queue, or service-identity's mismatches
+        return "TLS: " + "; ".join(str(e[-1]) if isinstance(e, tuple) else repr(e) for e in args[0] if e)
+    return failure.getErrorMessage() or type(value).__name__
 
 
 def _placeholder(room: str, seq: int) -> Message:

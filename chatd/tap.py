@@ -115,6 +115,11 @@ STRINGS: dict[str, tuple[str, str, str]] = {
         "redis://host:port/db (rediss:// for TLS): keep history, order and presence in Redis, "
         "shared by every chatd process using it; empty uses --data-dir",
     ),
+    "redis-ca": (
+        "REDIS_CA",
+        "",
+        "PEM file of the CA that signed the Redis server's certificate (rediss://); empty trusts the system's CAs",
+    ),
     "grpc": ("GRPC_PORT", "[::]:50051", "gRPC listener as host:port (not an endpoint); a bare number means [::]:N"),
     "grpc-tls-cert": ("GRPC_TLS_CERT", "", "PEM certificate chain for gRPC over TLS (with --grpc-tls-key)"),
     "grpc-tls-key": ("GRPC_TLS_KEY", "", "PEM private key for gRPC over TLS"),
@@ -169,6 +174,8 @@ class Options(usage.Options):
             from chatd.redis import parse_url
 
             parse_url(self["redis"])
+        if self["redis-ca"] and not os.path.isfile(self["redis-ca"]):
+            raise usage.UsageError(f"--redis-ca: no such file {self['redis-ca']!r}")
         self["worker-index"] = workers.worker_index(self.environ)
         if self["worker-index"]:
             self["manhole"] = ""  # one console, in worker 0: the others would fight for its port
@@ -284,7 +291,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from chatd.redis import RedisBackplane
 
         backplane = RedisBackplane(
-            reactor, options["redis"], options["history-limit"], float(options["history-max-age"])
+            reactor,
+            options["redis"],
+            options["history-limit"],
+            float(options["history-max-age"]),
+            ca=options["redis-ca"] or None,
         )
         hub = Hub(reactor, limits=limits, max_connections=options["max-connections"], store=backplane)
         backplane.attach(hub)

@@ -14,11 +14,14 @@ from tests.daemon import free_port
 class RedisServer:
     """A ``redis-server`` on a free loopback port, in its own directory; restartable."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tls: tuple[Path, Path] | None = None) -> None:
         self.binary = require_tool("redis-server")
         self.dir = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        #: (key, certificate): serve TLS only, on ``tls_port``, on 127.0.0.1 and 127.0.0.2
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -27,10 +30,15 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        tls: list[str] = []
+        if self.tls:
+            key, cert = self.tls
+            tls = ["--tls-port", str(self.tls_port), "--tls-key-file", str(key), "--tls-cert-file", str(cert),
+                   "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--bind", "127.0.0.1 127.0.0.2"]
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
-             "--protected-mode", "no"],
+             "--protected-mode", "no", *tls],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

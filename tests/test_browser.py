@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -458,6 +459,9 @@ class RestartableDaemon:
             self.argv += [f"--{name}", f"tcp:{port}:interface=127.0.0.1"]
         if any(o[0] == "grpc" for o in tap.Options.optParameters):
             self.argv += ["--grpc", f"127.0.0.1:{free_port()}"]
+        # Its own history, kept across its restarts (as a real deployment's is), never ./data.
+        self._data = tempfile.TemporaryDirectory(prefix="chatd-data-")
+        self.argv += ["--data-dir", self._data.name]
         self.env = {k: v for k, v in os.environ.items() if not k.endswith("_PORT") and k != "MANHOLE"}
         self.env["PYTHONPATH"] = str(ROOT)
         self.proc: subprocess.Popen | None = None

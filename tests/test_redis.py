@@ -41,6 +41,8 @@ def health(daemon: Daemon) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+    except OSError:
+        return 0, {}  # not listening yet
 
 
 def eventually(check, timeout: float = TIMEOUT, what: str = "condition"):
@@ -252,3 +254,37 @@ def test_a_subscriber_cut_off_catches_up_in_order(redis) -> None:
     assert len(sent) >= 50, "most sends should succeed while only subscriptions are cut"
     assert got == sorted(got) and len(set(got)) == len(got), "in order, no duplicate"
     assert set(sent) <= set(got), "an acknowledged message never reached bob"
+
+
+def test_rediss_verifies_the_certificate_and_the_host_name(tmp_path) -> None:
+    from tests.redisserver import RedisServer
+    from tests.tlscert import make_certificate
+
+    key, cert = make_certificate(tmp_path)
+    server = RedisServer(tmp_path / "redis", tls=(key, cert))
+    try:
+        # The certificate names 127.0.0.1: trusted through --redis-ca, chat works.
+        good = f"rediss://127.0.0.1:{server.tls_port}/0"
+        with Daemon("--redis", good, "--redis-ca", str(cert)) as daemon:
+            daemon.wait_healthy()
+            eventually(lambda: health(daemon)[0] == 200, what="healthy over TLS")
+            with Client(daemon.ws_url) as ws:
+                ws.join("tls", "alice")
+                ws.send(type="message", room="tls", message="over TLS", ref=1)
+                assert ws.recv_type("sent")["seq"] == 1
+        # The same server under a name the certificate does not carry is refused.
+        wrong_name = f"rediss://127.0.0.2:{server.tls_port}/0"
+        with Daemon("--redis", wrong_name, "--redis-ca", str(cert)) as daemon:
+            code, body = eventually(lambda: (h := health(daemon))[0] == 503 and h, what="refused")
+            time.sleep(1.5)
+            code, body = health(daemon)
+            assert code == 503 and "redis" in body["reason"]
+            with Client(daemon.ws_url) as ws:
+                ws.join("tls", "alice")
+                ws.send(type="message", room="tls", message="not stored", ref=1)
+                reply = ws.recv_until(lambda f: f.get("ref") == 1)
+            assert reply["type"] == "error" and "not stored" in reply["error"]
+            log = daemon.stop()
+        assert "redis command connection: TLS: IPAddressMismatch" in log
+    finally:
+        server.stop()
