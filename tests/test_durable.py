@@ -159,3 +159,95 @@ def test_every_acknowledged_message_survives_kill_9(tmp_path) -> None:
     assert [(m["id"], m["seq"]) for m in history["messages"]] == [(a["id"], a["seq"]) for a in acks]
     assert retry["seq"] == 4
     assert new["seq"] == 21
+
+
+# -- gRPC and SignalR over real sockets -------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_grpc_client_id_retry_answers_the_original_and_is_delivered_once(chatd) -> None:
+    import grpc
+
+    from chatd.grpc.generated import chat_pb2 as pb
+    from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+
+    def scenario() -> tuple[list, list[dict], object]:
+        with Client(chatd.ws_url) as watcher, grpc.insecure_channel(chatd.grpc_target) as channel:
+            watcher.join("g", "watcher")
+            stub = ChatServiceStub(channel)
+            request = pb.MessageRequest(user="gus", message="once", room="g", client_id="grpc-1")
+            replies = [stub.SendMessage(request, timeout=10) for _ in range(3)]
+            stub.SendMessage(pb.MessageRequest(user="gus", message="next", room="g"), timeout=10)
+            seen = [watcher.recv_type("message") for _ in range(2)]
+            # Chat: a Send with a client_id already stored gets a Sent with the original's id and seq
+            out: list = []
+            events = iter(
+                [
+                    pb.ChatEvent(ref="j", join=pb.Join(room="g", user="gus")),
+                    pb.ChatEvent(ref="s", send=pb.Send(room="g", message="once", client_id="grpc-1")),
+                ]
+            )
+            call = stub.Chat(events, timeout=10)
+            for event in call:
+                out.append(event)
+                if event.WhichOneof("event") == "sent":
+                    call.cancel()
+                    break
+            return replies, seen, out[-1]
+
+    replies, seen, sent = await deferToThread(scenario)
+    assert {(r.id, r.seq) for r in replies} == {(replies[0].id, 1)}
+    assert [(m["message"], m["seq"]) for m in seen] == [("once", 1), ("next", 2)]
+    assert (sent.ref, sent.sent.id, sent.sent.seq, sent.sent.client_id) == ("s", replies[0].id, 1, "grpc-1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_grpc_resume_past_retention_is_told_in_metadata_and_in_joined(start) -> None:
+    import grpc
+
+    from chatd.grpc.generated import chat_pb2 as pb
+    from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+
+    running = await start("--history-limit", "3", "--max-message-rate", "0")
+
+    def scenario() -> tuple[dict, list[int], object]:
+        with grpc.insecure_channel(running.grpc_target) as channel:
+            stub = ChatServiceStub(channel)
+            for i in range(6):
+                stub.SendMessage(pb.MessageRequest(user="w", message=f"m{i}", room="t"), timeout=10)
+            stream = stub.StreamMessages(pb.StreamRequest(room="t", user="r", since_seq=1), timeout=10)
+            metadata = dict(stream.initial_metadata())
+            seqs = [next(stream).seq for _ in range(3)]
+            stream.cancel()
+            call = stub.Chat(iter([pb.ChatEvent(join=pb.Join(room="t", user="c", since_seq=1))]), timeout=10)
+            joined = next(e for e in call if e.WhichOneof("event") == "joined")
+            call.cancel()
+            return metadata, seqs, joined.joined
+
+    metadata, seqs, joined = await deferToThread(scenario)
+    assert metadata["chatd-truncated"] == "true" and metadata["chatd-first-seq"] == "4"
+    assert seqs == [4, 5, 6]
+    assert (joined.truncated, joined.first_seq) == (True, 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_signalr_stream_room_since_and_send_to_room_client_id_over_a_socket(chatd) -> None:
+    from tests.test_cross_protocol import SignalRClient
+
+    def scenario() -> tuple[dict, dict, list[dict]]:
+        url = chatd.url("signalr", "ws", "/signalr?user=sam")
+        with SignalRClient(url) as sam:
+            first = sam.call("SendToRoom", "s", "sam", "hello", "sr-1")
+            retry = sam.call("SendToRoom", "s", "sam", "hello", "sr-1")
+            sam.call("SendToRoom", "s", "sam", "two")
+            stream = sam.invoke("StreamRoom", "s", 1, kind=4)
+            items = []
+            while len(items) < 1:
+                record = sam.next()
+                if record.get("type") == 2 and record["invocationId"] == stream:
+                    items.append(record["item"])
+            return first, retry, items
+
+    first, retry, items = await deferToThread(scenario)
+    assert (retry["id"], retry["seq"]) == (first["id"], first["seq"]) == (first["id"], 1)
+    assert [(i["seq"], i["message"]) for i in items] == [(2, "two")]
