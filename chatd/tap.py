@@ -276,9 +276,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         workers.WorkerPool(reactor, options, list(LISTENERS), worker_argv(options)).setServiceParent(top)
         return top
     adopted = workers.adopted_endpoints(reactor, options.environ)
+    in_pool = options["worker-index"] is not None
 
     def endpoint(name: str) -> Any:
         return adopted.get(name) or endpoints.serverFromString(reactor, options[name])
+
+    def serves(name: str) -> bool:
+        """A worker serves the listeners the supervisor handed it (SignalR: the first only)."""
+        return not in_pool or name in adopted
 
     limits = Limits(
         max_message_length=options["max-message-length"],
@@ -327,9 +332,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             client_timeout=options["signalr-client-timeout"],
         ),
     )
-    sr = Listener(endpoint("signalr"), signalr_site)
-    sr.setName("signalr")
-    sr.setServiceParent(top)
+    if serves("signalr"):
+        sr = Listener(endpoint("signalr"), signalr_site)
+        sr.setName("signalr")
+        sr.setServiceParent(top)
 
     web = Listener(endpoint("web"), webclient.web_site(hub, webclient.ListenerMap(top, options.get)))
     web.setName("web")

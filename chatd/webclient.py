@@ -155,8 +155,26 @@ class ListenerMap:
         try:
             service = self._services.getServiceNamed(name)
         except KeyError:
-            return None
+            # Served by another process on this port (``--workers``: SignalR
+            # lives in the first worker only): the configured port still holds.
+            port = _configured_port(description)
+            return (description, _FixedPort(port)) if port else None
         return description, getattr(service, "port", None)
+
+
+def _configured_port(description: str) -> int | None:
+    parts = description.split(":")
+    return int(parts[1]) if parts[0] in ("tcp", "tcp6", "ssl") and len(parts) > 1 and parts[1].isdigit() else None
+
+
+class _FixedPort:
+    """An ``IListeningPort`` stand-in that only knows its port number."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def getHost(self) -> Any:
+        return self
 
 
 def check_public_url(protocol: str, value: str) -> str:

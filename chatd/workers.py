@@ -11,6 +11,13 @@ too), and Redis (required) carries messages, order, history and presence
 between them. The supervisor restarts a worker that dies, passes SIGTERM on
 so every worker drains, and exits once they all have.
 
+SignalR is the exception: a negotiated SignalR connection lives in the
+process that negotiated it, and its later requests (the WebSocket, or SSE
+and long polling's POSTs and polls, each a new TCP connection) must reach
+that same process, which ``SO_REUSEPORT`` cannot promise. So the SignalR
+listener is served by the first worker only; WebSocket, gRPC and the web
+listener use every worker.
+
 Sockets are made by the supervisor, before the workers exist, so a port in
 use fails the start at once (one line, non-zero exit), as without workers.
 """
@@ -31,6 +38,9 @@ from twisted.python import usage
 from chatd import sdnotify
 
 log = Logger()
+
+#: listeners only the first worker serves (see the module docstring)
+FIRST_WORKER_ONLY = {"signalr"}
 
 #: set in a worker's environment: its index, and its listening sockets' descriptors
 WORKER_ENV = "CHATD_WORKER"
@@ -70,6 +80,8 @@ def adopted_endpoints(reactor: Any, environ: Any = None) -> dict[str, Any]:
 def _tcp_address(name: str, description: str) -> tuple[str, int, int, int]:
     """``(host, port, backlog, family)`` of a ``tcp:``/``tcp6:`` listener; anything else is refused."""
     endpoint = endpoints.serverFromString(None, description)
+    if isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint)) and not endpoint._port:
+        raise usage.UsageError(f"--{name}: --workers needs a fixed port, not {description!r}")
     if isinstance(endpoint, endpoints.TCP6ServerEndpoint):
         family, default_host = socket.AF_INET6, "::"
     elif isinstance(endpoint, endpoints.TCP4ServerEndpoint):
@@ -103,8 +115,8 @@ class WorkerPool(Service):
         self.options = options
         self.listeners = listeners
         self.argv = argv
-        #: worker index -> its sockets, one per listener, in ``listeners`` order
-        self.sockets: dict[int, list[socket.socket]] = {}
+        #: worker index -> its sockets by listener name
+        self.sockets: dict[int, dict[str, socket.socket]] = {}
         self.processes: dict[int, WorkerProcess] = {}
         self.stopping = False
         self._stopped: defer.Deferred | None = None
@@ -114,7 +126,11 @@ class WorkerPool(Service):
         # use is a start-up error here, not N crashing workers.
         backlog_default = somaxconn()
         for index in range(self.count):
-            self.sockets[index] = [self._bind(name, backlog_default) for name in self.listeners]
+            self.sockets[index] = {
+                name: self._bind(name, backlog_default)
+                for name in self.listeners
+                if index == 0 or name not in FIRST_WORKER_ONLY
+            }
         super().privilegedStartService()
 
     def _bind(self, name: str, backlog_default: int) -> socket.socket:
@@ -145,7 +161,7 @@ class WorkerPool(Service):
         sockets = self.sockets[index]
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         fds = []
-        for offset, (name, sock) in enumerate(zip(self.listeners, sockets, strict=True)):
+        for offset, (name, sock) in enumerate(sockets.items()):
             child_fds[FIRST_FD + offset] = sock.fileno()
             family = "6" if sock.family == socket.AF_INET6 else "4"
             fds.append(f"{name}={FIRST_FD + offset}:{family}")
@@ -187,7 +203,7 @@ class WorkerPool(Service):
         self.stopping = True
         sdnotify.notify("STOPPING=1")
         for sockets in self.sockets.values():
-            for sock in sockets:
+            for sock in sockets.values():
                 sock.close()
         if not self.processes:
             return defer.succeed(None)

@@ -102,3 +102,27 @@ def test_workers_without_redis_is_a_one_line_usage_error() -> None:
     assert result.returncode != 0
     assert "--workers needs --redis" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_signalr_negotiated_connections_always_find_their_process(redis) -> None:
+    """Negotiate and the requests after it are separate TCP connections: they must meet one process."""
+    import json
+    import urllib.request
+
+    with Daemon("--workers", "2", "--redis", redis.url) as daemon:
+        daemon.wait_healthy()
+        wait_for(lambda: len(workers_of(daemon)) == 2)
+        base = daemon.url("signalr", path="/signalr")
+        for _ in range(12):
+            request = urllib.request.Request(base + "/negotiate?negotiateVersion=1", data=b"", method="POST")
+            with urllib.request.urlopen(request, timeout=10) as r:
+                token = json.loads(r.read())["connectionToken"]
+            # the first long poll activates the connection; a 404 would mean another process got it
+            with urllib.request.urlopen(f"{base}?id={token}", timeout=10) as r:
+                assert r.status == 200
+            urllib.request.urlopen(urllib.request.Request(f"{base}?id={token}", method="DELETE"), timeout=10)
+        # every worker's browser page knows where SignalR is
+        for _ in range(6):
+            with urllib.request.urlopen(daemon.url("web", path="/config.json"), timeout=10) as r:
+                config = json.loads(r.read())
+            assert config["signalr"].endswith(f":{daemon.ports['signalr']}/signalr")
