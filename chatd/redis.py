@@ -136,6 +136,20 @@ end
 return n
 """
 
+# KEYS: the seq counters. ARGV: the lowest value each may have (what this process has delivered).
+# Raises a counter that is behind: Redis restarted without its data must not hand out a seq again.
+_SEQ_FLOOR = """
+local raised = 0
+for i, key in ipairs(KEYS) do
+  local floor = tonumber(ARGV[i])
+  if tonumber(redis.call('GET', key) or '0') < floor then
+    redis.call('SET', key, floor)
+    raised = raised + 1
+  end
+end
+return raised
+"""
+
 # KEYS: presence. ARGV: proc, then field/count pairs (this process's entries now).
 _RESYNC = """
 local prefix = ARGV[1] .. '\\n'
@@ -232,11 +246,12 @@ class _Link:
     """One Redis connection kept up by a ClientService; ``proto`` is None while it is down."""
 
     def __init__(self, reactor: Any, settings: dict[str, Any], factory: _Factory, name: str,
-                 on_ready: Callable[[Any], Any]) -> None:
+                 on_ready: Callable[[Any], Any], on_down: Callable[[str], None]) -> None:
         self.name = name
         self.proto: Any = None
         self.last_error = "not connected yet"
         self._on_ready = on_ready
+        self._on_down = on_down
         endpoint = endpoints.HostnameEndpoint(reactor, settings["host"], settings["port"], timeout=5)
         if settings["tls"]:
             # Certificate and host name verified (service-identity), against
@@ -286,6 +301,7 @@ class _Link:
     def _lost(self, proto: Any) -> None:
         if self.proto is proto:
             self.proto = None
+            self._on_down(f"redis {self.name} connection down: {self.last_error}")
             if self.service.running:
                 log.warn("redis {name} connection lost; reconnecting", name=self.name)
 
@@ -354,10 +370,10 @@ class RedisBackplane(Store):
         self._sync_generation = 0
         self.synced = defer.Deferred()
         self._commands = _Link(reactor, self.settings, _Factory(txredisapi.RedisProtocol, self.settings),
-                               "command", self._commands_ready)
+                               "command", self._commands_ready, self._down)
         self._events = _Link(reactor, self.settings,
                              _Factory(txredisapi.SubscriberProtocol, self.settings, self._on_event),
-                             "subscriber", self._events_ready)
+                             "subscriber", self._events_ready, self._down)
         self._loops = [
             self._loop(self._heartbeat, HEARTBEAT_INTERVAL),
             self._loop(self._reap, REAP_INTERVAL),
@@ -409,6 +425,10 @@ class RedisBackplane(Store):
         d.addTimeout(CHECK_INTERVAL, self.reactor)
         return d
 
+    def _down(self, reason: str) -> None:
+        """A connection dropped: unhealthy at once, not at the next check."""
+        self.problem = reason
+
     def _check(self) -> defer.Deferred:
         def ok(_: Any) -> None:
             if self._events.proto is None:
@@ -450,8 +470,18 @@ class RedisBackplane(Store):
     def _commands_ready(self, proto: Any) -> Any:
         """Load the scripts, then put this process's presence right, before any command uses it."""
         self._shas.clear()
-        for source in (_STORE, _PRESENCE, _REAP, _RESYNC):
+        for source in (_STORE, _PRESENCE, _REAP, _RESYNC, _SEQ_FLOOR):
             self._shas[source] = yield proto.execute_command("SCRIPT", "LOAD", source)
+        rooms = [(room, w.last_seq) for room, w in self._windows.items() if w.last_seq]
+        for start in range(0, len(rooms), 500):
+            chunk = rooms[start : start + 500]
+            raised = yield self._script(_SEQ_FLOOR, [_key("seq", r) for r, _ in chunk], [n for _, n in chunk], proto)
+            if int(raised):
+                log.warn(
+                    "redis: {n} rooms' seq counters were behind what this process delivered "
+                    "(Redis lost data?); raised so no seq is handed out twice",
+                    n=int(raised),
+                )
         try:
             yield self._resync_presence(proto)
         except Exception:

@@ -288,3 +288,27 @@ def test_rediss_verifies_the_certificate_and_the_host_name(tmp_path) -> None:
         assert "redis command connection: TLS: IPAddressMismatch" in log
     finally:
         server.stop()
+
+
+def test_a_redis_that_lost_its_data_does_not_hand_out_a_seq_twice(redis) -> None:
+    import shutil
+
+    with chatd(redis) as a:
+        with Client(a.ws_url) as alice:
+            alice.join("r", "alice")
+            for i in range(3):
+                alice.send(type="message", room="r", message=f"m{i}", ref=i)
+                alice.recv_until(lambda f, ref=i: f.get("ref") == ref)
+            redis.stop()
+            shutil.rmtree(redis.dir)  # restarted empty, as without persistence
+            redis.dir.mkdir()
+            redis.start()
+            eventually(lambda: health(a)[0] == 200, what="healthy again")
+            alice.send(type="message", room="r", message="after", ref="after")
+            frames: list[dict] = []
+            while not any(f.get("ref") == "after" for f in frames):
+                frames.append(alice.recv())
+            sent = frames[-1]
+            delivered = next(f for f in frames if f.get("type") == "message" and f["message"] == "after")
+    assert sent["type"] == "sent" and sent["seq"] == 4, frames
+    assert delivered["seq"] == 4
