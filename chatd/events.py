@@ -120,3 +120,27 @@ class Presence(Event):
 
     def __repr__(self) -> str:
         return f"<Presence {self.user!r} {self.action} {self.room}>"
+
+
+class Truncated(Event):
+    """Messages of a room were stored but are gone before this process could deliver them.
+
+    Sent to the room's sessions instead of silently skipping: a live stream
+    that jumps in ``seq`` says so (WebSocket ``{"type": "truncated"}``,
+    SignalR a ``truncated`` stream item and ``HistoryTruncated(room, first_seq)``,
+    gRPC ``DATA_LOSS`` on ``StreamMessages`` and an error event on ``Chat``).
+    ``first_seq`` is the oldest message still kept.
+    """
+
+    __slots__ = ("first_seq",)
+    kind = "truncated"
+
+    def __init__(self, room: str, first_seq: int) -> None:
+        super().__init__(room)
+        self.first_seq = first_seq
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "truncated", "room": self.room, "first_seq": self.first_seq}
+
+    def __repr__(self) -> str:
+        return f"<Truncated {self.room} from {self.first_seq}>"

@@ -50,7 +50,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from chatd.events import Event, Message, Presence
+from chatd.events import Event, Message, Presence, Truncated
 from chatd.store import Store, Stored, StoreUnavailable
 
 log = Logger()
@@ -67,7 +67,8 @@ CHECK_INTERVAL = 1.0
 REPLY_TIMEOUT = 5
 
 # KEYS: seq, hist, cid, rooms. ARGV: room, id, user, text, time, protocol, client_id,
-# limit, cutoff (0: no age limit), ttl (0: none), channel.
+# limit, cutoff (0: no age limit), ttl (0: none), channel, floor (the last seq the
+# calling process has delivered: a counter behind it -- Redis lost its data -- is raised).
 _STORE = """
 local cid = ARGV[7]
 if cid ~= '' then
@@ -75,6 +76,11 @@ if cid ~= '' then
   if existing then return {1, existing} end
 end
 local seq = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[12])
+if seq <= floor then
+  seq = floor + 1
+  redis.call('SET', KEYS[1], seq)
+end
 local payload = cjson.encode({k='m', id=ARGV[2], seq=seq, room=ARGV[1], user=ARGV[3], text=ARGV[4],
   time=tonumber(ARGV[5]), protocol=ARGV[6], cid=cid})
 redis.call('ZADD', KEYS[2], seq, payload)
@@ -106,11 +112,16 @@ redis.call('PUBLISH', ARGV[11], payload)
 return {0, payload}
 """
 
-# KEYS: presence. ARGV: field, delta, event payload, channel.
+# KEYS: presence. ARGV: field, delta, proc, room, user, action, time, protocol, channel.
+# The event carries the process's new count (n), so every mirror sets rather than adds.
 _PRESENCE = """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[2]))
-if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-redis.call('PUBLISH', ARGV[4], ARGV[3])
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  n = 0
+end
+redis.call('PUBLISH', ARGV[9], cjson.encode({k='p', proc=ARGV[3], room=ARGV[4], user=ARGV[5],
+  action=ARGV[6], time=tonumber(ARGV[7]), protocol=ARGV[8], n=n}))
 return n
 """
 
@@ -129,7 +140,7 @@ for _, field in ipairs(fields) do
     local room = string.sub(rest, 1, sep - 1)
     local user = string.sub(rest, sep + 1)
     redis.call('PUBLISH', ARGV[3], cjson.encode({k='p', proc=ARGV[1], room=room, user=user,
-      action='leave', time=tonumber(ARGV[2]), protocol='-', gone=1}))
+      action='leave', time=tonumber(ARGV[2]), protocol='-', n=0}))
     n = n + 1
   end
 end
@@ -150,13 +161,31 @@ end
 return raised
 """
 
-# KEYS: presence. ARGV: proc, then field/count pairs (this process's entries now).
+# KEYS: presence. ARGV: proc, time, channel, then field/count pairs (this process's entries
+# now). Makes the hash say exactly that and tells every process (after a reconnect, after
+# being reaped for a stall, or with no pairs at a clean stop).
 _RESYNC = """
 local prefix = ARGV[1] .. '\\n'
-for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(field, 1, #prefix) == prefix then redis.call('HDEL', KEYS[1], field) end
+local wanted = {}
+for i = 4, #ARGV, 2 do wanted[ARGV[i]] = ARGV[i + 1] end
+local function say(field, action, n)
+  local rest = string.sub(field, #prefix + 1)
+  local sep = string.find(rest, '\\n', 1, true)
+  redis.call('PUBLISH', ARGV[3], cjson.encode({k='p', proc=ARGV[1], room=string.sub(rest, 1, sep - 1),
+    user=string.sub(rest, sep + 1), action=action, time=tonumber(ARGV[2]), protocol='-', n=n}))
 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, #prefix) == prefix and not wanted[field] then
+    redis.call('HDEL', KEYS[1], field)
+    say(field, 'leave', 0)
+  end
+end
+for field, count in pairs(wanted) do
+  if redis.call('HGET', KEYS[1], field) ~= count then
+    redis.call('HSET', KEYS[1], field, count)
+    say(field, 'join', tonumber(count))
+  end
+end
 return 0
 """
 
@@ -362,8 +391,8 @@ class RedisBackplane(Store):
         self.hub: Any = None
         self.mirror = _Mirror()
         self._shas: dict[str, str] = {}
-        #: room -> [(seq, Deferred)] of own messages waiting to come back on the subscription
-        self._waiting: dict[str, list[tuple[int, defer.Deferred]]] = {}
+        #: room -> [(message, Deferred)] of own messages waiting to come back on the subscription
+        self._waiting: dict[str, list[tuple[Message, defer.Deferred]]] = {}
         #: None when live; else the events held back while catching up
         self._held: list[dict] | None = []
         self._syncing_rooms: dict[str, list[dict]] = {}
@@ -411,7 +440,8 @@ class RedisBackplane(Store):
         proto = self._commands.proto
         if proto is not None:
             # Our users leave with us, at once rather than after the heartbeat expires.
-            d = self._script(_RESYNC, [PRESENCE], [self.proc]).addErrback(lambda _: None)
+            d = self._script(_RESYNC, [PRESENCE], [self.proc, repr(self.clock.seconds()), CHANNEL])
+            d.addErrback(lambda _: None)
             d.addCallback(lambda _: proto.execute_command("DEL", PREFIX + "proc:" + self.proc))
             d.addErrback(lambda _: None)
         d.addCallback(lambda _: defer.DeferredList([self._commands.stop(), self._events.stop()]))
@@ -483,6 +513,8 @@ class RedisBackplane(Store):
                     n=int(raised),
                 )
         try:
+            # Alive at once (a user joining now must not be reaped), then say who is here.
+            yield proto.execute_command("SET", PREFIX + "proc:" + self.proc, "1", "EX", HEARTBEAT_TTL)
             yield self._resync_presence(proto)
         except Exception:
             log.failure("redis: presence resync failed")
@@ -493,42 +525,40 @@ class RedisBackplane(Store):
         room = message.room
         cutoff = self.clock.seconds() - self.max_age if self.max_age else 0
         args = [room, message.id, message.user, message.text, repr(message.time), message.protocol,
-                client_id or "", self.limit, repr(cutoff), int(self.max_age), CHANNEL]
+                client_id or "", self.limit, repr(cutoff), int(self.max_age), CHANNEL, self.last_seq(room)]
         d = self._script(_STORE, [_key("seq", room), _key("hist", room), _key("cid", room), ROOMS], args)
 
         def stored(reply: list) -> Any:
             duplicate, payload = int(reply[0]), orjson.loads(reply[1])
             stored_message = _message(payload)
             if duplicate:
-                known = self._find(room, stored_message.seq)
-                return Stored(known or stored_message, True)
+                return Stored(stored_message, True)
             return self._wait_for(stored_message)
 
         def failed(failure: Failure) -> Failure:
             if failure.check(StoreUnavailable):
-                return failure
+                return failure  # never sent: certainly not stored
             reason = failure.getErrorMessage() or failure.type.__name__
+            if failure.check(txredisapi.ConnectionError):
+                # Sent, but no answer (a stall, a connection lost): Redis may yet run it.
+                log.warn("redis: no answer to a store: {reason}", reason=reason)
+                raise StoreUnavailable(
+                    f"message not acknowledged: Redis did not answer ({reason}); it may have been "
+                    "stored: retry with the same client_id"
+                )
             log.warn("redis: message not stored: {reason}", reason=reason)
             raise StoreUnavailable(f"message not stored: Redis failed ({reason}); try again")
 
         return d.addCallbacks(stored, failed)
 
-    def _find(self, room: str, seq: int) -> Message | None:
-        window = self._windows.get(room)
-        if window is not None:
-            for m in reversed(window.messages):
-                if m.seq == seq:
-                    return m
-        return None
-
     def _wait_for(self, message: Message) -> Any:
         """Acknowledge once our own message has come back and been delivered here."""
-        if self.last_seq(message.room) >= message.seq:
-            return Stored(self._find(message.room, message.seq) or message, False)
-        if self._events.proto is None:
-            return Stored(message, False)  # stored; catch-up delivers it once the subscription is back
+        if self.last_seq(message.room) >= message.seq or self._events.proto is None:
+            # Delivered already, or the subscription is down: stored all the
+            # same, and catch-up delivers it once the subscription is back.
+            return Stored(message, False)
         d: defer.Deferred = defer.Deferred()
-        self._waiting.setdefault(message.room, []).append((message.seq, d))
+        self._waiting.setdefault(message.room, []).append((message, d))
         return d
 
     def _release(self, room: str) -> None:
@@ -536,16 +566,16 @@ class RedisBackplane(Store):
         if not waiting:
             return
         last = self.last_seq(room)
-        ready = [(s, d) for s, d in waiting if s <= last]
+        ready = [(m, d) for m, d in waiting if m.seq <= last]
         if not ready:
             return
-        rest = [(s, d) for s, d in waiting if s > last]
+        rest = [(m, d) for m, d in waiting if m.seq > last]
         if rest:
             self._waiting[room] = rest
         else:
             del self._waiting[room]
-        for seq, d in ready:
-            d.callback(Stored(self._find(room, seq) or _placeholder(room, seq), False))
+        for message, d in ready:
+            d.callback(Stored(message, False))
 
     # -- the subscription ----------------------------------------------------------------
 
@@ -606,14 +636,22 @@ class RedisBackplane(Store):
     @defer.inlineCallbacks
     def _fetch(self, proto: Any, room: str, first: int) -> Any:
         """Put what Redis keeps of ``room`` from seq ``first`` on into its window, in order."""
-        items = yield proto.execute_command("ZRANGEBYSCORE", _key("hist", room), first, "+inf")
+        # The counter first, then the messages: one stored in between is in the
+        # range (never counted as seen without being delivered).
         seq = yield proto.execute_command("GET", _key("seq", room))
-        for item in items or []:
-            self._deliver_stored(_message(orjson.loads(item)))
+        items = yield proto.execute_command("ZRANGEBYSCORE", _key("hist", room), first, "+inf")
+        messages = [_message(orjson.loads(item)) for item in items or []]
+        newest = int(seq) if seq is not None else 0
+        kept_from = messages[0].seq if messages else newest + 1
+        if kept_from > first and newest >= first:
+            # Stored while this process was away, and trimmed before it came
+            # back: its clients in the room are told, never silently skipped.
+            self._gap(room, first, kept_from)
+        for message in messages:
+            self._deliver_stored(message)
         # Messages gone by age: the room's seq goes on all the same.
-        if seq is not None:
-            window = self._window(room)
-            window.last_seq = max(window.last_seq, int(seq))
+        window = self._window(room)
+        window.last_seq = max(window.last_seq, newest)
 
     def _apply(self, event: dict) -> None:
         kind = event.get("k")
@@ -652,6 +690,17 @@ class RedisBackplane(Store):
             return
         self._fetch(proto, room, first).addCallbacks(done, failed)
 
+    def _gap(self, room: str, first: int, kept_from: int) -> None:
+        if self.hub is None or not self.hub.local_users(room):
+            return  # nobody here was following the room (a start-up load)
+        log.warn(
+            "redis: {room} seq {first}..{last} were trimmed before this process could deliver them",
+            room=room,
+            first=first,
+            last=kept_from - 1,
+        )
+        self.hub.deliver(Truncated(room, kept_from))
+
     def _deliver_stored(self, message: Message) -> None:
         if self.keep(message, message.client_id):
             if self.hub is not None:
@@ -669,10 +718,10 @@ class RedisBackplane(Store):
             return
         if not self.mirror.users(event.room).get(event.user):
             self._deliver_presence(event)
-        payload = orjson.dumps({"k": "p", "proc": self.proc, "room": event.room, "user": event.user,
-                                "action": event.action, "time": event.time, "protocol": event.protocol})
         delta = 1 if event.action == "join" else -1
-        d = self._script(_PRESENCE, [PRESENCE], [self._field(event.room, event.user), delta, payload, CHANNEL])
+        args = [self._field(event.room, event.user), delta, self.proc, event.room, event.user, event.action,
+                repr(event.time), event.protocol, CHANNEL]
+        d = self._script(_PRESENCE, [PRESENCE], args)
         # Lost while Redis is away; the presence resync on reconnect puts it right.
         d.addErrback(lambda f: log.debug("redis: presence not published: {why}", why=f.getErrorMessage()))
 
@@ -692,8 +741,8 @@ class RedisBackplane(Store):
         room, user, action = event["room"], event["user"], event["action"]
         local = self.hub.local_users(room) if self.hub is not None else []
         before = user in local or bool(self.mirror.users(room).get(user))
-        if event.get("gone"):
-            self.mirror.set(proc, room, user, 0)
+        if isinstance(event.get("n"), int):
+            self.mirror.set(proc, room, user, event["n"])
         else:
             self.mirror.change(proc, room, user, 1 if action == "join" else -1)
         after = user in local or bool(self.mirror.users(room).get(user))
@@ -715,7 +764,7 @@ class RedisBackplane(Store):
         return [*local, *remote]
 
     def _resync_presence(self, proto: Any = None) -> defer.Deferred:
-        args: list[Any] = [self.proc]
+        args: list[Any] = [self.proc, repr(self.clock.seconds()), CHANNEL]
         if self.hub is not None:
             for room, users in self.hub.local_presence().items():
                 for user, count in users.items():
@@ -726,8 +775,17 @@ class RedisBackplane(Store):
         proto = self._commands.proto
         if proto is None:
             return None
-        d = proto.execute_command("SET", PREFIX + "proc:" + self.proc, "1", "EX", HEARTBEAT_TTL)
-        return d.addErrback(lambda _: None)
+        d = proto.execute_command("SET", PREFIX + "proc:" + self.proc, "1", "EX", HEARTBEAT_TTL, "GET")
+
+        def beat(previous: Any) -> Any:
+            if previous is None:
+                # Our key had expired (a stall longer than its TTL): the other
+                # processes may have reaped our users. Put them back.
+                log.warn("redis: this process's heartbeat had expired; saying again who is here")
+                return self._resync_presence()
+            return None
+
+        return d.addCallback(beat).addErrback(lambda _: None)
 
     def _reap(self) -> Any:
         """Remove the presence of processes whose heartbeat expired (crashed, or cut off)."""
@@ -752,6 +810,3 @@ def _reason(failure: Failure) -> str:
         return "TLS: " + "; ".join(str(e[-1]) if isinstance(e, tuple) else repr(e) for e in args[0] if e)
     return failure.getErrorMessage() or type(value).__name__
 
-
-def _placeholder(room: str, seq: int) -> Message:
-    return Message("", seq, room, "", "", 0.0, "")

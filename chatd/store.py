@@ -218,9 +218,13 @@ class Store:
         """Every kept message after ``seq``, and whether some after it are gone."""
         window = self._windows.get(room)
         if window is None:
-            return Resume([], 1, False)
+            return Resume([], 1, seq > 0)
         messages = window.messages
         first = messages[0].seq if messages else window.last_seq + 1
+        if seq > window.last_seq:
+            # The client saw a seq this room never reached (its history was
+            # reset): its numbering means nothing here. Everything kept, flagged.
+            return Resume(list(messages), first, True)
         missed = [m for m in messages if m.seq > seq] if seq < window.last_seq else []
         return Resume(missed, first, seq + 1 < first and seq < window.last_seq)
 
@@ -261,6 +265,8 @@ CREATE INDEX IF NOT EXISTS messages_client_id ON messages (room, client_id) WHER
 
 #: how many queued writes one transaction takes at most
 BATCH = 512
+#: seconds between probes of a store that failed a write
+PROBE_INTERVAL = 2.0
 _STOP = object()
 
 
@@ -352,6 +358,13 @@ class SQLiteStore(Store):
         self._queue.put((message, client_id, d))
         return d
 
+    def _probe(self) -> None:
+        """An empty write transaction: clears ``problem`` once the file takes writes again."""
+        if self.problem is None or self._stopped is not None:
+            return
+        self._queue.put(("probe", None))
+        self.reactor.callLater(PROBE_INTERVAL, self._probe)
+
     def prune(self) -> None:
         super().prune()
         if self.max_age and self._thread is not None and self._stopped is None:
@@ -365,7 +378,14 @@ class SQLiteStore(Store):
             self._queue.put(_STOP)
         return self._stopped
 
-    def _resolve(self, results: list[tuple[defer.Deferred, Any]]) -> None:
+    def _resolve(self, results: list[tuple[defer.Deferred, Any]], failed: str | None) -> None:
+        if failed:
+            if self.problem is None:
+                # Unhealthy (/health 503) until a write works again: probe now and then.
+                self.reactor.callLater(PROBE_INTERVAL, self._probe)
+            self.problem = f"history store: {failed}"
+        elif results:
+            self.problem = None
         for d, outcome in results:
             if isinstance(outcome, Exception):
                 d.errback(outcome)
@@ -389,9 +409,10 @@ class SQLiteStore(Store):
                 stop = _STOP in batch
                 writes = [b for b in batch if isinstance(b, tuple) and isinstance(b[0], Message)]
                 prunes = [b[1] for b in batch if isinstance(b, tuple) and b[0] == "prune"]
-                if writes or prunes:
-                    results = self._write(db, seqs, writes, prunes)
-                    self.reactor.callFromThread(self._resolve, results)
+                probe = any(isinstance(b, tuple) and b[0] == "probe" for b in batch)
+                if writes or prunes or probe:
+                    results, failed = self._write(db, seqs, writes, prunes)
+                    self.reactor.callFromThread(self._resolve, results, failed)
                 if stop:
                     return
         finally:
@@ -405,8 +426,8 @@ class SQLiteStore(Store):
         seqs: dict[str, int],
         writes: list[tuple[Message, str | None, defer.Deferred]],
         prunes: list[float],
-    ) -> list[tuple[defer.Deferred, Any]]:
-        """One transaction for the whole batch; every Deferred's outcome, in order."""
+    ) -> tuple[list[tuple[defer.Deferred, Any]], str | None]:
+        """One transaction for the whole batch: every Deferred's outcome, in order, and what failed."""
         touched: dict[str, int] = {}
         results: list[tuple[defer.Deferred, Any]] = []
         try:
@@ -451,10 +472,10 @@ class SQLiteStore(Store):
                 pass
             log.error("history store write failed: {error}", error=str(e))
             error = StoreUnavailable(f"message not stored: history store failed ({e})")
-            return [(d, error) for _, _, d in writes]
+            return [(d, error) for _, _, d in writes], str(e)
         seqs.update(touched)
         self.batches += 1
-        return results
+        return results, None
 
 
 def from_options(reactor: Any, options: Any) -> Store:

@@ -705,3 +705,21 @@ def test_stop_service_completes_while_a_health_update_is_stuck(hub, reactor) -> 
     health.release.set()  # the client is gone: the queued updates go out, in order
     reactor.run_until(lambda: len(health.calls) == 3)
     assert health.calls == [("set", False), ("set", False), ("enter_graceful_shutdown", False)]
+
+
+def test_messages_gone_before_delivery_end_a_stream_with_data_loss_and_tell_a_chat(hub, reactor) -> None:
+    from chatd.events import Truncated
+
+    stream = stream_session(hub, reactor, "sam")
+    chat = stream_session(hub, reactor, "cat", chat=True)
+    hub.join(chat, "lobby")
+    hub.deliver(Truncated("lobby", 40))
+    chat.going_away("bye")
+    _, ended = drain(stream)
+    assert ended is not None and ended.code is grpc.StatusCode.DATA_LOSS
+    assert "resume with since_seq=39" in ended.details
+    events = [pb.ChatEvent.FromString(d) for d in drain(chat)[0]]
+    errors = [e.error for e in events if e.WhichOneof("event") == "error"]
+    assert [(e.code, e.reason.startswith("messages of lobby before seq 40 are gone")) for e in errors] == [
+        ("DATA_LOSS", True)
+    ]

@@ -135,3 +135,21 @@ def test_a_completion_waits_for_the_store(clock, hub):
     d, message, client_id = waiting.pop()
     real(message, client_id).addCallback(lambda stored: d.callback(Stored(stored.message, False)))
     assert completions(t.take())["1"]["result"]["seq"] == 1
+
+
+def test_messages_gone_before_delivery_are_announced_not_skipped(clock, hub):
+    from chatd.events import Truncated
+
+    conn, t, _ = open_connection(clock, hub)
+    t.take()
+    conn.data_received(
+        p.JsonCodec().encode(
+            {"type": p.STREAM_INVOCATION, "invocationId": "s", "target": "StreamRoom", "arguments": ["general"]}
+        )
+    )
+    hub.deliver(Truncated("general", 40))
+    out = t.take()
+    calls = [m for m in out if m["type"] == p.INVOCATION]
+    items = [m["item"] for m in out if m["type"] == p.STREAM_ITEM]
+    assert [(c["target"], c["arguments"]) for c in calls] == [("HistoryTruncated", ["general", 40])]
+    assert items == [{"type": "truncated", "room": "general", "first_seq": 40}]

@@ -188,13 +188,15 @@ async def test_a_failed_write_is_an_error_and_hands_out_no_seq(db_path: str) -> 
             broken(db, seqs, writes, prunes)
         except sqlite3.Error:
             db.execute("ROLLBACK")
-        return [(d, StoreUnavailable("message not stored: disk trouble")) for _, _, d in writes]
+        return [(d, StoreUnavailable("message not stored: disk trouble")) for _, _, d in writes], "disk trouble"
 
     store._write = failing
     with pytest.raises(StoreUnavailable, match="not stored"):
         await add(store, "r", "lost")
+    assert store.problem == "history store: disk trouble", "a failing store must make /health 503"
     store._write = real_write
     assert (await add(store, "r", "two")).message.seq == 2
+    assert store.problem is None
     await store.close()
 
 

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import validate
-from chatd.events import Event, Message, Presence, rfc3339
+from chatd.events import Event, Message, Presence, Truncated, rfc3339
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.hub import Hub, Joined, ServerFull, Session, SessionClosed
 from chatd.store import StoreUnavailable
@@ -148,6 +148,17 @@ class GrpcSession(Session):
     # -- reactor thread ----------------------------------------------------
 
     def deliver(self, event: Event) -> None:
+        if isinstance(event, Truncated):
+            reason = (
+                f"messages of {event.room} before seq {event.first_seq} are gone; "
+                f"resume with since_seq={event.first_seq - 1} to get what is kept"
+            )
+            if self.chat:
+                error = pb.Error(code=Code.DATA_LOSS.name, reason=reason, request="")
+                self.put(pb.ChatEvent(error=error).SerializeToString())
+            else:
+                self.end(Code.DATA_LOSS, reason)
+            return
         # A replay hands kept messages to this session alone: caching their
         # encodings would only leave protobuf copies on every kept message.
         wire = encode(event) if self._replaying else event.encoded(PROTOCOL, encode)

@@ -30,6 +30,7 @@ Server to client::
     ReceiveMessage(user, message, room)
     UserJoined(user, room)
     UserLeft(user, room)
+    HistoryTruncated(room, first_seq)   messages before first_seq were missed and are gone
 
 A message dict is the WebSocket protocol's shape (``id``, ``seq``, ``room``,
 ``user``, ``message``, ``timestamp``, ``protocol``).
@@ -78,6 +79,8 @@ def event_invocation(event: Event) -> dict:
     """The client method call that tells a client about ``event``."""
     if event.kind == "message":
         return p.invocation("ReceiveMessage", [event.user, event.text, event.room])  # type: ignore[attr-defined]
+    if event.kind == "truncated":
+        return p.invocation("HistoryTruncated", [event.room, event.first_seq])  # type: ignore[attr-defined]
     target = "UserJoined" if event.action == "join" else "UserLeft"  # type: ignore[attr-defined]
     return p.invocation(target, [event.user, event.room])  # type: ignore[attr-defined]
 
@@ -102,10 +105,10 @@ class SignalRSession(Session):
 
     def deliver(self, event: Event) -> None:
         name = self.connection.protocol_name
-        if name is None or event.kind not in ("message", "presence"):
+        if name is None or event.kind not in ("message", "presence", "truncated"):
             return
         self.connection.send_record(event.encoded(_CACHE_KEYS[name], _EVENT_ENCODERS[name]))
-        if event.kind == "message" and self._chat.streams:
+        if event.kind != "presence" and self._chat.streams:
             self._chat.stream_event(event)
 
     def close(self, reason: str) -> None:
@@ -288,6 +291,7 @@ class ChatHub:
         validate.user(user)
         validate.message(message, self.hub.limits)
         validate.client_id(client_id)
+        self.hub.check_rate(validate.user(user))  # refused before the join below: a refusal changes nothing
         self._name(user)
         self._ensure_in(room)
         return self.hub.publish(room, self.session.user, message, PROTOCOL, client_id).addCallback(_as_dict)
