@@ -11,6 +11,10 @@ from tests.conftest import require_tool
 from tests.daemon import free_port
 
 
+class PortTaken(Exception):
+    """redis-server could not bind its port."""
+
+
 class RedisServer:
     """A ``redis-server`` on a free loopback port, in its own directory; restartable."""
 
@@ -21,8 +25,20 @@ class RedisServer:
         self.port = free_port()
         #: (key, certificate): serve TLS only, on ``tls_port``, on 127.0.0.1 and 127.0.0.2
         self.tls = tls
-        self.tls_port = free_port() if tls else None
+        self.tls_port = None
+        while tls and self.tls_port in (None, self.port):  # two free ports, not the same one twice
+            self.tls_port = free_port()
         self.proc: subprocess.Popen | None = None
+        for _ in range(5):
+            try:
+                self.start()
+                return
+            except PortTaken:
+                # Another process took a "free" port between our check and
+                # Redis's bind (the suite runs many servers): pick others.
+                self.port = free_port()
+                while tls and self.tls_port in (None, self.port):
+                    self.tls_port = free_port()
         self.start()
 
     @property
@@ -39,11 +55,17 @@ class RedisServer:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
              "--protected-mode", "no", *tls],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=open(self.dir / "redis.log", "ab"),
+            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                if "Address already in use" in log:
+                    (self.dir / "redis.log").unlink()
+                    raise PortTaken(log)
+                raise AssertionError(f"redis-server exited with {self.proc.returncode}:\n{log}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
