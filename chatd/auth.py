@@ -116,7 +116,12 @@ class Authenticator:
                 self._key,
                 algorithms=[self.algorithm],
                 # Time is checked below on our clock; presence of the claims here.
-                options={"require": ["sub", "exp"], "verify_exp": False, "verify_nbf": False, "verify_iat": False},
+                options={
+                    "require": ["sub", "exp"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.InvalidTokenError as e:
             raise Unauthenticated(f"invalid token: {e}") from None
@@ -248,4 +253,3 @@ def from_options(options: Any, clock: IReactorTime) -> Authenticator | None:
 def secret_environment(options: Any) -> dict[str, str]:
     """The secret options as environment variables, for a worker process (not its argv)."""
     return {env: options[name] for name, env in SECRET_OPTIONS.items() if options[name]}
-

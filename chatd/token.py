@@ -38,7 +38,9 @@ def parse_ttl(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def claims(user: str, ttl: int, rooms: Sequence[str] | None = None, now: float | None = None) -> dict[str, Any]:
+def claims(
+    user: str, ttl: int, rooms: Sequence[str] | None = None, now: float | None = None
+) -> dict[str, Any]:
     """The claims of a token for ``user``, valid ``ttl`` seconds from ``now``; checked as the daemon will."""
     issued = int(time.time() if now is None else now)
     body: dict[str, Any] = {"sub": validate.user(user), "iat": issued, "exp": issued + ttl}
@@ -65,7 +67,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     parser = argparse.ArgumentParser(prog="python -m chatd.token", description=__doc__.split("\n\n")[0])
     parser.add_argument("user", help="the user name the token proves (its sub claim)")
     parser.add_argument("--rooms", help="comma-separated rooms the token allows (default: any room)")
-    parser.add_argument("--ttl", default="1h", help="how long the token is valid: 90s, 15m, 1h, 7d (default 1h)")
+    parser.add_argument(
+        "--ttl", default="1h", help="how long the token is valid: 90s, 15m, 1h, 7d (default 1h)"
+    )
     parser.add_argument("--secret", help="the HS256 secret [env AUTH_SECRET]")
     parser.add_argument("--secret-file", help="a file holding the secret [env AUTH_SECRET_FILE]")
     parser.add_argument("--private-key", help="sign RS256/ES256 with this PEM private key instead")
@@ -79,7 +83,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         else:
             # Flags win over the environment, per option, as for the daemon.
             secret = args.secret if args.secret is not None else environ.get("AUTH_SECRET", "")
-            secret_file = args.secret_file if args.secret_file is not None else environ.get("AUTH_SECRET_FILE", "")
+            secret_file = (
+                args.secret_file if args.secret_file is not None else environ.get("AUTH_SECRET_FILE", "")
+            )
             raw = read_secret(secret, secret_file, "--secret")
             if raw is None:
                 raise ValueError("no secret: give --secret, --secret-file, AUTH_SECRET or AUTH_SECRET_FILE")
