@@ -31,6 +31,7 @@ from chatd.auth import Authenticator, Forbidden, Identity, Unauthenticated
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.hub import Hub, Session
+from tests.conftest import require, require_tool
 from tests.daemon import ROOT
 from tests.test_signalr_interop import NodeClient, hub_url, node
 from tests.wsclient import Client
@@ -686,3 +687,55 @@ async def test_chatd_token_mints_what_the_daemon_accepts(start, tmp_path) -> Non
         assert bad_ttl.returncode == 2 and "--ttl" in bad_ttl.stderr
 
     await deferToThread(scenario)
+
+
+# -- the browser client -------------------------------------------------------------------
+
+
+@pytest.fixture
+def chromium() -> str:
+    from tests.test_browser import sync_playwright
+
+    path = require_tool("chromium")
+    require(sync_playwright is not None, "playwright is not installed (pip install '.[test]')")
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_browser_pages_with_a_token_in_their_url_chat_over_websocket_and_signalr(
+    start, chromium
+) -> None:
+    from playwright.sync_api import expect
+
+    from tests.test_browser import ChatPage, assert_no_console_errors, in_browser, web_url
+
+    running = await start("--auth-secret", SECRET)
+
+    def scenario(browser: Any) -> None:
+        # Without a token the page asks for one and connects nowhere.
+        anonymous = ChatPage(browser, web_url(running))
+        expect(anonymous.page.get_by_label("Token")).to_be_visible()
+        anonymous.page.get_by_label("Name").fill("nobody")
+        anonymous.page.get_by_label("Name").press("Enter")
+        expect(anonymous.page.locator("#notice")).to_contain_text("This server needs a token")
+        expect(anonymous.page.locator("#status")).not_to_have_attribute("data-state", "online")
+
+        alice = ChatPage(browser, web_url(running) + "#token=" + mint("alice", rooms=["lobby"]))
+        assert "token=" not in alice.page.url  # taken out of the address bar
+        expect(alice.page.get_by_label("Name")).to_have_value("alice")
+        expect(alice.page.get_by_label("Name")).not_to_be_editable()
+        alice.connect("alice", "lobby", "websocket")
+
+        bob = ChatPage(browser, web_url(running) + "#token=" + mint("bob"))
+        bob.connect("bob", "lobby", "signalr")
+        alice.send("Token-carrying hello over WebSocket")
+        bob.expect_message("Token-carrying hello over WebSocket", "alice", "websocket")
+        bob.send("And back over SignalR")
+        alice.expect_message("And back over SignalR", "bob", "signalr")
+        # A room outside alice's token is refused, in words.
+        alice.page.get_by_label("Join another room").fill("ops")
+        alice.page.get_by_label("Join another room").press("Enter")
+        expect(alice.page.locator("#notice")).to_contain_text("not allowed in room ops")
+        assert_no_console_errors(alice, bob)
+
+    await in_browser(chromium, scenario)
