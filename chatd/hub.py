@@ -20,12 +20,13 @@ from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatd import validate
+from chatd.auth import Authenticator, Identity, Unauthenticated
 from chatd.events import Event, Message, Presence
 from chatd.metrics import HubMetrics
 from chatd.store import MemoryStore, Store, Stored
@@ -54,15 +55,21 @@ class Session:
     Adapters subclass it and implement :meth:`deliver` (encode and write,
     never blocking) and :meth:`close`. ``user`` is fixed once set (see
     :meth:`Hub.identify`); ``rooms`` is maintained by the hub only.
+    ``identity`` is what the client's token proved (``chatd.auth``), set by
+    the adapter before :meth:`Hub.connect` when tokens are required: the
+    hub then fixes ``user`` to it, refuses rooms outside it, and closes the
+    session when the token expires.
     """
 
     protocol = "unknown"
 
-    def __init__(self, peer: str = "") -> None:
+    def __init__(self, peer: str = "", identity: Identity | None = None) -> None:
         self.id = next(_session_ids)
         self.peer = peer
+        self.identity = identity
         self.user: str | None = None
         self.rooms: set[str] = set()
+        self.expiry: IDelayedCall | None = None
 
     def deliver(self, event: Event) -> None:
         """Send ``event`` to the client; must not raise for a slow client."""
@@ -79,6 +86,10 @@ class Session:
         SignalR Close with ``allowReconnect``, gRPC ``UNAVAILABLE``).
         """
         self.close(reason)
+
+    def token_expired(self) -> None:
+        """End the connection because its token expired (the client may come back with a new one)."""
+        self.close("token expired")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.user or '-'}@{self.peer}>"
@@ -261,8 +272,11 @@ class Hub(Service):
         store: Store | None = None,
         broker: Broker | None = None,
         prune_interval: float = 60.0,
+        auth: Authenticator | None = None,
     ) -> None:
         self.clock = clock
+        #: verifies clients' tokens; None when authentication is off
+        self.auth = auth
         self.limits = limits or Limits()
         self.max_connections = max_connections
         self.store = store or MemoryStore(clock, self.limits.history_limit)
@@ -325,6 +339,14 @@ class Hub(Service):
             raise ServerFull("server shutting down, try again shortly")
         if len(self.sessions) >= self.max_connections:
             raise ServerFull(f"server full: {self.max_connections} connections open, try again later")
+        identity = session.identity
+        if identity is not None:
+            remaining = None if identity.expires is None else identity.expires - self.clock.seconds()
+            if remaining is not None and remaining <= 0:
+                raise Unauthenticated("token expired")
+            session.user = identity.user
+            if remaining is not None:
+                session.expiry = self.clock.callLater(remaining, self._token_expired, session)
         self.sessions[session.id] = session
         self._by_protocol[session.protocol] = self._by_protocol.get(session.protocol, 0) + 1
         self.connections_total += 1
@@ -333,6 +355,9 @@ class Hub(Service):
         """Forget a connection: it leaves every room (presence goes out). Idempotent."""
         if self.sessions.pop(session.id, None) is None:
             return
+        if session.expiry is not None and session.expiry.active():
+            session.expiry.cancel()
+        session.expiry = None
         self._by_protocol[session.protocol] -= 1
         for name in list(session.rooms):
             try:
@@ -341,8 +366,26 @@ class Hub(Service):
                 # Never stop half-way: the session would stay a ghost in its other rooms.
                 log.failure("{session} leaving {room} failed", session=session, room=name)
 
+    def _token_expired(self, session: Session) -> None:
+        session.expiry = None
+        if session.id not in self.sessions:
+            return
+        log.info("{session}: token expired", session=session)
+        session.token_expired()
+        self.disconnect(session)  # whatever the adapter did: an expired session holds no room
+
     def identify(self, session: Session, user: object) -> str:
-        """Set the session's user name, which cannot change once set."""
+        """Set the session's user name, which cannot change once set.
+
+        With a token the name is the token's (set at connect): no name
+        means that one, another name is refused (``Forbidden``).
+        """
+        if session.identity is not None:
+            if user is None or user == "":
+                return session.identity.user
+            name = validate.user(user)
+            session.identity.check_user(name)
+            return name
         name = validate.user(user)
         if session.user is None:
             session.user = name
@@ -363,6 +406,8 @@ class Hub(Service):
         changes nothing (a resume replays again).
         """
         name = validate.room(room)
+        if session.identity is not None:
+            session.identity.check_room(name)
         if session.user is None:
             raise ChatError("a user name is needed to join a room")
         if session.id not in self.sessions:
@@ -420,9 +465,11 @@ class Hub(Service):
             r = self._rooms[name] = _Room(name)
         return r
 
-    def members(self, room: object) -> list[str]:
+    def members(self, room: object, identity: Identity | None = None) -> list[str]:
         """The users in a room now (on every process), in the order they came."""
         name = validate.room(room)
+        if identity is not None:
+            identity.check_room(name)
         return self.broker.members(name, self.local_users(name))
 
     def local_users(self, room: str) -> list[str]:
@@ -444,7 +491,13 @@ class Hub(Service):
     # -- messages ----------------------------------------------------------
 
     def publish(
-        self, room: object, user: object, text: object, protocol: str, client_id: object = None
+        self,
+        room: object,
+        user: object,
+        text: object,
+        protocol: str,
+        client_id: object = None,
+        identity: Identity | None = None,
     ) -> defer.Deferred:
         """Validate, number, store and fan out one chat message, the one path for every adapter.
 
@@ -455,9 +508,17 @@ class Hub(Service):
         :class:`~chatd.store.StoreUnavailable` when it could not be stored.
         A retry with a ``client_id`` already stored in the room fires with
         the original message and is neither stored nor delivered again.
+        With an ``identity`` (a token's) the sender must be its user (a
+        missing one means it) and the room one it allows (``Forbidden``).
         """
         name = validate.room(room)
+        if identity is not None:
+            identity.check_room(name)
+            if user is None or user == "":
+                user = identity.user
         sender = validate.user(user)
+        if identity is not None:
+            identity.check_user(sender)
         body = validate.message(text, self.limits)
         key = validate.client_id(client_id)
         if self._user_rate is not None and not self._user_rate.take(sender):
@@ -520,9 +581,12 @@ class Hub(Service):
         if not r.sessions and self._rooms.get(r.name) is r:
             del self._rooms[r.name]
 
-    def history(self, room: object, limit: object = None) -> list[Message]:
-        """The last ``limit`` kept messages of a room, oldest first."""
-        return self.store.recent(validate.room(room), validate.limit(limit, self.limits))
+    def history(self, room: object, limit: object = None, identity: Identity | None = None) -> list[Message]:
+        """The last ``limit`` kept messages of a room, oldest first (a room the token allows)."""
+        name = validate.room(room)
+        if identity is not None:
+            identity.check_room(name)
+        return self.store.recent(name, validate.limit(limit, self.limits))
 
     # -- statistics --------------------------------------------------------
 

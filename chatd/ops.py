@@ -19,6 +19,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from chatd.auth import check_metrics_token
 from chatd.drain import Drain
 from chatd.logs import redact_access_logs
 from chatd.metrics import MetricsResource
@@ -64,9 +65,35 @@ def check_options(options: Any) -> None:
         manhole.check_options(options, options.environ)
 
 
-def metrics_resource(hub: Any) -> Resource:
-    """``/metrics``: the hub's own Prometheus registry in text format, rendered on the reactor thread."""
-    return MetricsResource(hub.metrics.registry)
+def metrics_resource(hub: Any, token: str = "") -> Resource:
+    """``/metrics``: the hub's own Prometheus registry in text format, rendered on the reactor thread.
+
+    With ``token`` (``--metrics-token``) a scrape must carry ``Authorization:
+    Bearer <token>``, or it gets 401: the figures (room and user counts,
+    error rates) are for the operator, while ``/health`` stays open for
+    load balancers.
+    """
+    resource = MetricsResource(hub.metrics.registry)
+    return _TokenRequired(resource, token) if token else resource
+
+
+class _TokenRequired(Resource):
+    """A leaf resource that answers 401 unless the request has the bearer token."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, token: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._token = token
+
+    def render(self, request: Any) -> bytes:
+        if not check_metrics_token(self._token, request.getHeader(b"authorization")):
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Bearer realm="metrics"')
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"a bearer token is required (--metrics-token)\n"
+        return self._inner.render(request)
 
 
 def add_operations(top: MultiService, hub: Any, options: Any, reactor: Any) -> None:

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatd import signalr, store, webclient, websocket, workers
+from chatd import auth, signalr, store, webclient, websocket, workers
 from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
@@ -123,6 +123,7 @@ STRINGS: dict[str, tuple[str, str, str]] = {
     "grpc": ("GRPC_PORT", "[::]:50051", "gRPC listener as host:port (not an endpoint); a bare number means [::]:N"),
     "grpc-tls-cert": ("GRPC_TLS_CERT", "", "PEM certificate chain for gRPC over TLS (with --grpc-tls-key)"),
     "grpc-tls-key": ("GRPC_TLS_KEY", "", "PEM private key for gRPC over TLS"),
+    **{name: (env, "", text) for name, (env, text) in auth.OPTIONS.items()},
 }
 
 
@@ -181,6 +182,7 @@ class Options(usage.Options):
             self["manhole"] = ""  # one console, in worker 0: the others would fight for its port
         workers.check_options(self, list(LISTENERS))
         check_options(self)
+        auth.check_options(self)
         webclient.check_options(self)
         grpc_service.check_options(self)
 
@@ -238,10 +240,14 @@ class Listener(StreamServerEndpointService):
 
 
 def worker_argv(options: Options) -> list[str]:
-    """The options of a ``--workers`` worker: every resolved value, spelled out, except ``--workers``."""
+    """The options of a ``--workers`` worker: every resolved value, spelled out, except ``--workers``.
+
+    Secrets (``chatd.auth.SECRET_OPTIONS``) are not: a command line is
+    readable by every local user; they go in the worker's environment.
+    """
     argv: list[str] = []
     for name in (*LISTENERS, *INTEGERS, *STRINGS):
-        if name == "workers":
+        if name == "workers" or name in auth.SECRET_OPTIONS:
             continue
         argv += [f"--{name}", str(options[name])]
     return argv
@@ -251,14 +257,14 @@ def _origins(options: Options) -> OriginPolicy:
     return OriginPolicy(o for o in options["allowed-origins"].split(","))
 
 
-def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory) -> Site:
-    """The WebSocket listener's site: ``/ws``, ``/health``, ``/stats`` and ``/``."""
+def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory, metrics_token: str = "") -> Site:
+    """The WebSocket listener's site: ``/ws``, ``/health``, ``/stats``, ``/metrics`` and ``/``."""
     root = Resource()
     root.putChild(b"", InfoPage(hub))
     root.putChild(b"ws", websocket.resource(factory))
     root.putChild(b"health", JsonResource(lambda: health(hub, "websocket")))
     root.putChild(b"stats", JsonResource(lambda: (200, hub.stats())))
-    root.putChild(b"metrics", metrics_resource(hub))
+    root.putChild(b"metrics", metrics_resource(hub, metrics_token))
     site = Site(root)
     site.noisy = False
     return site
@@ -273,7 +279,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = ServiceTree()
     top.setName("chatd")
     if options["workers"] > 1 and options["worker-index"] is None:
-        workers.WorkerPool(reactor, options, list(LISTENERS), worker_argv(options)).setServiceParent(top)
+        pool = workers.WorkerPool(reactor, options, list(LISTENERS), worker_argv(options))
+        pool.environment = auth.secret_environment(options)
+        pool.setServiceParent(top)
         return top
     adopted = workers.adopted_endpoints(reactor, options.environ)
     in_pool = options["worker-index"] is not None
@@ -302,7 +310,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             float(options["history-max-age"]),
             ca=options["redis-ca"] or None,
         )
-        hub = Hub(reactor, limits=limits, max_connections=options["max-connections"], store=backplane)
+        hub = Hub(
+            reactor,
+            limits=limits,
+            max_connections=options["max-connections"],
+            store=backplane,
+            auth=auth.from_options(options, reactor),
+        )
         backplane.attach(hub)
     else:
         hub = Hub(
@@ -310,6 +324,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             limits=limits,
             max_connections=options["max-connections"],
             store=store.from_options(reactor, options),
+            auth=auth.from_options(options, reactor),
         )
     hub.setServiceParent(top)
 
@@ -320,7 +335,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         read_limit=options["read-buffer-size"],
         write_limit=options["write-buffer-size"],
     )
-    ws = Listener(endpoint("ws"), ws_site(hub, ws_factory))
+    ws = Listener(endpoint("ws"), ws_site(hub, ws_factory, options["metrics-token"]))
     ws.setName("ws")
     ws.setServiceParent(top)
 

@@ -13,7 +13,9 @@ made here:
     a reverse proxy on the page's own origin, so its URL is the page's
     origin plus the listener's path. ``--web-ws-url``/``--web-signalr-url``
     override both (a reverse proxy's path or URL). A protocol that is not
-    configured is ``null``.
+    configured is ``null``. ``"auth": true`` says the chat protocols want a
+    token (``--auth-secret``): the page then asks for one (or takes it from
+    its URL's ``#token=``) and sends it with every connection.
 ``GET /stats``
     The hub's figures, same-origin so the page needs no CORS.
 
@@ -249,7 +251,9 @@ def protocol_url(
     return f"{scheme}://{page_host(request)}:{number}{path}"
 
 
-def client_config(listeners: ListenerMap, request: Request, limits: Any = None) -> dict[str, Any]:
+def client_config(
+    listeners: ListenerMap, request: Request, limits: Any = None, auth: bool = False
+) -> dict[str, Any]:
     """The document at ``/config.json``; ``limits`` (the hub's) adds the input bounds."""
     urls = {
         protocol: protocol_url(protocol, listeners.lookup(name), request, listeners.public_url(protocol))
@@ -260,6 +264,7 @@ def client_config(listeners: ListenerMap, request: Request, limits: Any = None) 
         "protocols": [p for p, url in urls.items() if url],
         **urls,
         "stats": "/stats",
+        "auth": auth,
     }
     if limits is not None:
         config["maxMessageLength"] = limits.max_message_length
@@ -360,14 +365,15 @@ class ConfigResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, listeners: ListenerMap, limits: Any = None) -> None:
+    def __init__(self, listeners: ListenerMap, limits: Any = None, auth: bool = False) -> None:
         super().__init__()
         self._listeners = listeners
         self._limits = limits
+        self._auth = auth
 
     def render_GET(self, request: Request) -> bytes:
         set_security_headers(request)
-        return write_json(request, client_config(self._listeners, request, self._limits))
+        return write_json(request, client_config(self._listeners, request, self._limits, self._auth))
 
     render_HEAD = render_GET
 
@@ -388,7 +394,7 @@ def web_site(hub: Any, listeners: ListenerMap, files: Path | None = None) -> Sit
     for name, resource in static_files(directory, listeners).items():
         root.putChild(name, resource)
     root.putChild(b"", root.children[b"index.html"])
-    root.putChild(b"config.json", ConfigResource(listeners, hub.limits))
+    root.putChild(b"config.json", ConfigResource(listeners, hub.limits, getattr(hub, "auth", None) is not None))
     root.putChild(b"stats", _SecureJson(lambda: (200, hub.stats())))
     root.putChild(b"health", _SecureJson(lambda: health(hub, "web")))
     site = Site(root)

@@ -34,7 +34,14 @@ Server to client::
     {"type": "error", "error": REASON, "request": TYPE}
 
 Close codes: 1013 server full, 1008 too slow (send buffer exceeded) or bad
-origin, 1001 server going away, 4000 closed by an operator.
+origin, 1001 server going away, 4000 closed by an operator, 4001 token
+expired (come back with a new one).
+
+With token authentication on (``chatd.auth``) the upgrade request carries
+the token as ``?token=`` (browsers) or ``Authorization: Bearer``; without a
+valid one the upgrade is refused with HTTP 401 before any session exists.
+The user name is then the token's: ``user`` may be left out, and another
+name gets an error reply, as does a room outside the token's ``rooms``.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import validate
+from chatd.auth import Identity, Unauthenticated
 from chatd.events import Event, Message
 from chatd.http import OriginPolicy
 from chatd.hub import Hub, SendBudget, ServerFull, Session
@@ -66,6 +74,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_KICKED = 4000
+CLOSE_TOKEN_EXPIRED = 4001
 
 
 def _prepare(event: Event) -> PreparedMessage:
@@ -85,8 +94,10 @@ class WebSocketSession(Session):
 
     protocol = PROTOCOL
 
-    def __init__(self, proto: ChatServerProtocol, peer: str, write_limit: int) -> None:
-        super().__init__(peer)
+    def __init__(
+        self, proto: ChatServerProtocol, peer: str, write_limit: int, identity: Identity | None = None
+    ) -> None:
+        super().__init__(peer, identity)
         self._proto = proto
         self.budget = SendBudget(write_limit, self._too_slow)
         self.close_reason: str | None = None
@@ -110,6 +121,9 @@ class WebSocketSession(Session):
     def going_away(self, reason: str) -> None:
         self.close(reason, CLOSE_GOING_AWAY)
 
+    def token_expired(self) -> None:
+        self.close("token expired", CLOSE_TOKEN_EXPIRED)
+
     def _too_slow(self) -> None:
         self._proto.factory.hub.metrics.too_slow(PROTOCOL)
         self.close(f"too slow: more than {self.budget.limit} bytes waiting to be sent", CLOSE_POLICY)
@@ -120,8 +134,18 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     factory: ChatWebSocketFactory
     session: WebSocketSession | None = None
+    identity: Identity | None = None
 
     def onConnect(self, request):
+        auth = self.factory.hub.auth
+        if auth is not None:
+            token = request.params.get("token")
+            try:
+                self.identity = auth.from_request(request.headers.get("authorization"), token[0] if token else None)
+            except Unauthenticated as e:
+                self.factory.hub.metrics.error("unauthenticated", PROTOCOL)
+                _log.info("{peer} refused: {reason}", peer=request.peer, reason=e.reason)
+                raise ConnectionDeny(401, e.reason) from None
         origin = request.headers.get("origin")
         if not self.factory.origins.allows(origin, request.host):
             _log.info(
@@ -132,13 +156,16 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         hub = self.factory.hub
-        session = WebSocketSession(self, self.peer, self.factory.write_limit)
+        session = WebSocketSession(self, self.peer, self.factory.write_limit, self.identity)
         try:
             hub.connect(session)
         except ServerFull as e:
             hub.metrics.error("server_full", PROTOCOL)
             _log.info("{peer} refused: {reason}", peer=self.peer, reason=e.reason)
             _send_close(self, CLOSE_TRY_AGAIN_LATER, e.reason)
+            return
+        except Unauthenticated as e:  # expired between the upgrade and now
+            _send_close(self, CLOSE_TOKEN_EXPIRED, e.reason)
             return
         self.session = session
         session.budget.attach(self.transport)
@@ -308,7 +335,13 @@ def _seed(hub: Hub, session: Session, request: dict) -> dict | None:
     room = validate.room(request.get("room"))
     text = validate.message(request.get("message"), hub.limits)
     client_id = validate.client_id(request.get("client_id"))
-    user = validate.user(request.get("user"))
+    user = request.get("user")
+    if user is None and session.identity is not None:
+        user = session.identity.user  # a token names the sender
+    user = validate.user(user)
+    if session.identity is not None:
+        session.identity.check_user(user)
+        session.identity.check_room(room)
     hub.check_rate(user)  # refused before the join below, so a refusal changes nothing
     hub.identify(session, user)
     if room not in session.rooms:
@@ -331,7 +364,7 @@ def _sent(request: dict, stored: defer.Deferred) -> defer.Deferred:
 
 
 def _history(hub: Hub, session: Session, request: dict) -> dict:
-    messages = hub.history(request.get("room"), request.get("limit"))
+    messages = hub.history(request.get("room"), request.get("limit"), session.identity)
     return {"type": "history", "room": request["room"], "messages": [m.as_dict() for m in messages]}
 
 

@@ -115,6 +115,8 @@ class WorkerPool(Service):
         self.options = options
         self.listeners = listeners
         self.argv = argv
+        #: variables added to every worker's environment: secrets kept off its command line
+        self.environment: dict[str, str] = {}
         #: worker index -> its sockets by listener name
         self.sockets: dict[int, dict[str, socket.socket]] = {}
         self.processes: dict[int, WorkerProcess] = {}
@@ -166,6 +168,7 @@ class WorkerPool(Service):
             family = "6" if sock.family == socket.AF_INET6 else "4"
             fds.append(f"{name}={FIRST_FD + offset}:{family}")
         env = dict(os.environ)
+        env.update(self.environment)
         env[WORKER_ENV] = str(index)
         env[FDS_ENV] = ",".join(fds)
         # Only the supervisor talks to systemd.

@@ -7,6 +7,13 @@
  *     WebSockets (negotiate, handshake, 0x1E-terminated records).
  * The page learns where they listen from /config.json. Everything a user
  * typed is put into the page with textContent, never as HTML.
+ *
+ * When /config.json says "auth": true the server wants a token (a JWT whose
+ * "sub" is the user name): the page takes it from its URL's #token= (then
+ * drops it from the address bar) or from the Token field, and sends it as
+ * ?token= on the WebSocket URL, and for SignalR as its official client's
+ * accessTokenFactory does: "Authorization: Bearer" on negotiate and
+ * access_token= on the WebSocket URL (browsers cannot set headers there).
  */
 "use strict";
 
@@ -32,8 +39,9 @@ class ChannelError extends Error {
 
 /** Common plumbing: request/response correlation and event callbacks. */
 class Channel {
-  constructor(user, events) {
+  constructor(user, events, token) {
     this.user = user;
+    this.token = token || ""; // empty: the server asks for none
     this.events = events; // {message, presence, error, closed}
     this.pending = new Map();
     this.nextId = 1;
@@ -70,14 +78,16 @@ class Channel {
 
 /** chatd's JSON WebSocket protocol. */
 class WsChannel extends Channel {
-  constructor(url, user, events) {
-    super(user, events);
+  constructor(url, user, events, token) {
+    super(user, events, token);
     this.url = url;
   }
 
   open() {
     return new Promise((resolve, reject) => {
-      const socket = new WebSocket(this.url);
+      const url = new URL(this.url);
+      if (this.token) url.searchParams.set("token", this.token);
+      const socket = new WebSocket(url);
       this.socket = socket;
       let opened = false;
       socket.onopen = () => {
@@ -88,7 +98,8 @@ class WsChannel extends Channel {
       socket.onclose = (e) => {
         if (!opened) reject(new ChannelError("could not connect to " + this.url));
         // 4000: an operator closed this connection; coming back would be rude.
-        this.finish({ code: e.code, reason: e.reason, retry: e.code !== 4000 });
+        // 4001: the token expired; the same one would be refused.
+        this.finish({ code: e.code, reason: e.reason, retry: e.code !== 4000 && e.code !== 4001, expired: e.code === 4001 });
       };
       socket.onerror = () => {}; // onclose follows with the details
     });
@@ -154,8 +165,8 @@ class WsChannel extends Channel {
 
 /** The ASP.NET Core SignalR JSON hub protocol over WebSockets, just what the page needs. */
 class SignalRChannel extends Channel {
-  constructor(url, user, events) {
-    super(user, events);
+  constructor(url, user, events, token) {
+    super(user, events, token);
     this.url = url; // http(s)://host:port/signalr
     this.handshaken = false;
     this.buffer = "";
@@ -171,8 +182,18 @@ class SignalRChannel extends Channel {
     negotiateUrl.searchParams.set("negotiateVersion", "1");
     negotiateUrl.searchParams.set("user", this.user);
     let info;
+    let response;
+    const headers = this.token ? { Authorization: "Bearer " + this.token } : {};
     try {
-      const response = await fetch(negotiateUrl, { method: "POST", cache: "no-store", credentials: "omit" });
+      response = await fetch(negotiateUrl, { method: "POST", cache: "no-store", credentials: "omit", headers });
+    } catch (err) {
+      throw new ChannelError("could not negotiate with " + this.url);
+    }
+    if (response.status === 401) {
+      const why = (await response.text().catch(() => "")) || "token refused";
+      throw new ChannelError("the server refused the token: " + why, true);
+    }
+    try {
       info = await response.json();
     } catch (err) {
       throw new ChannelError("could not negotiate with " + this.url);
@@ -185,6 +206,7 @@ class SignalRChannel extends Channel {
     const wsUrl = new URL(this.url);
     wsUrl.protocol = wsUrl.protocol === "https:" ? "wss:" : "ws:";
     wsUrl.searchParams.set("id", info.connectionToken || info.connectionId);
+    if (this.token) wsUrl.searchParams.set("access_token", this.token);
 
     await new Promise((resolve, reject) => {
       const socket = new WebSocket(wsUrl);
@@ -382,6 +404,8 @@ const ui = {
   connectForm: $("connect-form"),
   name: $("name"),
   room: $("room"),
+  tokenField: $("token-field"),
+  token: $("token"),
   protocol: $("protocol"),
   connectButton: $("connect-button"),
   status: $("status"),
@@ -407,6 +431,7 @@ const ui = {
 const state = {
   config: null,
   channel: null,
+  token: "", // from #token= or the Token field; sent only when the server asks for tokens
   user: "",
   protocol: "websocket",
   wanted: false, // the user asked to be connected
@@ -560,6 +585,7 @@ function updateControls() {
   ui.connectButton.textContent = connected ? "Disconnect" : "Connect";
   ui.connectButton.classList.toggle("primary", !connected);
   ui.name.disabled = connected;
+  ui.token.disabled = connected;
   ui.room.disabled = connected;
   ui.protocol.disabled = connected;
   ui.joinRoom.disabled = !online;
@@ -735,7 +761,9 @@ function channelFor(protocol, user) {
     error: (text) => state.channel === channel && showNotice(text),
     closed: (info) => channelClosed(channel, info),
   };
-  const channel = protocol === "signalr" ? new SignalRChannel(url, user, events) : new WsChannel(url, user, events);
+  const token = state.config.auth ? state.token : "";
+  const Kind = protocol === "signalr" ? SignalRChannel : WsChannel;
+  const channel = new Kind(url, user, events, token);
   return channel;
 }
 
@@ -795,6 +823,11 @@ function channelClosed(channel, info) {
   if (state.channel !== channel) return;
   state.channel = null;
   if (!state.wanted) return;
+  if (info.expired) {
+    fail("Your token expired: paste a new one and connect again.");
+    ui.token.value = "";
+    return;
+  }
   if (!info.retry) {
     fail("Disconnected by the server" + (info.reason ? ": " + info.reason : ""));
     return;
@@ -833,6 +866,14 @@ function disconnect() {
 }
 
 function startFromForm() {
+  if (state.config && state.config.auth) {
+    useToken(ui.token.value.trim());
+    if (!state.token) {
+      showNotice("This server needs a token: paste yours, or open the page with #token=… in its address.");
+      ui.token.focus();
+      return;
+    }
+  }
   const user = ui.name.value.trim();
   const room = ui.room.value.trim();
   if (!user) {
@@ -907,6 +948,38 @@ async function refreshStats() {
 /* ------------------------------------------------------------------ */
 /* Wiring                                                               */
 /* ------------------------------------------------------------------ */
+
+/** The user name a token claims (its "sub"), read without checking it: the server checks. */
+function tokenUser(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const json = decodeURIComponent(
+      [...atob(payload)].map((c) => "%" + c.charCodeAt(0).toString(16).padStart(2, "0")).join("")
+    );
+    const sub = JSON.parse(json).sub;
+    return typeof sub === "string" ? sub : "";
+  } catch (err) {
+    return "";
+  }
+}
+
+/** Take a token: the name is then the token's, and cannot be edited. */
+function useToken(token) {
+  state.token = token;
+  ui.token.value = token;
+  const user = token ? tokenUser(token) : "";
+  if (user) ui.name.value = user;
+  ui.name.readOnly = !!user;
+}
+
+/** A token handed over in the page's URL (#token=…), taken out of the address bar and history. */
+function tokenFromUrl() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("token");
+  if (!token) return "";
+  history.replaceState(null, "", location.pathname + location.search);
+  return token.trim();
+}
 
 function restoreForm() {
   try {
@@ -998,6 +1071,12 @@ async function main() {
     if (first) ui.protocol.value = first.value;
   }
   if (state.config.maxMessageLength) ui.message.maxLength = state.config.maxMessageLength;
+  const token = tokenFromUrl();
+  if (state.config.auth) {
+    ui.tokenField.hidden = false;
+    if (token) useToken(token);
+    ui.token.addEventListener("change", () => useToken(ui.token.value.trim()));
+  }
   document.documentElement.dataset.ready = "true";
   refreshStats();
   setInterval(refreshStats, STATS_EVERY_MS);

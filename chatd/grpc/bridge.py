@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import validate
+from chatd.auth import Authenticator, Forbidden, Identity, Unauthenticated, bearer
 from chatd.events import Event, Message, Presence, Truncated, rfc3339
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.hub import Hub, Joined, ServerFull, Session, SessionClosed
@@ -100,7 +101,11 @@ class ShuttingDown(ChatError):
 
 def abort(context: grpc.ServicerContext, error: ChatError, hub: Hub) -> None:
     """End the call with the status that fits a refused request (raises)."""
-    if isinstance(error, ShuttingDown):
+    if isinstance(error, Forbidden):
+        code, kind = Code.PERMISSION_DENIED, "forbidden"
+    elif isinstance(error, Unauthenticated):
+        code, kind = Code.UNAUTHENTICATED, "unauthenticated"
+    elif isinstance(error, ShuttingDown):
         code, kind = Code.UNAVAILABLE, "shutting_down"
     elif isinstance(error, StoreUnavailable):
         code, kind = Code.UNAVAILABLE, "not_stored"
@@ -128,8 +133,10 @@ class GrpcSession(Session):
 
     protocol = PROTOCOL
 
-    def __init__(self, hub: Hub, reactor: Any, peer: str, limit: int, chat: bool) -> None:
-        super().__init__(peer)
+    def __init__(
+        self, hub: Hub, reactor: Any, peer: str, limit: int, chat: bool, identity: Identity | None = None
+    ) -> None:
+        super().__init__(peer, identity)
         self.limit = limit
         self.chat = chat
         self.close_reason: str | None = None
@@ -216,6 +223,9 @@ class GrpcSession(Session):
 
     def going_away(self, reason: str) -> None:
         self.end(Code.UNAVAILABLE, reason)
+
+    def token_expired(self) -> None:
+        self.end(Code.UNAUTHENTICATED, "token expired")
 
     # -- grpcio threads ----------------------------------------------------
 
@@ -305,14 +315,16 @@ class ChatServicer:
 
     def SendMessage(self, request: pb.MessageRequest, context: grpc.ServicerContext) -> bytes:
         try:
-            return self._on_reactor(self._publish, request)
+            return self._on_reactor(self._publish, request, _identity(context))
         except ChatError as e:
             abort(context, e, self.hub)
             raise  # not reached: abort raises
 
-    def _publish(self, request: pb.MessageRequest) -> defer.Deferred:
+    def _publish(self, request: pb.MessageRequest, identity: Identity | None = None) -> defer.Deferred:
         """Publish; fires with the reply once stored (``blockingCallFromThread`` waits for it)."""
-        d = self.hub.publish(request.room, request.user, request.message, PROTOCOL, request.client_id or None)
+        d = self.hub.publish(
+            request.room, request.user, request.message, PROTOCOL, request.client_id or None, identity
+        )
         # Not ``message.encoded``: the fan-out (done by now, or later through a
         # broker) manages that cache; caching here would keep the reply's
         # bytes on the stored message for as long as it is kept.
@@ -330,7 +342,7 @@ class ChatServicer:
         setup: Callable[[GrpcSession], None] | None = None,
     ) -> GrpcSession:
         try:
-            session: GrpcSession = self._on_reactor(self._connect, context.peer(), chat, setup)
+            session: GrpcSession = self._on_reactor(self._connect, context.peer(), chat, setup, _identity(context))
         except ChatError as e:
             abort(context, e, self.hub)
             raise  # not reached
@@ -338,8 +350,14 @@ class ChatServicer:
             session.cancelled()  # the call ended before the callback could be added
         return session
 
-    def _connect(self, peer: str, chat: bool, setup: Callable[[GrpcSession], None] | None) -> GrpcSession:
-        session = GrpcSession(self.hub, self.reactor, peer, self.queue_size, chat)
+    def _connect(
+        self,
+        peer: str,
+        chat: bool,
+        setup: Callable[[GrpcSession], None] | None,
+        identity: Identity | None = None,
+    ) -> GrpcSession:
+        session = GrpcSession(self.hub, self.reactor, peer, self.queue_size, chat, identity)
         try:
             self.hub.connect(session)
         except ServerFull as e:
@@ -427,7 +445,12 @@ class ChatServicer:
 
 
 def _error_event(error: ChatError, request: str) -> pb.ChatEvent:
-    code = Code.UNAVAILABLE if isinstance(error, StoreUnavailable) else Code.INVALID_ARGUMENT
+    if isinstance(error, StoreUnavailable):
+        code = Code.UNAVAILABLE
+    elif isinstance(error, Forbidden):
+        code = Code.PERMISSION_DENIED
+    else:
+        code = Code.INVALID_ARGUMENT
     return pb.ChatEvent(error=pb.Error(code=code.name, reason=error.reason, request=request))
 
 
@@ -466,3 +489,77 @@ def method_handlers(servicer: ChatServicer) -> dict[str, grpc.RpcMethodHandler]:
             servicer.Chat, request_deserializer=pb.ChatEvent.FromString
         ),
     }
+
+
+# -- token authentication ---------------------------------------------------------
+
+
+def _identity(context: grpc.ServicerContext) -> Identity | None:
+    """What :class:`TokenCheck` verified for this call (None when tokens are off)."""
+    return getattr(context, "identity", None)
+
+
+class _VerifiedContext:
+    """A call's ``ServicerContext`` that also carries the caller's verified ``identity``."""
+
+    def __init__(self, context: grpc.ServicerContext, identity: Identity) -> None:
+        self._context = context
+        self.identity = identity
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Every ``chat.ChatService`` call needs ``authorization: Bearer <token>`` metadata.
+
+    Put first among the server's interceptors: a call without a valid token
+    ends with ``UNAUTHENTICATED`` before anything else runs (it takes no
+    stream slot and never reaches the reactor). Other services (health,
+    reflection) are left open. The verified identity reaches the servicer
+    on its context (:func:`_identity`).
+    """
+
+    def __init__(self, auth: Authenticator, hub: Hub) -> None:
+        self._auth = auth
+        self._hub = hub
+        self._prefix = f"/{SERVICE_NAME}/"
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
+        header = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                header = value
+                break
+        field = _behavior_field(handler)
+        try:
+            identity = self._auth.verify(bearer(header))
+        except Unauthenticated as e:
+            self._hub.metrics.error("unauthenticated", PROTOCOL)
+            return handler._replace(**{field: _refuse(e.reason)})
+        inner = getattr(handler, field)
+
+        def verified(request: Any, context: grpc.ServicerContext) -> Any:
+            return inner(request, _VerifiedContext(context, identity))
+
+        return handler._replace(**{field: verified})
+
+
+def _refuse(reason: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(Code.UNAUTHENTICATED, reason)
+
+    return refuse
+
+
+def _behavior_field(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming:
+        return "stream_stream" if handler.response_streaming else "stream_unary"
+    return "unary_stream" if handler.response_streaming else "unary_unary"

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from chatd.grpc.bridge import PROTOCOL, SERVICE_NAME, ChatServicer, GrpcSession, method_handlers
+from chatd.grpc.bridge import PROTOCOL, SERVICE_NAME, ChatServicer, GrpcSession, TokenCheck, method_handlers
 from chatd.grpc.streams import StreamLimit
 from chatd.hub import Hub
 
@@ -177,12 +177,17 @@ class GrpcService(Service):
         self._health_calls = _OneThread(reactor, "grpc-health")
 
     def _build(self) -> None:
+        # A token is checked first (when required): a refused call takes no stream slot.
+        interceptors: tuple[grpc.ServerInterceptor, ...] = (self.streams,)
+        auth = getattr(self.hub, "auth", None)
+        if auth is not None:
+            interceptors = (TokenCheck(auth, self.hub), *interceptors)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="grpc"),
             # Past the pool, calls would wait for a thread forever: refuse them.
             maximum_concurrent_rpcs=self.workers,
             # Streams may hold at most max_streams workers; the rest serve unary calls.
-            interceptors=(self.streams,),
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", self.max_message_size),
                 # Linux gRPC shares ports by default; a busy port must fail loudly.

@@ -41,6 +41,11 @@ query parameter of its URL if there is one; otherwise it is listed as
 ``guest-N`` until the first ``SendMessage``/``SendToRoom``/``JoinRoom``/
 ``UploadMessages`` that names a user, which renames it once (presence shows
 the guest leaving and the user joining). After that the name is fixed.
+With a token (``chatd.auth``) the name is the token's from the start; a
+call naming anyone else completes with an error, and so does one for a room
+outside the token's ``rooms`` (the default room is joined only if allowed).
+When the token expires the server sends Close with ``allowReconnect``, so
+the official clients reconnect and ask ``accessTokenFactory`` for a new one.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class SignalRSession(Session):
     protocol = PROTOCOL
 
     def __init__(self, connection: HubConnection, chat: ChatHub) -> None:
-        super().__init__(connection.peer)
+        super().__init__(connection.peer, connection.identity)
         self.connection = connection
         self._chat = chat
 
@@ -116,6 +121,9 @@ class SignalRSession(Session):
 
     def going_away(self, reason: str) -> None:
         self.connection.close(error=reason, allow_reconnect=True)
+
+    def token_expired(self) -> None:
+        self.connection.close(error="token expired", allow_reconnect=True)
 
 
 def _as_dict(event: Event) -> dict:
@@ -152,13 +160,15 @@ class ChatHub:
         self._uploads: dict[str, _Upload] = {}
         self._provisional = False
         hub.connect(self.session)
+        identity = self.session.identity
         try:
             if connection.user is not None:
                 hub.identify(self.session, connection.user)
-            else:
+            elif identity is None:
                 hub.identify(self.session, f"guest-{self.session.id}")
                 self._provisional = True
-            hub.join(self.session, default_room)
+            if identity is None or identity.allows(default_room):
+                hub.join(self.session, default_room)
         except ChatError:
             hub.disconnect(self.session)
             raise
@@ -321,10 +331,10 @@ class ChatHub:
         return _VOID
 
     def get_history(self, room: Any, limit: Any = None) -> list[dict]:
-        return [m.as_dict() for m in self.hub.history(room, limit)]
+        return [m.as_dict() for m in self.hub.history(room, limit, self.session.identity)]
 
     def get_users(self, room: Any) -> list[str]:
-        return self.hub.members(room)
+        return self.hub.members(room, self.session.identity)
 
     # -- server-to-client streams -------------------------------------------
 

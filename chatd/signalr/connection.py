@@ -34,6 +34,7 @@ from typing import Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from chatd.auth import Identity
 from chatd.logs import printable
 from chatd.signalr import protocol as p
 from chatd.validate import ChatError
@@ -103,6 +104,7 @@ class HubConnection:
         on_closed: Callable[[HubConnection], None] | None = None,
         peer: str = "",
         user: str | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.clock = clock
         self.options = options = options or Options()
@@ -111,6 +113,8 @@ class HubConnection:
         self.peer = peer
         #: a user name the client asked for before the handshake (``?user=``)
         self.user = user
+        #: what the client's token proved at negotiate (``chatd.auth``); None when tokens are off
+        self.identity = identity
         self.stateful_allowed = stateful_allowed
         self.stateful = False
         self.state = HANDSHAKE

@@ -17,6 +17,14 @@ a :class:`ConnectionManager`, following ASP.NET Core's
 (version 0). Errors: no id -> 400, unknown id -> 404, another transport ->
 400, a second WebSocket or event stream on one id -> 409, other methods -> 405.
 
+With token authentication on (``chatd.auth``) every request but the CORS
+preflight and ``/signalr/health`` must carry a valid token, as the official
+clients' ``accessTokenFactory`` sends it: ``Authorization: Bearer`` or the
+``access_token`` query parameter (browsers' WebSockets and EventSource
+cannot set headers). Without one the answer is 401 before anything else is
+looked at. A transport request must come from the token's user that
+negotiated the connection (else 403, as ASP.NET Core does).
+
 Request bodies are bounded: a POST may carry at most ``body_limit`` bytes
 of records (see :func:`site`), negotiate takes none (a few bytes are
 tolerated); past that the answer is 413 with a text saying the limit, and
@@ -44,6 +52,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from chatd import validate
+from chatd.auth import Identity, Unauthenticated
 from chatd.http import JsonResource, OriginPolicy, health, write_json
 from chatd.hub import Hub, SendBudget
 from chatd.signalr.chat import ChatHub
@@ -111,7 +120,14 @@ class ConnectionManager:
         #: token -> POSTed records still being handed to a connection
         self.inboxes: dict[str, _Inbox] = {}
 
-    def create(self, peer: str, user: str | None, stateful: bool = False, version: int = 1) -> HubConnection:
+    def create(
+        self,
+        peer: str,
+        user: str | None,
+        stateful: bool = False,
+        version: int = 1,
+        identity: Identity | None = None,
+    ) -> HubConnection:
         connection_id = _new_id()
         token = _new_id() if version >= 1 else connection_id
         connection = HubConnection(
@@ -124,6 +140,7 @@ class ConnectionManager:
             on_closed=self._closed,
             peer=peer,
             user=user,
+            identity=identity,
         )
         self.connections[token] = connection
         return connection
@@ -175,13 +192,13 @@ class SignalRWebSocketProtocol(WebSocketServerProtocol):
     inherent_keep_alive = False
     supports_reconnect = True
     connection: HubConnection | None = None
-    _target: tuple[HubConnection | None, str | None] = (None, None)
+    _target: tuple[HubConnection | None, str | None, Identity | None] = (None, None, None)
 
     def onOpen(self) -> None:
-        connection, user = self._target
+        connection, user, identity = self._target
         manager = self.factory.manager
         if connection is None:
-            connection = manager.create(self.peer, user)  # skipNegotiation
+            connection = manager.create(self.peer, user, identity=identity)  # skipNegotiation
         elif connection.state == CLOSED:
             self.sendClose(1000)
             return
@@ -221,7 +238,7 @@ class SignalRWebSocketFactory(WebSocketServerFactory):
     def __init__(self, manager: ConnectionManager, read_limit: int) -> None:
         super().__init__()
         self.manager = manager
-        self.pending: tuple[HubConnection | None, str | None] = (None, None)
+        self.pending: tuple[HubConnection | None, str | None, Identity | None] = (None, None, None)
         # No WebSocket pings: SignalR has its own, and signalrcore reads
         # ping frames as data.
         self.setProtocolOptions(**server_options(read_limit), autoPingInterval=0)
@@ -230,7 +247,7 @@ class SignalRWebSocketFactory(WebSocketServerFactory):
         proto = super().buildProtocol(addr)
         # WebSocketResource.render builds the protocol and runs the upgrade
         # synchronously, so the connection chosen by render is this one's.
-        proto._target, self.pending = self.pending, (None, None)
+        proto._target, self.pending = self.pending, (None, None, None)
         return proto
 
 
@@ -596,9 +613,35 @@ class _CorsResource(Resource):
             return b""
         if not hasattr(self, "render_" + request.method.decode("ascii", "replace")):
             return _text(request, 405, "Method not allowed")
+        refused = self._authenticate(request)
+        if refused is not None:
+            return refused
         if _body_size(request) > self.body_limit:
             return _text(request, 413, f"Request body too large: the limit is {self.body_limit} bytes")
         return super().render(request)
+
+    #: the hub, whose ``auth`` verifies tokens (None: no token is asked for)
+    hub: Hub | None = None
+
+    def _authenticate(self, request: Request) -> bytes | None:
+        """With tokens on, verify the request's and keep its identity on it; the 401 answer if it fails."""
+        request.chatd_identity = None  # type: ignore[attr-defined]
+        auth = self.hub.auth if self.hub is not None else None
+        if auth is None:
+            return None
+        try:
+            identity = auth.from_request(request.getHeader(b"authorization"), query(request, "access_token"))
+        except Unauthenticated as e:
+            self.hub.metrics.error("unauthenticated", "signalr")  # type: ignore[union-attr]
+            log.info("{peer} refused: {reason}", peer=_peer(request), reason=e.reason)
+            request.setHeader(b"www-authenticate", b'Bearer error="invalid_token"')
+            return _text(request, 401, e.reason)
+        request.chatd_identity = identity  # type: ignore[attr-defined]
+        return None
+
+
+def _identity(request: Request) -> Identity | None:
+    return getattr(request, "chatd_identity", None)
 
 
 class NegotiateResource(_CorsResource):
@@ -609,6 +652,7 @@ class NegotiateResource(_CorsResource):
     def __init__(self, manager: ConnectionManager, origins: OriginPolicy) -> None:
         super().__init__(origins)
         self.manager = manager
+        self.hub = manager.hub
 
     def render_POST(self, request: Request) -> bytes:
         raw = query(request, "negotiateVersion")
@@ -618,9 +662,12 @@ class NegotiateResource(_CorsResource):
             return write_json(request, {"error": "negotiateVersion must be an integer"}, 400)
         version = min(max(version, 0), 1)
         user = query(request, "user")
+        identity = _identity(request)
         if user is not None:
             try:
                 user = validate.user(user)
+                if identity is not None:
+                    identity.check_user(user)
             except ChatError as e:
                 return write_json(request, {"error": e.reason})
         hub = self.manager.hub
@@ -631,7 +678,7 @@ class NegotiateResource(_CorsResource):
             # them against --max-connections: bound them too.
             return write_json(request, {"error": f"server full: {hub.max_connections} connections open"})
         stateful = version >= 1 and (query(request, "useStatefulReconnect") or "").lower() == "true"
-        connection = self.manager.create(_peer(request), user, stateful, version)
+        connection = self.manager.create(_peer(request), user, stateful, version, identity)
         body: dict[str, Any] = {
             "connectionId": connection.connection_id,
             "negotiateVersion": version,
@@ -656,6 +703,7 @@ class ConnectionResource(_CorsResource):
         body_limit: int,
     ) -> None:
         super().__init__(origins)
+        self.hub = hub
         self.body_limit = body_limit
         self.manager = manager
         self.ws_factory = ws_factory
@@ -675,6 +723,9 @@ class ConnectionResource(_CorsResource):
         connection = self.manager.get(token)
         if connection is None:
             return None, _text(request, 404, "No Connection with that ID")
+        identity = _identity(request)
+        if connection.identity is not None and (identity is None or identity.user != connection.identity.user):
+            return None, _text(request, 403, "Forbidden: the token is another user's than the connection's")
         return connection, None
 
     def render_GET(self, request: Request) -> Any:
@@ -698,16 +749,19 @@ class ConnectionResource(_CorsResource):
             if connection.transport is not None and not connection.stateful:
                 return _text(request, 409, "Connection already has an active WebSocket")
         user = query(request, "user")
+        identity = _identity(request)
         if connection is None and user is not None:
             try:
                 user = validate.user(user)
+                if identity is not None:
+                    identity.check_user(user)
             except ChatError as e:
                 return _text(request, 400, e.reason)
-        self.ws_factory.pending = (connection, user)
+        self.ws_factory.pending = (connection, user, identity)
         try:
             return self.ws_resource.render(request)
         finally:
-            self.ws_factory.pending = (None, None)
+            self.ws_factory.pending = (None, None, None)
 
     def _event_stream(self, request: Request) -> Any:
         connection, error = self._lookup(request)

@@ -5,8 +5,11 @@
 // waits for the events it expects, so nothing here sleeps.
 //
 //   {"op":"start","url","transport","protocol","skipNegotiation","statefulReconnect",
-//    "automaticReconnect","serverTimeoutMs","keepAliveMs","logLevel","methods":[...]}
+//    "automaticReconnect","serverTimeoutMs","keepAliveMs","logLevel","methods":[...],"accessToken"}
 //        -> {"event":"started","connectionId"} | {"event":"startFailed","error"}
+//        With "accessToken" the connection gets an accessTokenFactory returning the
+//        current token ({"event":"tokenAsked"} each time it is called).
+//   {"op":"token","token"}                -> {"event":"tokenSet"}: what the factory returns from now on
 //   {"op":"invoke","id","method","args"}  -> {"event":"result","id","result"|"error"}
 //   {"op":"send","id","method","args"}    -> {"event":"sent","id"} | {"event":"result","id","error"}
 //   {"op":"stream","id","method","args"}  -> {"event":"item","id","item"}..., {"event":"complete","id","error"?}
@@ -22,6 +25,7 @@ const signalR = require("@microsoft/signalr");
 const { MessagePackHubProtocol } = require("@microsoft/signalr-protocol-msgpack");
 
 let connection = null;
+let accessToken = null;
 const subscriptions = new Map();
 
 function emit(obj) {
@@ -52,6 +56,13 @@ async function start(cmd) {
     transport: signalR.HttpTransportType[cmd.transport],
     skipNegotiation: !!cmd.skipNegotiation,
   };
+  if (cmd.accessToken !== undefined) {
+    accessToken = cmd.accessToken;
+    options.accessTokenFactory = () => {
+      emit({ event: "tokenAsked" });
+      return accessToken;
+    };
+  }
   let builder = new signalR.HubConnectionBuilder()
     .withUrl(cmd.url, options)
     .configureLogging(stderrLogger(cmd.logLevel === undefined ? signalR.LogLevel.None : cmd.logLevel));
@@ -79,6 +90,10 @@ async function handle(cmd) {
   switch (cmd.op) {
     case "start":
       return start(cmd);
+    case "token":
+      accessToken = cmd.token;
+      emit({ event: "tokenSet" });
+      return;
     case "invoke":
       try {
         const result = await connection.invoke(cmd.method, ...(cmd.args || []));
