@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Hashable
 from typing import Protocol
 
 from twisted.application.service import Service
@@ -27,9 +28,10 @@ from zope.interface import implementer
 
 from chatd import validate
 from chatd.events import Event, Message, Presence
+from chatd.limits import AddressCount, address
 from chatd.metrics import HubMetrics
 from chatd.store import MemoryStore, Store, Stored
-from chatd.validate import ChatError, Limits, RateLimited
+from chatd.validate import ChatError, ConnectionRateLimited, Limits, RateLimited, TooManyRooms
 
 log = Logger()
 
@@ -38,6 +40,10 @@ _session_ids = itertools.count(1)
 
 class ServerFull(ChatError):
     """``MAX_CONNECTIONS`` sessions are open already."""
+
+
+class AddressFull(ServerFull):
+    """``--max-connections-per-ip`` connections are open from this client's address already."""
 
 
 class SessionClosed(ChatError):
@@ -57,12 +63,17 @@ class Session:
     """
 
     protocol = "unknown"
+    #: whether :meth:`Hub.connect` counts this session against its address's limit; False when
+    #: the adapter holds the address's slot for the whole connection itself (SignalR, from negotiate)
+    counts_address = True
 
     def __init__(self, peer: str = "") -> None:
         self.id = next(_session_ids)
         self.peer = peer
         self.user: str | None = None
         self.rooms: set[str] = set()
+        #: what :meth:`Hub.connect` counted for this session's address, given back at disconnect
+        self.address_key: str | None = None
 
     def deliver(self, event: Event) -> None:
         """Send ``event`` to the client; must not raise for a slow client."""
@@ -207,7 +218,7 @@ class _Rate:
 
 
 class _UserRate:
-    """A token bucket per user name: ``rate`` a second on average, ``burst`` at once.
+    """A token bucket per user name (or any key): ``rate`` a second on average, ``burst`` at once.
 
     Keyed by user name, so a user's limit holds over every connection and
     protocol, gRPC's one-shot ``SendMessage`` included. Buckets are kept in
@@ -221,9 +232,9 @@ class _UserRate:
         self.rate = rate
         self.burst = max(burst, 1)
         self._refill = self.burst / rate
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
 
-    def allows(self, user: str) -> bool:
+    def allows(self, user: Hashable) -> bool:
         """Whether ``take`` would succeed now."""
         bucket = self._buckets.get(user)
         if bucket is None:
@@ -231,7 +242,7 @@ class _UserRate:
         tokens, then = bucket
         return min(self.burst, tokens + (self._clock.seconds() - then) * self.rate) >= 1
 
-    def take(self, user: str) -> bool:
+    def take(self, user: Hashable) -> bool:
         now = self._clock.seconds()
         buckets = self._buckets
         bucket = buckets.pop(user, None)
@@ -261,10 +272,13 @@ class Hub(Service):
         store: Store | None = None,
         broker: Broker | None = None,
         prune_interval: float = 60.0,
+        max_connections_per_ip: int = 0,
     ) -> None:
         self.clock = clock
         self.limits = limits or Limits()
         self.max_connections = max_connections
+        #: open connections per client address, every protocol together (0: no limit)
+        self.addresses = AddressCount(max_connections_per_ip)
         self.store = store or MemoryStore(clock, self.limits.history_limit)
         self.broker = broker or LocalBroker(self)
         self._prune = task.LoopingCall(self.store.prune)
@@ -281,6 +295,13 @@ class Hub(Service):
         self._user_rate = (
             _UserRate(clock, self.limits.message_rate, self.limits.message_burst)
             if self.limits.message_rate
+            else None
+        )
+        # Keyed by session (or, for gRPC's one-shot calls, client address): a
+        # client cannot dodge the per-user bucket by naming a new user per message.
+        self._connection_rate = (
+            _UserRate(clock, self.limits.connection_rate, self.limits.connection_burst)
+            if self.limits.connection_rate
             else None
         )
         self.accepting = False
@@ -325,6 +346,8 @@ class Hub(Service):
             raise ServerFull("server shutting down, try again shortly")
         if len(self.sessions) >= self.max_connections:
             raise ServerFull(f"server full: {self.max_connections} connections open, try again later")
+        if session.counts_address:
+            session.address_key = self.claim_address(session.peer, session.protocol)
         self.sessions[session.id] = session
         self._by_protocol[session.protocol] = self._by_protocol.get(session.protocol, 0) + 1
         self.connections_total += 1
@@ -334,12 +357,32 @@ class Hub(Service):
         if self.sessions.pop(session.id, None) is None:
             return
         self._by_protocol[session.protocol] -= 1
+        self.addresses.release(session.address_key)
+        session.address_key = None
         for name in list(session.rooms):
             try:
                 self._leave(session, name)
             except Exception:
                 # Never stop half-way: the session would stay a ghost in its other rooms.
                 log.failure("{session} leaving {room} failed", session=session, room=name)
+
+    def claim_address(self, peer: str, protocol: str) -> str | None:
+        """Count one more connection from ``peer``'s address; raises :class:`AddressFull` past the limit.
+
+        :meth:`connect` does this for each session. An adapter whose
+        connections exist before their session (SignalR: from negotiate on)
+        claims for itself and gives the returned key back with
+        :meth:`release_address` when the connection ends.
+        """
+        reason = self.addresses.refusal(peer)
+        if reason is not None:
+            self.metrics.limited("connections_per_ip", protocol)
+            raise AddressFull(reason)
+        return self.addresses.claim(peer)
+
+    def release_address(self, key: str | None) -> None:
+        """Give back what :meth:`claim_address` counted."""
+        self.addresses.release(key)
 
     def identify(self, session: Session, user: object) -> str:
         """Set the session's user name, which cannot change once set."""
@@ -367,6 +410,10 @@ class Hub(Service):
             raise ChatError("a user name is needed to join a room")
         if session.id not in self.sessions:
             raise ChatError("connection is closed")
+        most = self.limits.rooms_per_connection
+        if most and name not in session.rooms and len(session.rooms) >= most:
+            self.metrics.limited("rooms_per_connection", session.protocol)
+            raise TooManyRooms(f"too many rooms: a connection may be in {most} at once; leave one first")
         joined = Joined()
         if since_seq is not None:
             resume = self.store.since(name, since_seq)
@@ -444,7 +491,14 @@ class Hub(Service):
     # -- messages ----------------------------------------------------------
 
     def publish(
-        self, room: object, user: object, text: object, protocol: str, client_id: object = None
+        self,
+        room: object,
+        user: object,
+        text: object,
+        protocol: str,
+        client_id: object = None,
+        *,
+        source: Session | str | None = None,
     ) -> defer.Deferred:
         """Validate, number, store and fan out one chat message, the one path for every adapter.
 
@@ -455,25 +509,54 @@ class Hub(Service):
         :class:`~chatd.store.StoreUnavailable` when it could not be stored.
         A retry with a ``client_id`` already stored in the room fires with
         the original message and is neither stored nor delivered again.
+
+        ``source`` is who sends, for the per-connection rate: the sending
+        session, or for a call with no session (gRPC ``SendMessage``) the
+        peer, whose client address is then the bucket. Both rates are
+        checked before either is charged, so a refusal costs nothing.
         """
         name = validate.room(room)
         sender = validate.user(user)
         body = validate.message(text, self.limits)
         key = validate.client_id(client_id)
-        if self._user_rate is not None and not self._user_rate.take(sender):
-            raise self._rate_limited(sender)
+        self.check_rate(sender, source, protocol)
+        if self._user_rate is not None:
+            self._user_rate.take(sender)
+        bucket = self._bucket(source)
+        if bucket is not None:
+            self._connection_rate.take(bucket)  # type: ignore[union-attr]
         d = self.store.add(name, sender, body, self.clock.seconds(), protocol, key)
         d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
         return d
 
-    def check_rate(self, user: str) -> None:
-        """Raise :class:`RateLimited` if ``user`` may not send now (takes nothing from the bucket).
+    def check_rate(self, user: str, source: Session | str | None = None, protocol: str = "none") -> None:
+        """Raise :class:`RateLimited` if ``user`` (or ``source``, see :meth:`publish`) may not send now.
 
-        For requests that change something before they publish (the seed
-        form joins first): refused, they must change nothing.
+        Takes nothing from the buckets. For requests that change something
+        before they publish (the seed form joins first): refused, they must
+        change nothing.
         """
         if self._user_rate is not None and not self._user_rate.allows(user):
             raise self._rate_limited(user)
+        bucket = self._bucket(source)
+        if bucket is not None and not self._connection_rate.allows(bucket):  # type: ignore[union-attr]
+            rate = self._connection_rate
+            assert rate is not None
+            self.metrics.limited("connection_rate", protocol)
+            who = "this connection" if isinstance(source, Session) else f"address {bucket[1]}"
+            raise ConnectionRateLimited(
+                f"rate limited: {who} may send {rate.rate} messages a second "
+                f"(bursts of {rate.burst}); try again shortly"
+            )
+
+    def _bucket(self, source: Session | str | None) -> tuple[str, object] | None:
+        """The per-connection rate bucket of ``source`` (None: not limited)."""
+        if self._connection_rate is None or source is None:
+            return None
+        if isinstance(source, Session):
+            return ("session", source.id)
+        ip = address(source)
+        return ("address", ip) if ip is not None else None
 
     def _rate_limited(self, user: str) -> RateLimited:
         rate = self._user_rate

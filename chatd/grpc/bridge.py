@@ -266,7 +266,7 @@ def _chat_send(hub: Hub, session: Session, send: pb.Send) -> defer.Deferred:
     room = validate.room(send.room)
     if room not in session.rooms:
         raise ChatError(f"not in room {room}: join it first")
-    d = hub.publish(room, session.user, send.message, PROTOCOL, send.client_id or None)
+    d = hub.publish(room, session.user, send.message, PROTOCOL, send.client_id or None, source=session)
     return d.addCallback(
         lambda m: pb.ChatEvent(sent=pb.Sent(room=room, id=m.id, seq=m.seq, client_id=send.client_id))
     )
@@ -294,14 +294,20 @@ class ChatServicer:
 
     def SendMessage(self, request: pb.MessageRequest, context: grpc.ServicerContext) -> bytes:
         try:
-            return self._on_reactor(self._publish, request)
+            return self._on_reactor(self._publish, request, context.peer())
         except ChatError as e:
             abort(context, e, self.hub)
             raise  # not reached: abort raises
 
-    def _publish(self, request: pb.MessageRequest) -> defer.Deferred:
-        """Publish; fires with the reply once stored (``blockingCallFromThread`` waits for it)."""
-        d = self.hub.publish(request.room, request.user, request.message, PROTOCOL, request.client_id or None)
+    def _publish(self, request: pb.MessageRequest, peer: str = "") -> defer.Deferred:
+        """Publish; fires with the reply once stored (``blockingCallFromThread`` waits for it).
+
+        A one-shot call has no session: its client address (``peer``) is the
+        per-connection rate's bucket, so naming a new user per call gains nothing.
+        """
+        d = self.hub.publish(
+            request.room, request.user, request.message, PROTOCOL, request.client_id or None, source=peer or None
+        )
         # Not ``message.encoded``: the fan-out (done by now, or later through a
         # broker) manages that cache; caching here would keep the reply's
         # bytes on the stored message for as long as it is kept.
