@@ -23,6 +23,7 @@ from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
 from chatd.ops import ServiceTree, add_operations, check_options, metrics_resource
+from chatd.startup import StartupError, check_endpoint_tls, check_pem, listen_error
 from chatd.validate import Limits
 
 # option -> (environment variable, default, help). A bare number means tcp:N.
@@ -208,6 +209,20 @@ class Options(usage.Options):
         super().__init__()
         self.environ = os.environ if environ is None else environ
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse; under twistd a bad value stops the start with one line (see :mod:`chatd.startup`).
+
+        twistd prints its whole help text before a ``UsageError``'s line,
+        burying it; as a subcommand (``parent`` set) the error becomes a
+        :class:`~chatd.startup.StartupError` instead. ``--help`` is unchanged.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            raise StartupError(str(e)) from None
+
     def _value(self, name: str, env: str, default: Any) -> Any:
         if self[name] is not None:
             return self[name]
@@ -242,8 +257,13 @@ class Options(usage.Options):
             from chatd.redis import parse_url
 
             parse_url(self["redis"])
-        if self["redis-ca"] and not os.path.isfile(self["redis-ca"]):
-            raise usage.UsageError(f"--redis-ca: no such file {self['redis-ca']!r}")
+        if self["redis-ca"]:
+            if not os.path.isfile(self["redis-ca"]):
+                raise usage.UsageError(f"--redis-ca: no such file {self['redis-ca']!r}")
+            check_pem("redis-ca", self["redis-ca"], "certificate")
+        data_dir = self["data-dir"]
+        if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+            raise usage.UsageError(f"--data-dir: {data_dir!r} is not a directory")
         self["worker-index"] = workers.worker_index(self.environ)
         if self["worker-index"]:
             self["manhole"] = ""  # one console, in worker 0: the others would fight for its port
@@ -258,6 +278,7 @@ def endpoint_description(name: str, value: str) -> str:
     value = str(value).strip()
     if value.isdigit():
         value = f"tcp:{value}"
+    check_endpoint_tls(name, value)
     try:
         # Parsing does not listen; a throwaway reactor of None is enough to
         # catch unknown endpoint types and malformed arguments at start.
@@ -283,7 +304,11 @@ class Listener(StreamServerEndpointService):
         self._waiters: list[defer.Deferred] = []
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            # A port in use is the operator's to fix: one line, not a traceback.
+            raise listen_error(self.name, e) from None
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
