@@ -33,8 +33,8 @@ Server to client::
     {"type": "presence", "action": "join"|"leave", "room", "user", "timestamp", "protocol", "count"}
     {"type": "error", "error": REASON, "request": TYPE}
 
-Close codes: 1013 server full, 1008 too slow (send buffer exceeded), bad
-origin or too many connections from the client's address, 1001 server going
+Close codes: 1013 server full or too many connections from the client's
+address, 1008 too slow (send buffer exceeded) or bad origin, 1001 server going
 away, 4000 closed by an operator, 4008 idle (``--idle-timeout``: no data frame
 and no ping from the client for that long; pongs answering the server's
 keep-alive pings do not count, they only show the peer is alive).
