@@ -61,21 +61,22 @@ def check_pem(option: str, path: str, kind: str) -> Any:
     data = _read(option, what, path)
     try:
         return _load(kind, data)
-    except (ValueError, TypeError):
-        hint = " (an encrypted key cannot be used)" if kind == "private key" else ""
-        raise usage.UsageError(f"--{option}: {path!r} holds no PEM {kind}{hint}") from None
+    except TypeError:  # a password is needed
+        raise usage.UsageError(f"--{option}: {path!r} is an encrypted private key; chatd needs it unencrypted") from None
+    except ValueError:
+        raise usage.UsageError(f"--{option}: {path!r} holds no PEM {kind}") from None
 
 
-def check_key_pair(option: str, cert_path: str, key_path: str) -> None:
+def check_key_pair(cert_option: str, cert_path: str, key_option: str, key_path: str) -> None:
     """Both files are readable PEM and the key is the certificate's."""
     from cryptography.hazmat.primitives import serialization
 
-    cert = check_pem(option, cert_path, "certificate")
-    key = check_pem(option, key_path, "private key")
+    cert = check_pem(cert_option, cert_path, "certificate")
+    key = check_pem(key_option, key_path, "private key")
     spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         raise usage.UsageError(
-            f"--{option}: the private key {key_path!r} does not belong to the certificate {cert_path!r}"
+            f"--{key_option}: the private key {key_path!r} does not belong to the certificate {cert_path!r}"
         )
 
 
@@ -94,7 +95,7 @@ def check_endpoint_tls(option: str, description: str) -> None:
     key = kwargs.get("privateKey")
     cert = kwargs.get("certKey") or key
     if key:
-        check_key_pair(option, cert, key)
+        check_key_pair(option, cert, option, key)
     if kwargs.get("extraCertChain"):
         check_pem(option, kwargs["extraCertChain"], "certificate")
 

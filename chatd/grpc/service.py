@@ -63,7 +63,7 @@ def check_options(options: Any) -> None:
             raise usage.UsageError(f"--{name}: no such file {path!r}")
     if cert:
         # grpcio only says "Failed to bind" for a bad certificate: check it here, in words.
-        check_key_pair("grpc-tls-cert", cert, key)
+        check_key_pair("grpc-tls-cert", cert, "grpc-tls-key", key)
     if options["grpc-max-streams"] >= options["grpc-workers"]:
         raise usage.UsageError(
             "--grpc-max-streams must be less than --grpc-workers: each stream holds a worker "
