@@ -45,6 +45,8 @@ async def main(n: int, drain_timeout: int) -> None:
         "127.0.0.1:0",
         "--max-connections",
         str(n + 100),
+        "--max-connections-per-ip",
+        "0",  # every client comes from 127.0.0.1
     ]
     # The daemon logs a line per client: to a file, so a full pipe never stalls it.
     with tempfile.NamedTemporaryFile("w", prefix="chatd-drain-", suffix=".log", delete=False) as log:

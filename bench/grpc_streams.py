@@ -65,6 +65,7 @@ def start_server(port: int, streams: int) -> subprocess.Popen:
         "--grpc-max-streams", str(streams),
         "--grpc-workers", str(streams + 64),
         "--max-connections", str(streams + 100),
+        "--max-connections-per-ip", "0",  # every subscriber comes from 127.0.0.1
         "--history-limit", "1000",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

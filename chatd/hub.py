@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Hashable
 from typing import Protocol
 
 from twisted.application.service import Service
@@ -28,9 +29,10 @@ from zope.interface import implementer
 from chatd import validate
 from chatd.auth import Authenticator, Identity, Unauthenticated
 from chatd.events import Event, Message, Presence
+from chatd.limits import AddressCount, address
 from chatd.metrics import HubMetrics
 from chatd.store import MemoryStore, Store, Stored
-from chatd.validate import ChatError, Limits, RateLimited
+from chatd.validate import ChatError, ConnectionRateLimited, Limits, RateLimited, TooManyRooms
 
 log = Logger()
 
@@ -39,6 +41,10 @@ _session_ids = itertools.count(1)
 
 class ServerFull(ChatError):
     """``MAX_CONNECTIONS`` sessions are open already."""
+
+
+class AddressFull(ServerFull):
+    """``--max-connections-per-ip`` connections are open from this client's address already."""
 
 
 class SessionClosed(ChatError):
@@ -62,6 +68,9 @@ class Session:
     """
 
     protocol = "unknown"
+    #: whether :meth:`Hub.connect` counts this session against its address's limit; False when
+    #: the adapter holds the address's slot for the whole connection itself (SignalR, from negotiate)
+    counts_address = True
 
     def __init__(self, peer: str = "", identity: Identity | None = None) -> None:
         self.id = next(_session_ids)
@@ -70,6 +79,8 @@ class Session:
         self.user: str | None = None
         self.rooms: set[str] = set()
         self.expiry: IDelayedCall | None = None
+        #: what :meth:`Hub.connect` counted for this session's address, given back at disconnect
+        self.address_key: str | None = None
 
     def deliver(self, event: Event) -> None:
         """Send ``event`` to the client; must not raise for a slow client."""
@@ -218,7 +229,7 @@ class _Rate:
 
 
 class _UserRate:
-    """A token bucket per user name: ``rate`` a second on average, ``burst`` at once.
+    """A token bucket per user name (or any key): ``rate`` a second on average, ``burst`` at once.
 
     Keyed by user name, so a user's limit holds over every connection and
     protocol, gRPC's one-shot ``SendMessage`` included. Buckets are kept in
@@ -232,9 +243,9 @@ class _UserRate:
         self.rate = rate
         self.burst = max(burst, 1)
         self._refill = self.burst / rate
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
 
-    def allows(self, user: str) -> bool:
+    def allows(self, user: Hashable) -> bool:
         """Whether ``take`` would succeed now."""
         bucket = self._buckets.get(user)
         if bucket is None:
@@ -242,7 +253,7 @@ class _UserRate:
         tokens, then = bucket
         return min(self.burst, tokens + (self._clock.seconds() - then) * self.rate) >= 1
 
-    def take(self, user: str) -> bool:
+    def take(self, user: Hashable) -> bool:
         now = self._clock.seconds()
         buckets = self._buckets
         bucket = buckets.pop(user, None)
@@ -273,12 +284,15 @@ class Hub(Service):
         broker: Broker | None = None,
         prune_interval: float = 60.0,
         auth: Authenticator | None = None,
+        max_connections_per_ip: int = 0,
     ) -> None:
         self.clock = clock
         #: verifies clients' tokens; None when authentication is off
         self.auth = auth
         self.limits = limits or Limits()
         self.max_connections = max_connections
+        #: open connections per client address, every protocol together (0: no limit)
+        self.addresses = AddressCount(max_connections_per_ip)
         self.store = store or MemoryStore(clock, self.limits.history_limit)
         self.broker = broker or LocalBroker(self)
         self._prune = task.LoopingCall(self.store.prune)
@@ -295,6 +309,13 @@ class Hub(Service):
         self._user_rate = (
             _UserRate(clock, self.limits.message_rate, self.limits.message_burst)
             if self.limits.message_rate
+            else None
+        )
+        # Keyed by session (or, for gRPC's one-shot calls, client address): a
+        # client cannot dodge the per-user bucket by naming a new user per message.
+        self._connection_rate = (
+            _UserRate(clock, self.limits.connection_rate, self.limits.connection_burst)
+            if self.limits.connection_rate
             else None
         )
         self.accepting = False
@@ -340,10 +361,15 @@ class Hub(Service):
         if len(self.sessions) >= self.max_connections:
             raise ServerFull(f"server full: {self.max_connections} connections open, try again later")
         identity = session.identity
-        if identity is not None:
-            remaining = None if identity.expires is None else identity.expires - self.clock.seconds()
-            if remaining is not None and remaining <= 0:
+        remaining = None
+        if identity is not None and identity.expires is not None:
+            remaining = identity.expires - self.clock.seconds()
+            if remaining <= 0:
                 raise Unauthenticated("token expired")
+        # Every refusal above and here comes before any change.
+        if session.counts_address:
+            session.address_key = self.claim_address(session.peer, session.protocol)
+        if identity is not None:
             session.user = identity.user
             if remaining is not None:
                 session.expiry = self.clock.callLater(remaining, self._token_expired, session)
@@ -359,6 +385,8 @@ class Hub(Service):
             session.expiry.cancel()
         session.expiry = None
         self._by_protocol[session.protocol] -= 1
+        self.addresses.release(session.address_key)
+        session.address_key = None
         for name in list(session.rooms):
             try:
                 self._leave(session, name)
@@ -373,6 +401,24 @@ class Hub(Service):
         log.info("{session}: token expired", session=session)
         session.token_expired()
         self.disconnect(session)  # whatever the adapter did: an expired session holds no room
+
+    def claim_address(self, peer: str, protocol: str) -> str | None:
+        """Count one more connection from ``peer``'s address; raises :class:`AddressFull` past the limit.
+
+        :meth:`connect` does this for each session. An adapter whose
+        connections exist before their session (SignalR: from negotiate on)
+        claims for itself and gives the returned key back with
+        :meth:`release_address` when the connection ends.
+        """
+        reason = self.addresses.refusal(peer)
+        if reason is not None:
+            self.metrics.limited("connections_per_ip", protocol)
+            raise AddressFull(reason)
+        return self.addresses.claim(peer)
+
+    def release_address(self, key: str | None) -> None:
+        """Give back what :meth:`claim_address` counted."""
+        self.addresses.release(key)
 
     def identify(self, session: Session, user: object) -> str:
         """Set the session's user name, which cannot change once set.
@@ -412,6 +458,10 @@ class Hub(Service):
             raise ChatError("a user name is needed to join a room")
         if session.id not in self.sessions:
             raise ChatError("connection is closed")
+        most = self.limits.rooms_per_connection
+        if most and name not in session.rooms and len(session.rooms) >= most:
+            self.metrics.limited("rooms_per_connection", session.protocol)
+            raise TooManyRooms(f"too many rooms: a connection may be in {most} at once; leave one first")
         joined = Joined()
         if since_seq is not None:
             resume = self.store.since(name, since_seq)
@@ -498,6 +548,8 @@ class Hub(Service):
         protocol: str,
         client_id: object = None,
         identity: Identity | None = None,
+        *,
+        source: Session | str | None = None,
     ) -> defer.Deferred:
         """Validate, number, store and fan out one chat message, the one path for every adapter.
 
@@ -510,6 +562,11 @@ class Hub(Service):
         the original message and is neither stored nor delivered again.
         With an ``identity`` (a token's) the sender must be its user (a
         missing one means it) and the room one it allows (``Forbidden``).
+
+        ``source`` is who sends, for the per-connection rate: the sending
+        session, or for a call with no session (gRPC ``SendMessage``) the
+        peer, whose client address is then the bucket. Both rates are
+        checked before either is charged, so a refusal costs nothing.
         """
         name = validate.room(room)
         if identity is not None:
@@ -521,20 +578,44 @@ class Hub(Service):
             identity.check_user(sender)
         body = validate.message(text, self.limits)
         key = validate.client_id(client_id)
-        if self._user_rate is not None and not self._user_rate.take(sender):
-            raise self._rate_limited(sender)
+        self.check_rate(sender, source, protocol)
+        if self._user_rate is not None:
+            self._user_rate.take(sender)
+        bucket = self._bucket(source)
+        if bucket is not None:
+            self._connection_rate.take(bucket)  # type: ignore[union-attr]
         d = self.store.add(name, sender, body, self.clock.seconds(), protocol, key)
         d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
         return d
 
-    def check_rate(self, user: str) -> None:
-        """Raise :class:`RateLimited` if ``user`` may not send now (takes nothing from the bucket).
+    def check_rate(self, user: str, source: Session | str | None = None, protocol: str = "none") -> None:
+        """Raise :class:`RateLimited` if ``user`` (or ``source``, see :meth:`publish`) may not send now.
 
-        For requests that change something before they publish (the seed
-        form joins first): refused, they must change nothing.
+        Takes nothing from the buckets. For requests that change something
+        before they publish (the seed form joins first): refused, they must
+        change nothing.
         """
         if self._user_rate is not None and not self._user_rate.allows(user):
             raise self._rate_limited(user)
+        bucket = self._bucket(source)
+        if bucket is not None and not self._connection_rate.allows(bucket):  # type: ignore[union-attr]
+            rate = self._connection_rate
+            assert rate is not None
+            self.metrics.limited("connection_rate", protocol)
+            who = "this connection" if isinstance(source, Session) else f"address {bucket[1]}"
+            raise ConnectionRateLimited(
+                f"rate limited: {who} may send {rate.rate} messages a second "
+                f"(bursts of {rate.burst}); try again shortly"
+            )
+
+    def _bucket(self, source: Session | str | None) -> tuple[str, object] | None:
+        """The per-connection rate bucket of ``source`` (None: not limited)."""
+        if self._connection_rate is None or source is None:
+            return None
+        if isinstance(source, Session):
+            return ("session", source.id)
+        ip = address(source)
+        return ("address", ip) if ip is not None else None
 
     def _rate_limited(self, user: str) -> RateLimited:
         rate = self._user_rate

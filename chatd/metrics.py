@@ -7,7 +7,8 @@ Two kinds of figures:
   pays nothing for it;
 * what the hub does not otherwise keep is counted by :class:`HubMetrics`,
   which the hub owns as ``hub.metrics``: messages received per protocol,
-  events fanned out, sessions closed for slowness, errors by kind, and a
+  events fanned out, sessions closed for slowness, errors by kind, refusals
+  by configured limit (``limited``), and a
   histogram of publish-to-deliver latency. Fan-out counts once
   per event, never once per recipient.
 
@@ -147,6 +148,12 @@ class HubMetrics:
         self._errors = Counter(
             "chatd_errors", "Refused or failed requests, by kind", ["kind", "protocol"], registry=r
         )
+        self._limited = Counter(
+            "chatd_limit_refusals",
+            "Connections closed or requests refused by a configured limit (see README, Security: Limits)",
+            ["limit", "protocol"],
+            registry=r,
+        )
         self.latency = Histogram(
             "chatd_publish_to_deliver_seconds",
             "From publish to the last local recipient handed the message",
@@ -182,6 +189,11 @@ class HubMetrics:
     def too_slow(self, protocol: str) -> None:
         """A session closed because it did not read fast enough."""
         self._slow.labels(protocol).inc()
+
+    def limited(self, limit: str, protocol: str = "none") -> None:
+        """A limit said no: ``limit`` names it (``connections_per_ip``, ``rooms_per_connection``,
+        ``connection_rate``, ``idle_timeout``, ``handshake_timeout``, ``post_body``)."""
+        self._limited.labels(limit, protocol).inc()
 
     def error(self, kind: str, protocol: str = "none") -> None:
         """A refused or failed request: ``kind`` is a short fixed word, never user text."""

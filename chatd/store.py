@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import queue
 import sqlite3
+import tempfile
 import threading
 import uuid
 from collections import deque
@@ -304,11 +305,29 @@ class SQLiteStore(Store):
     # -- reactor side ------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (creating) the file and read every room's window; blocking, at start only."""
+        """Open (creating) the file and read every room's window; blocking, at start only.
+
+        A directory that cannot be created or written, or a file SQLite
+        cannot write, stops the start with one line (``StartupError``
+        naming ``--data-dir``): found now, not at the first message.
+        """
+        from chatd.startup import StartupError
+
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        db = self._connect()
         try:
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+            db = self._connect()
+        except (OSError, sqlite3.Error) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            raise StartupError(f"--data-dir: cannot write the history file {self.path!r}: {why}") from None
+        try:
+            try:
+                db.execute("BEGIN IMMEDIATE")  # takes the write lock: a read-only file fails here
+                db.execute("ROLLBACK")
+            except sqlite3.Error as e:
+                raise StartupError(f"--data-dir: cannot write the history file {self.path!r}: {e}") from None
             self._load(db)
         finally:
             db.close()

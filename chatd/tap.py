@@ -23,6 +23,7 @@ from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health
 from chatd.hub import Hub
 from chatd.ops import ServiceTree, add_operations, check_options, metrics_resource
+from chatd.startup import StartupError, check_endpoint_tls, check_pem, listen_error
 from chatd.validate import Limits
 
 # option -> (environment variable, default, help). A bare number means tcp:N.
@@ -54,6 +55,39 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         "messages a second one user may send on average, over all protocols; 0 turns the limit off",
     ),
     "message-burst": ("MESSAGE_BURST", 50, "messages one user may send at once before the rate limit applies"),
+    "max-connection-rate": (
+        "MAX_CONNECTION_RATE",
+        "2 x --max-message-rate",
+        "messages a second one connection may send on average whatever user names it uses "
+        "(gRPC SendMessage: per client address); 0 turns the limit off",
+    ),
+    "connection-burst": (
+        "CONNECTION_BURST",
+        "2 x --message-burst",
+        "messages one connection may send at once before its rate limit applies",
+    ),
+    "max-connections-per-ip": (
+        "MAX_CONNECTIONS_PER_IP",
+        256,
+        "connections open at once from one client address, all protocols together "
+        "(SignalR from negotiate on, gRPC streams); 0 turns the limit off",
+    ),
+    "max-rooms-per-connection": (
+        "MAX_ROOMS_PER_CONNECTION",
+        100,
+        "rooms one connection may be in at once; 0 turns the limit off",
+    ),
+    "handshake-timeout": (
+        "HANDSHAKE_TIMEOUT",
+        15,
+        "seconds a client has to send a whole HTTP request, and to finish a WebSocket opening handshake",
+    ),
+    "idle-timeout": (
+        "IDLE_TIMEOUT",
+        0,
+        "seconds a WebSocket (/ws) client may send no message and no ping before it is closed "
+        "(4008); 0 never closes an idle client",
+    ),
     "workers": (
         "WORKERS",
         1,
@@ -69,9 +103,34 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         30,
         "seconds without a message after which a SignalR client is disconnected",
     ),
+    "signalr-handshake-timeout": (
+        "SIGNALR_HANDSHAKE_TIMEOUT",
+        15,
+        "seconds a SignalR client has, once its transport is open, to send the SignalR handshake",
+    ),
+    "signalr-max-post": (
+        "SIGNALR_MAX_POST",
+        "16 x --read-buffer-size",
+        "largest body of a SignalR POST (long polling and SSE send records by POST), in bytes; "
+        "larger ones get 413",
+    ),
 }
 
-_ZERO_MEANS_OFF = {"max-message-rate", "history-max-age"}
+_ZERO_MEANS_OFF = {
+    "max-message-rate",
+    "history-max-age",
+    "max-connection-rate",
+    "max-connections-per-ip",
+    "max-rooms-per-connection",
+    "idle-timeout",
+}
+
+# Options whose default follows from others (their INTEGERS default is the rule, for --help).
+_DERIVED: dict[str, Any] = {
+    "max-connection-rate": lambda o: 2 * o["max-message-rate"],
+    "connection-burst": lambda o: 2 * o["message-burst"],
+    "signalr-max-post": lambda o: 16 * o["read-buffer-size"],
+}
 
 # option -> (environment variable, default, help); free text.
 STRINGS: dict[str, tuple[str, str, str]] = {
@@ -151,6 +210,20 @@ class Options(usage.Options):
         super().__init__()
         self.environ = os.environ if environ is None else environ
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse; under twistd a bad value stops the start with one line (see :mod:`chatd.startup`).
+
+        twistd prints its whole help text before a ``UsageError``'s line,
+        burying it; as a subcommand (``parent`` set) the error becomes a
+        :class:`~chatd.startup.StartupError` instead. ``--help`` is unchanged.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            raise StartupError(str(e)) from None
+
     def _value(self, name: str, env: str, default: Any) -> Any:
         if self[name] is not None:
             return self[name]
@@ -159,8 +232,12 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         for name, (env, default, _) in LISTENERS.items():
             self[name] = endpoint_description(name, self._value(name, env, default))
+        derived = []
         for name, (env, default, _) in INTEGERS.items():
             raw = self._value(name, env, default)
+            if name in _DERIVED and raw == default:
+                derived.append(name)
+                continue
             try:
                 value = int(raw)
             except (TypeError, ValueError):
@@ -169,14 +246,25 @@ class Options(usage.Options):
             if value < least:
                 raise usage.UsageError(f"--{name} must be at least {least}, not {value}")
             self[name] = value
+        for name in derived:
+            self[name] = _DERIVED[name](self)
+        if self["signalr-max-post"] < self["read-buffer-size"]:
+            raise usage.UsageError(
+                "--signalr-max-post must be at least --read-buffer-size: a POST must hold the largest record"
+            )
         for name, (env, default, _) in STRINGS.items():
             self[name] = str(self._value(name, env, default))
         if self["redis"]:
             from chatd.redis import parse_url
 
             parse_url(self["redis"])
-        if self["redis-ca"] and not os.path.isfile(self["redis-ca"]):
-            raise usage.UsageError(f"--redis-ca: no such file {self['redis-ca']!r}")
+        if self["redis-ca"]:
+            if not os.path.isfile(self["redis-ca"]):
+                raise usage.UsageError(f"--redis-ca: no such file {self['redis-ca']!r}")
+            check_pem("redis-ca", self["redis-ca"], "certificate")
+        data_dir = self["data-dir"]
+        if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+            raise usage.UsageError(f"--data-dir: {data_dir!r} is not a directory")
         self["worker-index"] = workers.worker_index(self.environ)
         if self["worker-index"]:
             self["manhole"] = ""  # one console, in worker 0: the others would fight for its port
@@ -192,6 +280,7 @@ def endpoint_description(name: str, value: str) -> str:
     value = str(value).strip()
     if value.isdigit():
         value = f"tcp:{value}"
+    check_endpoint_tls(name, value)
     try:
         # Parsing does not listen; a throwaway reactor of None is enough to
         # catch unknown endpoint types and malformed arguments at start.
@@ -217,7 +306,11 @@ class Listener(StreamServerEndpointService):
         self._waiters: list[defer.Deferred] = []
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            # A port in use is the operator's to fix: one line, not a traceback.
+            raise listen_error(self.name, e) from None
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
@@ -270,6 +363,18 @@ def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory, metrics_token: st
     return site
 
 
+def _timed(site: Site, options: Options) -> Site:
+    """Give ``site`` ``--handshake-timeout``: how long a connection may wait for a whole HTTP request.
+
+    twisted.web's own default is 12 hours, so a client that connects and
+    sends nothing (or half a request) held its socket that long. The clock
+    stops while a request is being answered (a long poll, an event stream, a
+    WebSocket after its upgrade), so it bounds only the wait for a request.
+    """
+    site.timeOut = options["handshake-timeout"]
+    return site
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build the service tree: the hub first (it starts first, stops last), then listeners."""
     if reactor is None:
@@ -298,6 +403,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         history_limit=options["history-limit"],
         message_rate=options["max-message-rate"],
         message_burst=options["message-burst"],
+        connection_rate=options["max-connection-rate"],
+        connection_burst=options["connection-burst"],
+        rooms_per_connection=options["max-rooms-per-connection"],
     )
     GcTuning(reactor).setServiceParent(top)
     if options["redis"]:
@@ -316,6 +424,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             max_connections=options["max-connections"],
             store=backplane,
             auth=auth.from_options(options, reactor),
+            max_connections_per_ip=options["max-connections-per-ip"],
         )
         backplane.attach(hub)
     else:
@@ -325,6 +434,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             max_connections=options["max-connections"],
             store=store.from_options(reactor, options),
             auth=auth.from_options(options, reactor),
+            max_connections_per_ip=options["max-connections-per-ip"],
         )
     hub.setServiceParent(top)
 
@@ -334,8 +444,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         origins,
         read_limit=options["read-buffer-size"],
         write_limit=options["write-buffer-size"],
+        idle_timeout=options["idle-timeout"],
+        handshake_timeout=options["handshake-timeout"],
     )
-    ws = Listener(endpoint("ws"), ws_site(hub, ws_factory, options["metrics-token"]))
+    ws = Listener(endpoint("ws"), _timed(ws_site(hub, ws_factory, options["metrics-token"]), options))
     ws.setName("ws")
     ws.setServiceParent(top)
 
@@ -345,14 +457,18 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             write_limit=options["write-buffer-size"],
             keep_alive=options["signalr-keep-alive"],
             client_timeout=options["signalr-client-timeout"],
+            handshake_timeout=options["signalr-handshake-timeout"],
         ),
+        max_post=options["signalr-max-post"],
+        handshake_timeout=options["handshake-timeout"],
     )
+    _timed(signalr_site, options)
     if serves("signalr"):
         sr = Listener(endpoint("signalr"), signalr_site)
         sr.setName("signalr")
         sr.setServiceParent(top)
 
-    web = Listener(endpoint("web"), webclient.web_site(hub, webclient.ListenerMap(top, options.get)))
+    web = Listener(endpoint("web"), _timed(webclient.web_site(hub, webclient.ListenerMap(top, options.get)), options))
     web.setName("web")
     web.setServiceParent(top)
     grpc_service.from_options(hub, options, reactor).setServiceParent(top)

@@ -38,10 +38,25 @@ class Limits:
     message_rate: int = 0
     #: messages one user may send at once before the rate applies
     message_burst: int = 50
+    #: messages one connection may send a second, on average, whatever the user names on it (0: no limit);
+    #: gRPC's one-shot SendMessage calls count per client address
+    connection_rate: int = 0
+    #: messages one connection may send at once before its rate applies
+    connection_burst: int = 100
+    #: rooms one connection may be in at once (0: no limit)
+    rooms_per_connection: int = 0
 
 
 class RateLimited(ChatError):
     """A user sent faster than ``Limits.message_rate`` allows."""
+
+
+class ConnectionRateLimited(RateLimited):
+    """A connection sent faster than ``Limits.connection_rate`` allows (whatever its user names)."""
+
+
+class TooManyRooms(ChatError):
+    """A join past ``Limits.rooms_per_connection``."""
 
 
 def room(value: Any) -> str:

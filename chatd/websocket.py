@@ -33,9 +33,12 @@ Server to client::
     {"type": "presence", "action": "join"|"leave", "room", "user", "timestamp", "protocol", "count"}
     {"type": "error", "error": REASON, "request": TYPE}
 
-Close codes: 1013 server full, 1008 too slow (send buffer exceeded) or bad
-origin, 1001 server going away, 4000 closed by an operator, 4001 token
-expired (come back with a new one).
+Close codes: 1013 server full or too many connections from the client's
+address, 1008 too slow (send buffer exceeded) or bad origin, 1001 server going
+away, 4000 closed by an operator, 4001 token expired (come back with a new
+one), 4008 idle (``--idle-timeout``: no data frame and no ping from the client
+for that long; pongs answering the server's keep-alive pings do not count,
+they only show the peer is alive).
 
 With token authentication on (``chatd.auth``) the upgrade request carries
 the token as ``?token=`` (browsers) or ``Authorization: Bearer``; without a
@@ -63,6 +66,7 @@ from chatd.auth import Identity, Unauthenticated
 from chatd.events import Event, Message
 from chatd.http import OriginPolicy
 from chatd.hub import Hub, SendBudget, ServerFull, Session
+from chatd.limits import IdleTimer
 from chatd.logs import printable
 from chatd.validate import ChatError
 
@@ -75,6 +79,7 @@ CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_KICKED = 4000
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_IDLE = 4008
 
 
 def _prepare(event: Event) -> PreparedMessage:
@@ -135,6 +140,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
     factory: ChatWebSocketFactory
     session: WebSocketSession | None = None
     identity: Identity | None = None
+    _idle: IdleTimer | None = None
 
     def onConnect(self, request):
         auth = self.factory.hub.auth
@@ -170,8 +176,35 @@ class ChatServerProtocol(WebSocketServerProtocol):
         self.session = session
         session.budget.attach(self.transport)
         _log.info("{peer} connected over websocket", peer=self.peer)
+        self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """Close the connection after ``--idle-timeout`` seconds without a message or ping from it."""
+        timeout = self.factory.idle_timeout
+        if timeout > 0:
+            self._idle = IdleTimer(self.factory.hub.clock, timeout, self._idle_expired)
+            self._idle.start()
+
+    def _idle_expired(self) -> None:
+        session = self.session
+        if session is None or session.id not in self.factory.hub.sessions:
+            return
+        self.factory.hub.metrics.limited("idle_timeout", PROTOCOL)
+        session.close(f"idle: nothing received for {self.factory.idle_timeout:g} s", CLOSE_IDLE)
+
+    def onPing(self, payload: bytes) -> None:
+        # A client's own ping is activity; a pong (answering our keep-alive) is not.
+        if self._idle is not None:
+            self._idle.touch()
+        super().onPing(payload)
+
+    def onOpenHandshakeTimeout(self) -> None:
+        self.factory.hub.metrics.limited("handshake_timeout", PROTOCOL)
+        super().onOpenHandshakeTimeout()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._idle is not None:
+            self._idle.touch()
         session = self.session
         if session is None or session.id not in self.factory.hub.sessions:
             return
@@ -187,6 +220,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
             session.send(reply)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._idle is not None:
+            self._idle.stop()
+            self._idle = None
         session = self.session
         if session is None:
             return
@@ -327,7 +363,7 @@ def _message(hub: Hub, session: Session, request: dict) -> dict | None:
         raise ChatError(f"not in room {room}: join it first")
     if "user" in request:
         hub.identify(session, request["user"])  # in a room, so named: this only checks
-    return _sent(request, hub.publish(room, session.user, text, PROTOCOL, client_id))
+    return _sent(request, hub.publish(room, session.user, text, PROTOCOL, client_id, source=session))
 
 
 def _seed(hub: Hub, session: Session, request: dict) -> dict | None:
@@ -342,11 +378,11 @@ def _seed(hub: Hub, session: Session, request: dict) -> dict | None:
     if session.identity is not None:
         session.identity.check_user(user)
         session.identity.check_room(room)
-    hub.check_rate(user)  # refused before the join below, so a refusal changes nothing
+    hub.check_rate(user, session, PROTOCOL)  # refused before the join below, so a refusal changes nothing
     hub.identify(session, user)
     if room not in session.rooms:
         hub.join(session, room)
-    return _sent(request, hub.publish(room, session.user, text, PROTOCOL, client_id))
+    return _sent(request, hub.publish(room, session.user, text, PROTOCOL, client_id, source=session))
 
 
 def _sent(request: dict, stored: defer.Deferred) -> defer.Deferred:
@@ -382,12 +418,16 @@ _HANDLERS: dict[Any, Callable[[Hub, Session, dict], dict | defer.Deferred | None
 }
 
 
-def server_options(read_limit: int) -> dict[str, Any]:
-    """Autobahn options every chatd WebSocket server shares (``/ws`` and SignalR)."""
+def server_options(read_limit: int, handshake_timeout: float = 15) -> dict[str, Any]:
+    """Autobahn options every chatd WebSocket server shares (``/ws`` and SignalR).
+
+    ``handshake_timeout`` (``--handshake-timeout``) bounds the opening
+    handshake; the HTTP request before it is bounded by the site's timeout.
+    """
     return {
         "maxFramePayloadSize": read_limit,
         "maxMessagePayloadSize": read_limit,
-        "openHandshakeTimeout": 15,
+        "openHandshakeTimeout": handshake_timeout,
         "closeHandshakeTimeout": 2,
         # Tell a misbehaving client why (e.g. 1009 message too big) before dropping it.
         "failByDrop": False,
@@ -407,12 +447,18 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         origins: OriginPolicy | None = None,
         read_limit: int = 65536,
         write_limit: int = 1 << 20,
+        idle_timeout: float = 0,
+        handshake_timeout: float = 15,
     ) -> None:
         super().__init__()
         self.hub = hub
         self.origins = origins or OriginPolicy()
         self.write_limit = write_limit
-        self.setProtocolOptions(**server_options(read_limit), autoPingInterval=30, autoPingTimeout=30)
+        #: seconds a connection may send nothing before it is closed (0: never)
+        self.idle_timeout = idle_timeout
+        self.setProtocolOptions(
+            **server_options(read_limit, handshake_timeout), autoPingInterval=30, autoPingTimeout=30
+        )
 
 
 def resource(factory: ChatWebSocketFactory) -> WebSocketResource:

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from chatd import sdnotify
+from chatd.startup import StartupError, bind_error
 
 log = Logger()
 
@@ -125,7 +126,11 @@ class WorkerPool(Service):
 
     def privilegedStartService(self) -> None:
         # Bound before privileges drop and before any worker runs: a port in
-        # use is a start-up error here, not N crashing workers.
+        # use is a start-up error here, not N crashing workers. Each worker
+        # binds gRPC itself, so its port is only checked here.
+        why = bind_error(self.options["grpc"])
+        if why is not None:
+            raise StartupError(f"--grpc: cannot listen on {self.options['grpc']}: {why}")
         backlog_default = somaxconn()
         for index in range(self.count):
             self.sockets[index] = {
@@ -144,7 +149,7 @@ class WorkerPool(Service):
             sock.bind((host, port))
         except OSError as e:
             sock.close()
-            raise RuntimeError(f"--{name}: cannot listen on {host or '*'}:{port}: {e.strerror}") from None
+            raise StartupError(f"--{name}: cannot listen on {host or '*'}:{port}: {e.strerror}") from None
         # Twisted's default backlog is 50: ask for the kernel's largest unless one was given.
         sock.listen(backlog if backlog != 50 else backlog_default)
         sock.set_inheritable(True)

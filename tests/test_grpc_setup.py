@@ -18,6 +18,7 @@ from chatd import tap
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.grpc.service import grpc_address
+from chatd.startup import StartupError
 from tests.conftest import listener_args, start_chatd
 from tests.tlscert import make_certificate
 
@@ -131,7 +132,7 @@ async def test_a_busy_grpc_port_fails_the_start_loudly() -> None:
 
         service = tap.makeService(options, reactor=reactor)
         grpc_service = service.getServiceNamed("grpc")
-        with pytest.raises(RuntimeError, match="gRPC cannot listen on 127.0.0.1"):
+        with pytest.raises(StartupError, match=r"--grpc: cannot listen on 127\.0\.0\.1:\d+: Address already in use"):
             grpc_service.startService()
     finally:
         await defer.maybeDeferred(first.service.stopService)

@@ -287,7 +287,7 @@ def _chat_send(hub: Hub, session: Session, send: pb.Send) -> defer.Deferred:
     room = validate.room(send.room)
     if room not in session.rooms:
         raise ChatError(f"not in room {room}: join it first")
-    d = hub.publish(room, session.user, send.message, PROTOCOL, send.client_id or None)
+    d = hub.publish(room, session.user, send.message, PROTOCOL, send.client_id or None, source=session)
     return d.addCallback(
         lambda m: pb.ChatEvent(sent=pb.Sent(room=room, id=m.id, seq=m.seq, client_id=send.client_id))
     )
@@ -315,15 +315,25 @@ class ChatServicer:
 
     def SendMessage(self, request: pb.MessageRequest, context: grpc.ServicerContext) -> bytes:
         try:
-            return self._on_reactor(self._publish, request, _identity(context))
+            return self._on_reactor(self._publish, request, _identity(context), context.peer())
         except ChatError as e:
             abort(context, e, self.hub)
             raise  # not reached: abort raises
 
-    def _publish(self, request: pb.MessageRequest, identity: Identity | None = None) -> defer.Deferred:
-        """Publish; fires with the reply once stored (``blockingCallFromThread`` waits for it)."""
+    def _publish(self, request: pb.MessageRequest, identity: Identity | None = None, peer: str = "") -> defer.Deferred:
+        """Publish; fires with the reply once stored (``blockingCallFromThread`` waits for it).
+
+        A one-shot call has no session: its client address (``peer``) is the
+        per-connection rate's bucket, so naming a new user per call gains nothing.
+        """
         d = self.hub.publish(
-            request.room, request.user, request.message, PROTOCOL, request.client_id or None, identity
+            request.room,
+            request.user,
+            request.message,
+            PROTOCOL,
+            request.client_id or None,
+            identity,
+            source=peer or None,
         )
         # Not ``message.encoded``: the fan-out (done by now, or later through a
         # broker) manages that cache; caching here would keep the reply's

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from chatd.grpc.bridge import PROTOCOL, SERVICE_NAME, ChatServicer, GrpcSession, TokenCheck, method_handlers
 from chatd.grpc.streams import StreamLimit
 from chatd.hub import Hub
+from chatd.startup import StartupError, bind_error, check_key_pair
 
 log = Logger()
 
@@ -60,6 +61,9 @@ def check_options(options: Any) -> None:
     for name, path in (("grpc-tls-cert", cert), ("grpc-tls-key", key)):
         if path and not os.path.isfile(path):
             raise usage.UsageError(f"--{name}: no such file {path!r}")
+    if cert:
+        # grpcio only says "Failed to bind" for a bad certificate: check it here, in words.
+        check_key_pair("grpc-tls-cert", cert, "grpc-tls-key", key)
     if options["grpc-max-streams"] >= options["grpc-workers"]:
         raise usage.UsageError(
             "--grpc-max-streams must be less than --grpc-workers: each stream holds a worker "
@@ -203,6 +207,11 @@ class GrpcService(Service):
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+        # Asked first: grpcio logs its own multi-line complaint on a busy port.
+        # (--workers share the port through SO_REUSEPORT: the supervisor checked it.)
+        why = None if self.reuse_port else bind_error(self.address)
+        if why is not None:
+            raise StartupError(f"--grpc: cannot listen on {self.address}: {why}")
         try:
             if self.tls:
                 cert, key = (open(path, "rb").read() for path in self.tls)
@@ -210,10 +219,14 @@ class GrpcService(Service):
                 port = server.add_secure_port(self.address, creds)
             else:
                 port = server.add_insecure_port(self.address)
-        except RuntimeError as e:
-            raise RuntimeError(f"gRPC cannot listen on {self.address}: {e}") from None
+        except OSError as e:
+            raise StartupError(f"--grpc-tls-cert: cannot read {e.filename!r}: {e.strerror}") from None
+        except RuntimeError:
+            port = 0
         if not port:
-            raise RuntimeError(f"gRPC cannot listen on {self.address}")
+            # grpcio's own message says only "Failed to bind": ask the OS why.
+            why = bind_error(self.address) or "grpcio could not bind it (GRPC_VERBOSITY=debug tells more)"
+            raise StartupError(f"--grpc: cannot listen on {self.address}: {why}")
         self._server = server
         self.port = port
 

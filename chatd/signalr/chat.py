@@ -102,6 +102,8 @@ class SignalRSession(Session):
     """The hub's handle on one SignalR connection."""
 
     protocol = PROTOCOL
+    # The connection's address slot is held from negotiate on (ConnectionManager.create).
+    counts_address = False
 
     def __init__(self, connection: HubConnection, chat: ChatHub) -> None:
         super().__init__(connection.peer, connection.identity)
@@ -304,7 +306,8 @@ class ChatHub:
         self.hub.check_rate(validate.user(user))  # refused before the join below: a refusal changes nothing
         self._name(user)
         self._ensure_in(room)
-        return self.hub.publish(room, self.session.user, message, PROTOCOL, client_id).addCallback(_as_dict)
+        d = self.hub.publish(room, self.session.user, message, PROTOCOL, client_id, source=self.session)
+        return d.addCallback(_as_dict)
 
     def join_room(self, room: Any, user: Any = None, since: Any = None) -> list[str] | dict:
         room = validate.room(room)
@@ -401,7 +404,7 @@ class ChatHub:
         try:
             if upload.room not in self.session.rooms:
                 raise ChatError(f"not in room {upload.room}")
-            d = self.hub.publish(upload.room, self.session.user, item, PROTOCOL)
+            d = self.hub.publish(upload.room, self.session.user, item, PROTOCOL, source=self.session)
         except ChatError as e:
             self.hub.metrics.error("bad_request", PROTOCOL)
             upload.error = e.reason

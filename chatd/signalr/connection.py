@@ -124,6 +124,8 @@ class HubConnection:
         self.transport_name: str | None = None
         self.dispatcher: Dispatcher | None = None
         self.close_error: str | None = None
+        #: the timeout that ended the connection, if one did ("handshake_timeout"), for metrics
+        self.expired: str | None = None
         self._factory = dispatcher_factory
         self._on_closed = on_closed
         self._handshake = p.HandshakeReader(options.max_message_size)
@@ -433,6 +435,7 @@ class HubConnection:
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.state == HANDSHAKE:
+            self.expired = "handshake_timeout"
             self._fail_handshake("Handshake was canceled.")
 
     def _orphaned(self) -> None:

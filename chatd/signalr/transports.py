@@ -54,7 +54,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from chatd import validate
 from chatd.auth import Identity, Unauthenticated
 from chatd.http import JsonResource, OriginPolicy, health, write_json
-from chatd.hub import Hub, SendBudget
+from chatd.hub import Hub, SendBudget, ServerFull
 from chatd.signalr.chat import ChatHub
 from chatd.signalr.connection import CLOSED, HubConnection, Options
 from chatd.validate import ChatError
@@ -104,7 +104,10 @@ def query(request: Request, name: str) -> str | None:
 def _peer(request: Request) -> str:
     address = request.getClientAddress()
     host = getattr(address, "host", None)
-    return f"{host}:{address.port}" if host is not None else str(address)
+    if host is None:
+        return str(address)
+    # [v6]:port, so the address can be told from the port (chatd.limits.address)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 class ConnectionManager:
@@ -119,6 +122,8 @@ class ConnectionManager:
         self.long_polls: dict[str, LongPollingTransport] = {}
         #: token -> POSTed records still being handed to a connection
         self.inboxes: dict[str, _Inbox] = {}
+        #: token -> the address slot each connection holds (``Hub.claim_address``)
+        self._addresses: dict[str, str | None] = {}
 
     def create(
         self,
@@ -128,6 +133,12 @@ class ConnectionManager:
         version: int = 1,
         identity: Identity | None = None,
     ) -> HubConnection:
+        """A new connection, counted against its address from now until it closes.
+
+        Raises :class:`chatd.hub.AddressFull` when ``peer``'s address has
+        ``--max-connections-per-ip`` connections open (negotiated ones included).
+        """
+        address_key = self.hub.claim_address(peer, "signalr")
         connection_id = _new_id()
         token = _new_id() if version >= 1 else connection_id
         connection = HubConnection(
@@ -143,12 +154,16 @@ class ConnectionManager:
             identity=identity,
         )
         self.connections[token] = connection
+        self._addresses[token] = address_key
         return connection
 
     def get(self, token: str | None) -> HubConnection | None:
         return self.connections.get(token) if token else None
 
     def _closed(self, connection: HubConnection) -> None:
+        self.hub.release_address(self._addresses.pop(connection.token, None))
+        if connection.expired is not None:
+            self.hub.metrics.limited(connection.expired, "signalr")
         transport = self.long_polls.get(connection.token)
         if transport is not None and not transport.done:
             return  # the last records (the Close), then a 204, still wait for a poll
@@ -198,7 +213,12 @@ class SignalRWebSocketProtocol(WebSocketServerProtocol):
         connection, user, identity = self._target
         manager = self.factory.manager
         if connection is None:
-            connection = manager.create(self.peer, user, identity=identity)  # skipNegotiation
+            try:
+                connection = manager.create(self.peer, user, identity=identity)  # skipNegotiation
+            except ServerFull as e:
+                # 1008 with the reason (sendClose allows only 1000 and 3000-4999)
+                self.sendCloseFrame(code=1008, reasonUtf8=e.reason.encode()[:123], isReply=False)
+                return
         elif connection.state == CLOSED:
             self.sendClose(1000)
             return
@@ -235,13 +255,13 @@ class SignalRWebSocketFactory(WebSocketServerFactory):
 
     protocol = SignalRWebSocketProtocol
 
-    def __init__(self, manager: ConnectionManager, read_limit: int) -> None:
+    def __init__(self, manager: ConnectionManager, read_limit: int, handshake_timeout: float = 15) -> None:
         super().__init__()
         self.manager = manager
         self.pending: tuple[HubConnection | None, str | None, Identity | None] = (None, None, None)
         # No WebSocket pings: SignalR has its own, and signalrcore reads
         # ping frames as data.
-        self.setProtocolOptions(**server_options(read_limit), autoPingInterval=0)
+        self.setProtocolOptions(**server_options(read_limit, handshake_timeout), autoPingInterval=0)
 
     def buildProtocol(self, addr: Any) -> SignalRWebSocketProtocol:
         proto = super().buildProtocol(addr)
@@ -590,6 +610,8 @@ class _CorsResource(Resource):
 
     #: the largest request body this resource takes
     body_limit = _NEGOTIATE_BODY_LIMIT
+    #: where a refused body is counted (``hub.metrics``), if anywhere
+    metrics: Any = None
 
     def __init__(self, origins: OriginPolicy) -> None:
         super().__init__()
@@ -617,6 +639,8 @@ class _CorsResource(Resource):
         if refused is not None:
             return refused
         if _body_size(request) > self.body_limit:
+            if self.metrics is not None:
+                self.metrics.limited("post_body", "signalr")
             return _text(request, 413, f"Request body too large: the limit is {self.body_limit} bytes")
         return super().render(request)
 
@@ -653,6 +677,7 @@ class NegotiateResource(_CorsResource):
         super().__init__(origins)
         self.manager = manager
         self.hub = manager.hub
+        self.metrics = manager.hub.metrics
 
     def render_POST(self, request: Request) -> bytes:
         raw = query(request, "negotiateVersion")
@@ -678,7 +703,11 @@ class NegotiateResource(_CorsResource):
             # them against --max-connections: bound them too.
             return write_json(request, {"error": f"server full: {hub.max_connections} connections open"})
         stateful = version >= 1 and (query(request, "useStatefulReconnect") or "").lower() == "true"
-        connection = self.manager.create(_peer(request), user, stateful, version, identity)
+        try:
+            connection = self.manager.create(_peer(request), user, stateful, version, identity)
+        except ServerFull as e:
+            # SignalR's own form: clients show a negotiate response's "error" as the reason.
+            return write_json(request, {"error": e.reason})
         body: dict[str, Any] = {
             "connectionId": connection.connection_id,
             "negotiateVersion": version,
@@ -706,6 +735,7 @@ class ConnectionResource(_CorsResource):
         self.hub = hub
         self.body_limit = body_limit
         self.manager = manager
+        self.metrics = hub.metrics
         self.ws_factory = ws_factory
         self.ws_resource = WebSocketResource(ws_factory)
         self.putChild(b"negotiate", NegotiateResource(manager, origins))
@@ -854,19 +884,23 @@ def site(
     origins: OriginPolicy | None = None,
     options: Options | None = None,
     read_limit: int = 65536,
+    max_post: int | None = None,
+    handshake_timeout: float = 15,
 ) -> SignalRSite:
     """The SignalR listener's ``twisted.web`` site: ``/signalr`` and ``/signalr/health``.
 
     ``read_limit`` bounds a WebSocket frame; a POST, the HTTP transports'
-    frame, may hold ``_RECORDS_PER_POST`` times as much because clients
-    batch records into one POST.
+    frame, may hold ``max_post`` bytes (``--signalr-max-post``), by default
+    ``_RECORDS_PER_POST`` times as much because clients batch records into
+    one POST; past it the answer is 413. ``handshake_timeout`` bounds a
+    WebSocket's opening handshake (``--handshake-timeout``).
     """
     origins = origins or OriginPolicy()
     options = options or Options()
     manager = ConnectionManager(hub, clock, options)
     frame_limit = max(read_limit, options.max_message_size)
-    ws_factory = SignalRWebSocketFactory(manager, frame_limit)
-    body_limit = _RECORDS_PER_POST * frame_limit
+    ws_factory = SignalRWebSocketFactory(manager, frame_limit, handshake_timeout)
+    body_limit = max_post if max_post else _RECORDS_PER_POST * frame_limit
     root = Resource()
     root.putChild(b"signalr", ConnectionResource(hub, manager, origins, ws_factory, body_limit))
     return SignalRSite(root, manager, body_limit)
