@@ -27,9 +27,15 @@ def free_port() -> int:
 
 def free_ports() -> dict[str, int]:
     """A free loopback port for every listener chatd has, gRPC included."""
-    ports = {name: free_port() for name in tap.LISTENERS}
+    names = list(tap.LISTENERS)
     if any(o[0] == "grpc" for o in tap.Options.optParameters):
-        ports["grpc"] = free_port()
+        names.append("grpc")
+    ports: dict[str, int] = {}
+    for name in names:
+        port = free_port()
+        while port in ports.values():  # the kernel may hand the same free port out twice
+            port = free_port()
+        ports[name] = port
     return ports
 
 
