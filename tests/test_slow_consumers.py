@@ -244,3 +244,76 @@ def test_a_websocket_reader_that_stops_reading_is_closed_with_a_resume_point_and
         assert len(got) == n, "every other member got every message"
         p99 = sorted(got)[int(len(got) * 0.99)]
         assert p99 < 0.5, f"p99 delivery latency {p99:.3f}s while one reader was stuck"
+
+
+def _storm_connect(port: int, i: int) -> int:
+    """One handshake from the storm's address; every third also joins a room; then gone."""
+    try:
+        ws = RawWebSocket(port, source="127.0.0.2", timeout=20)
+    except OSError:
+        return 0
+    try:
+        if ws.status == 101 and i % 3 == 0:
+            ws.send(type="join", room=f"storm{i % 7}", user=f"s{i}")
+        return ws.status
+    finally:
+        ws.close()
+
+
+def _storm(port: int, count: int, threads: int = 32) -> list[int]:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda i: _storm_connect(port, i), range(count)))
+
+
+def test_a_storm_of_2000_handshakes_from_one_address_neither_stops_chat_nor_grows_memory() -> None:
+    with Daemon("--max-message-rate", "0") as d:
+        d.wait_healthy()
+        port = d.ports["ws"]
+        pid = d.proc.pid
+        # Warm up (allocator arenas, module caches), then take the baseline.
+        _storm(port, 200)
+        _poll(lambda: _stats(d)["connections"]["total"] == 0)
+        baseline_rss, baseline_fds = _rss_kib(pid), _fds(pid)
+
+        alice, bob = Client(d.ws_url), Client(d.ws_url)
+        alice.join("calm", "alice")
+        bob.join("calm", "bob")
+        acks: list[float] = []
+        storming = threading.Event()
+        storm_over = threading.Event()
+
+        def chat() -> None:
+            i = 0
+            while not storm_over.is_set() or i < 20:
+                start = time.monotonic()
+                alice.send(type="message", room="calm", message=f"m{i}", ref=i)
+                sent = alice.recv_until(lambda f: f.get("type") == "sent" and f.get("ref") == i, timeout=10)
+                acks.append(time.monotonic() - start)
+                got = bob.recv_type("message", timeout=10)
+                assert (got["message"], got["seq"]) == (f"m{i}", sent["seq"])
+                storming.set()
+                i += 1
+                time.sleep(0.02)
+
+        with ThreadPoolExecutor(1) as pool:
+            chatting = pool.submit(chat)
+            assert storming.wait(10)
+            started = time.monotonic()
+            statuses = _storm(port, 2000)
+            storm_seconds = time.monotonic() - started
+            storm_over.set()
+            chatting.result(timeout=60)
+        # Only the two chatting clients are left once the storm's sockets are all seen closed.
+        _poll(lambda: _stats(d)["connections"]["total"] == 2, timeout=30)
+        after_rss, after_fds = _rss_kib(pid), _fds(pid)
+        alice.close()
+        bob.close()
+    print(
+        f"storm: {statuses.count(101)} upgraded of {len(statuses)} in {storm_seconds:.1f}s; "
+        f"acks max {max(acks):.3f}s over {len(acks)}; RSS {baseline_rss} -> {after_rss} KiB; fds {baseline_fds} -> {after_fds}"
+    )
+    assert storm_seconds < 120, "the storm is bounded in time"
+    assert statuses.count(101) > 1000, "the server took the storm (most handshakes upgraded)"
+    assert len(acks) >= 20 and max(acks) < 2.0, f"a send took {max(acks):.3f}s to be acknowledged during the storm"
+    assert after_rss - baseline_rss < 20 * 1024, f"RSS grew {after_rss - baseline_rss} KiB over the storm"
+    assert after_fds <= baseline_fds + 2 + 4, "file descriptors leaked"  # the two clients' sockets, some slack
