@@ -287,7 +287,7 @@ def test_a_storm_of_2000_handshakes_from_one_address_neither_stops_chat_nor_grow
             while not storm_over.is_set() or i < 20:
                 start = time.monotonic()
                 alice.send(type="message", room="calm", message=f"m{i}", ref=i)
-                sent = alice.recv_until(lambda f: f.get("type") == "sent" and f.get("ref") == i, timeout=10)
+                sent = alice.recv_until(lambda f, i=i: f.get("type") == "sent" and f.get("ref") == i, timeout=10)
                 acks.append(time.monotonic() - start)
                 got = bob.recv_type("message", timeout=10)
                 assert (got["message"], got["seq"]) == (f"m{i}", sent["seq"])
