@@ -206,13 +206,14 @@ def test_a_websocket_reader_that_stops_reading_is_closed_with_a_resume_point_and
             n = 0
             deadline = time.monotonic() + 60
             while _stats(d)["connections"]["websocket"] == 5:  # the stuck one is still in
-                for _ in range(50):
+                # Bursts well under the bound: a reader that keeps reading is never at risk.
+                for _ in range(10):
                     tag = f"{n:012d}"
                     sent_at[tag] = time.monotonic()
                     sender.send(type="message", room="busy", message=tag + text)
                     n += 1
                 assert time.monotonic() < deadline, "the stuck reader was never closed"
-                time.sleep(0.01)  # pace the sender like a chat, not a flood
+                time.sleep(0.01)  # pace the sender like a busy chat, not a flood
             # It was closed: now it reads what the server had queued, then the close frame.
             seqs = []
             while True:
