@@ -38,7 +38,10 @@ address, 1008 too slow (send buffer exceeded) or bad origin, 1001 server going
 away, 4000 closed by an operator, 4001 token expired (come back with a new
 one), 4008 idle (``--idle-timeout``: no data frame and no ping from the client
 for that long; pongs answering the server's keep-alive pings do not count,
-they only show the peer is alive).
+they only show the peer is alive). A 1008 "too slow" reason ends with where to
+resume, ``; resume with ROOM since=N, ...`` (N the seq of the last message
+sent to the client in that room), so rejoining with ``"since": N`` misses
+nothing.
 
 With token authentication on (``chatd.auth``) the upgrade request carries
 the token as ``?token=`` (browsers) or ``Authorization: Bearer``; without a
@@ -106,11 +109,15 @@ class WebSocketSession(Session):
         self._proto = proto
         self.budget = SendBudget(write_limit, self._too_slow)
         self.close_reason: str | None = None
+        #: room -> seq of the last message written to this client (its resume point if closed as too slow)
+        self._last_seq: dict[str, int] = {}
 
     def deliver(self, event: Event) -> None:
         frame = event.encoded(PROTOCOL, _prepare)
         if self.budget.charge(len(frame.payloadHybi)):
             self._proto.sendPreparedMessage(frame)
+            if isinstance(event, Message):
+                self._last_seq[event.room] = event.seq
 
     def send(self, body: dict) -> None:
         """A reply to this client only."""
@@ -131,7 +138,14 @@ class WebSocketSession(Session):
 
     def _too_slow(self) -> None:
         self._proto.factory.hub.metrics.too_slow(PROTOCOL)
-        self.close(f"too slow: more than {self.budget.limit} bytes waiting to be sent", CLOSE_POLICY)
+        reason = f"too slow: more than {self.budget.limit} bytes waiting to be sent"
+        # Like gRPC's: where to resume, so a reconnect with ``since`` misses nothing.
+        # Only rooms still joined count; a close reason holds 123 bytes, so with many
+        # rooms the last ones may be cut (the client's own last seen seq still works).
+        rooms = sorted(room for room in self._last_seq if room in self.rooms)
+        if rooms:
+            reason += "; resume with " + ", ".join(f"{room} since={self._last_seq[room]}" for room in rooms)
+        self.close(reason, CLOSE_POLICY)
 
 
 class ChatServerProtocol(WebSocketServerProtocol):

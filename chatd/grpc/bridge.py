@@ -267,8 +267,9 @@ def join_room(hub: Hub, session: GrpcSession, room: str, since_seq: int | None) 
 
 def _chat_join(hub: Hub, session: GrpcSession, join: pb.Join) -> pb.ChatEvent:
     room = validate.room(join.room)
-    hub.identify(session, join.user or session.user or "")
+    # Checked before identify: a refused Join must not fix the call's user name.
     since = validate.since_seq(join.since_seq) if join.HasField("since_seq") else None
+    hub.identify(session, join.user or session.user or "")
     joined = join_room(hub, session, room, since)
     return pb.ChatEvent(
         joined=pb.Joined(
