@@ -540,8 +540,13 @@ def test_grpc_stream_request_with_any_fields_streams_or_aborts_and_leaks_no_sess
             assert joined == []
         else:
             assert len(joined) == 1
-            expected = [] if since is None or room != "lobby" else [s for s in (1, 2, 3) if s > since]
+            # A since beyond the room's last seq (3) means the client's numbering is not this
+            # room's (its history was reset): everything kept, flagged truncated.
+            beyond = since is not None and since > 3
+            expected = [] if since is None or room != "lobby" else [s for s in (1, 2, 3) if s > since or beyond]
             assert result["items"] == expected
+            truncated = since is not None and since > (3 if room == "lobby" else 0)
+            assert (("chatd-truncated", "true") in context.initial_metadata) == truncated
         assert hub_state(hub) == baseline, "the stream left a session or a room behind"
         assert watcher.id in hub.sessions
 

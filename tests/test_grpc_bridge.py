@@ -168,9 +168,13 @@ class FakeContext:
 
     def __init__(self) -> None:
         self.callbacks: list[Any] = []
+        self.initial_metadata: tuple = ()
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1234"
+
+    def send_initial_metadata(self, metadata: tuple) -> None:
+        self.initial_metadata = metadata
 
     def add_callback(self, callback: Any) -> bool:
         self.callbacks.append(callback)
