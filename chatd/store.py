@@ -183,13 +183,16 @@ class Store:
         if message.seq <= window.last_seq:
             return False
         window.last_seq = message.seq
+        self._append(window, message, client_id)
+        return True
+
+    def _append(self, window: _Window, message: Message, client_id: str | None) -> None:
         window.messages.append(message)
         if client_id:
             message.client_id = client_id
             window.client_ids[client_id] = message
         while len(window.messages) > self.limit:
             self._drop_oldest(window)
-        return True
 
     def _drop_oldest(self, window: _Window) -> None:
         old = window.messages.popleft()
@@ -355,14 +358,7 @@ class SQLiteStore(Store):
         for room, seq, id_, user, text, time, protocol, client_id in rows:
             if cutoff is not None and time < cutoff:
                 continue
-            window = self._window(room)
-            message = Message(id_, seq, room, user, text, time, protocol)
-            window.messages.append(message)
-            if client_id:
-                message.client_id = client_id
-                window.client_ids[client_id] = message
-            while len(window.messages) > self.limit:
-                self._drop_oldest(window)
+            self._append(self._window(room), Message(id_, seq, room, user, text, time, protocol), client_id)
         log.info(
             "history: {rooms} rooms, {messages} messages kept in {path}",
             rooms=len(self._windows),

@@ -42,6 +42,7 @@ from chatd.signalr.connection import CLOSED, OPEN, HubConnection, Options
 from chatd.signalr.transports import ConnectionManager, NegotiateResource
 from chatd.validate import Limits
 from tests.test_grpc_bridge import Aborted, FakeContext, ThreadedFakeReactor, in_worker
+from tests.test_signalr_connection import FakeTransport
 from tests.test_websocket import _Dispatch, _json
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -401,24 +402,6 @@ _extras = st.one_of(
 )
 
 
-class _Transport:
-    name = "WebSockets"
-    supports_binary = True
-    inherent_keep_alive = False
-    supports_reconnect = True
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes, binary: bool) -> None:
-        assert not self.closed
-        self.written.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-
 @FUZZ
 @given(
     protocol=st.sampled_from(["json", "messagepack"]),
@@ -435,7 +418,7 @@ def test_signalr_hub_methods_with_any_arguments_answer_in_protocol_and_leave_not
     baseline = hub_state(hub)
     codec = p.codec(protocol)
     conn = HubConnection(clock, lambda c: ChatHub(hub, c), Options(), connection_id="c", user=user)
-    transport = _Transport()
+    transport = FakeTransport()
     conn.attach(transport)
     with no_unhandled_errors():
         conn.data_received(orjson.dumps({"protocol": protocol, "version": 1}) + p.RECORD_SEPARATOR)
