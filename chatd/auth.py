@@ -33,6 +33,7 @@ error, gRPC ``PERMISSION_DENIED``).
 from __future__ import annotations
 
 import hmac
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,7 @@ class Authenticator:
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise Unauthenticated(f"invalid token: {name} must be a number")
     return float(value)
 
@@ -168,20 +169,29 @@ def check_metrics_token(expected: str, authorization: str | bytes | None) -> boo
 # -- keys and options ------------------------------------------------------------
 
 
-def read_secret(secret: str, secret_file: str, what: str = "--auth-secret") -> bytes | None:
-    """The HS256 secret from a value or a file (one line; trailing newline dropped); None if neither.
+#: a secret file larger than this is a mistake (a device, a key bundle)
+MAX_SECRET_FILE = 4096
 
-    Raises ``usage.UsageError`` when both are given, the file cannot be read,
-    or the secret is shorter than :data:`MIN_SECRET_BYTES`.
+
+def read_secret(secret: str, secret_file: str, what: str = "--auth-secret") -> bytes | None:
+    """The HS256 secret from a value or a file (one line; its newline dropped); None if neither.
+
+    Raises ``usage.UsageError`` when both are given, the file cannot be read
+    or holds more than one line, or the secret is shorter than
+    :data:`MIN_SECRET_BYTES`.
     """
     if secret and secret_file:
         raise usage.UsageError(f"give {what} or {what}-file, not both")
     if secret_file:
         try:
             with open(secret_file, "rb") as f:
-                raw = f.read().rstrip(b"\r\n")
+                raw = f.read(MAX_SECRET_FILE + 1).rstrip(b"\r\n")
         except OSError as e:
             raise usage.UsageError(f"{what}-file: cannot read {secret_file!r}: {e.strerror}") from None
+        if len(raw) > MAX_SECRET_FILE or b"\n" in raw:
+            raise usage.UsageError(
+                f"{what}-file: {secret_file!r} must hold one line, the secret (try: openssl rand -base64 32)"
+            )
     elif secret:
         raw = secret.encode()
     else:
@@ -217,7 +227,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "turn token authentication on: the HS256 secret (at least 32 bytes) that signs clients' JWTs; "
         "prefer --auth-secret-file or the environment (a flag shows in ps)",
     ),
-    "auth-secret-file": ("AUTH_SECRET_FILE", "the same, read from a file (its first line)"),
+    "auth-secret-file": ("AUTH_SECRET_FILE", "the same, read from a file (one line, the secret; a file of more lines is refused)"),
     "auth-public-key": (
         "AUTH_PUBLIC_KEY",
         "turn token authentication on with RS256 or ES256 JWTs: the PEM public key that verifies them",
@@ -231,6 +241,9 @@ SECRET_OPTIONS: dict[str, str] = {"auth-secret": "AUTH_SECRET", "metrics-token":
 
 def check_options(options: Any) -> None:
     """Called from ``Options.postOptions``: load the key once, refuse unusable settings."""
+    if options.get("auth-secret-given") and not options["auth-secret"]:
+        # An explicit --auth-secret "" (an unset variable, say) must not start an open server.
+        raise usage.UsageError("--auth-secret is empty: give the secret, or leave the option out to run without tokens")
     secret = read_secret(options["auth-secret"], options["auth-secret-file"])
     if secret is not None and options["auth-public-key"]:
         raise usage.UsageError("give --auth-secret(-file) or --auth-public-key, not both")

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -139,3 +140,64 @@ class InfoPage(Resource):
             clients=len(self._hub.sessions),
             rooms=len(self._hub.rooms()),
         ).encode()
+
+
+class DeadlineChannel(HTTPChannel):
+    """An HTTP connection that must deliver each whole request within ``deadline`` seconds.
+
+    twisted.web's ``timeOut`` is an idle timeout: every byte resets it, so a
+    client trickling one header line a second held its socket forever (and
+    before an upgrade nothing counts it against any limit). Here the clock
+    runs from the moment the server waits for a request until the request
+    is all in; while a request is being answered (a long poll, an event
+    stream, a WebSocket once upgraded) it does not run.
+    """
+
+    deadline: float = 15.0
+    #: told when a connection is dropped for being too slow (a metric)
+    on_expired: Callable[[], None] | None = None
+    _deadline_call: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        if self.deadline:
+            self._deadline_call = self.callLater(self.deadline, self._expired)
+
+    def _disarm(self) -> None:
+        call, self._deadline_call = self._deadline_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not self.transport.disconnecting:
+            self._arm()  # waiting for the next request on a kept-alive connection
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _expired(self) -> None:
+        self._deadline_call = None
+        transport = self.transport
+        if transport is None or getattr(transport, "protocol", self) is not self:
+            return  # handed over (a WebSocket upgrade): not ours to time any more
+        if self.on_expired is not None:
+            self.on_expired()
+        transport.loseConnection()
+
+
+def with_deadline(site: Any, deadline: float, on_expired: Callable[[], None] | None = None) -> Any:
+    """Give ``site``'s connections :class:`DeadlineChannel`'s per-request deadline."""
+    site.protocol = type(
+        "DeadlineChannel", (DeadlineChannel,), {"deadline": deadline, "on_expired": staticmethod(on_expired)}
+    )
+    return site

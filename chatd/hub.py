@@ -364,7 +364,7 @@ class Hub(Service):
         remaining = None
         if identity is not None and identity.expires is not None:
             remaining = identity.expires - self.clock.seconds()
-            if remaining <= 0:
+            if not remaining > 0:  # NaN too
                 raise Unauthenticated("token expired")
         # Every refusal above and here comes before any change.
         if session.counts_address:
@@ -441,6 +441,23 @@ class Hub(Service):
 
     # -- rooms -------------------------------------------------------------
 
+    def check_join(self, session: Session, room: object) -> str:
+        """The room's name if ``session`` may join it now; raises otherwise, changing nothing.
+
+        For requests that change something before they join (SignalR's
+        ``SendToRoom`` names a guest first): refused, they must change nothing.
+        """
+        name = validate.room(room)
+        if session.identity is not None:
+            session.identity.check_room(name)
+        if session.id not in self.sessions:
+            raise ChatError("connection is closed")
+        most = self.limits.rooms_per_connection
+        if most and name not in session.rooms and len(session.rooms) >= most:
+            self.metrics.limited("rooms_per_connection", session.protocol)
+            raise TooManyRooms(f"too many rooms: a connection may be in {most} at once; leave one first")
+        return name
+
     def join(self, session: Session, room: object, since_seq: int | None = None) -> Joined:
         """Add the session to a room and return the room's users.
 
@@ -451,17 +468,9 @@ class Hub(Service):
         kept (``truncated``, ``first_seq``). Joining a room already joined
         changes nothing (a resume replays again).
         """
-        name = validate.room(room)
-        if session.identity is not None:
-            session.identity.check_room(name)
+        name = self.check_join(session, room)
         if session.user is None:
             raise ChatError("a user name is needed to join a room")
-        if session.id not in self.sessions:
-            raise ChatError("connection is closed")
-        most = self.limits.rooms_per_connection
-        if most and name not in session.rooms and len(session.rooms) >= most:
-            self.metrics.limited("rooms_per_connection", session.protocol)
-            raise TooManyRooms(f"too many rooms: a connection may be in {most} at once; leave one first")
         joined = Joined()
         if since_seq is not None:
             resume = self.store.since(name, since_seq)

@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from chatd import auth, signalr, store, webclient, websocket, workers
 from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
-from chatd.http import InfoPage, JsonResource, OriginPolicy, health
+from chatd.http import InfoPage, JsonResource, OriginPolicy, health, with_deadline
 from chatd.hub import Hub
 from chatd.ops import ServiceTree, add_operations, check_options, metrics_resource
 from chatd.startup import StartupError, check_endpoint_tls, check_pem, listen_error
@@ -252,6 +252,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--signalr-max-post must be at least --read-buffer-size: a POST must hold the largest record"
             )
+        self["auth-secret-given"] = self["auth-secret"] is not None
         for name, (env, default, _) in STRINGS.items():
             self[name] = str(self._value(name, env, default))
         if self["redis"]:
@@ -363,16 +364,19 @@ def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory, metrics_token: st
     return site
 
 
-def _timed(site: Site, options: Options) -> Site:
-    """Give ``site`` ``--handshake-timeout``: how long a connection may wait for a whole HTTP request.
+def _timed(site: Site, options: Options, hub: Hub | None = None, protocol: str = "none") -> Site:
+    """Give ``site`` ``--handshake-timeout``: how long a connection may take to send a whole HTTP request.
 
-    twisted.web's own default is 12 hours, so a client that connects and
-    sends nothing (or half a request) held its socket that long. The clock
+    twisted.web's own default is 12 hours, and its timer is an idle one that
+    every byte resets, so a client trickling half a request held its socket
+    for ever. :func:`chatd.http.with_deadline` bounds each request from the
+    moment the server waits for it; the idle timer stays as well. The clock
     stops while a request is being answered (a long poll, an event stream, a
-    WebSocket after its upgrade), so it bounds only the wait for a request.
+    WebSocket after its upgrade).
     """
     site.timeOut = options["handshake-timeout"]
-    return site
+    expired = (lambda: hub.metrics.limited("handshake_timeout", protocol)) if hub is not None else None
+    return with_deadline(site, options["handshake-timeout"], expired)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -447,7 +451,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         idle_timeout=options["idle-timeout"],
         handshake_timeout=options["handshake-timeout"],
     )
-    ws = Listener(endpoint("ws"), _timed(ws_site(hub, ws_factory, options["metrics-token"]), options))
+    ws = Listener(endpoint("ws"), _timed(ws_site(hub, ws_factory, options["metrics-token"]), options, hub, "websocket"))
     ws.setName("ws")
     ws.setServiceParent(top)
 
@@ -462,13 +466,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_post=options["signalr-max-post"],
         handshake_timeout=options["handshake-timeout"],
     )
-    _timed(signalr_site, options)
+    _timed(signalr_site, options, hub, "signalr")
     if serves("signalr"):
         sr = Listener(endpoint("signalr"), signalr_site)
         sr.setName("signalr")
         sr.setServiceParent(top)
 
-    web = Listener(endpoint("web"), _timed(webclient.web_site(hub, webclient.ListenerMap(top, options.get)), options))
+    web = Listener(
+        endpoint("web"), _timed(webclient.web_site(hub, webclient.ListenerMap(top, options.get)), options, hub, "web")
+    )
     web.setName("web")
     web.setServiceParent(top)
     grpc_service.from_options(hub, options, reactor).setServiceParent(top)

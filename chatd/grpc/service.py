@@ -172,7 +172,11 @@ class GrpcService(Service):
         self.reuse_port = reuse_port
         self.servicer = ChatServicer(hub, reactor, queue_size=queue_size)
         # Every streaming call of every service counts (hub.metrics is thread-safe).
-        self.streams = StreamLimit(max_streams, on_refused=lambda: hub.metrics.error("server_full", PROTOCOL))
+        self.streams = StreamLimit(
+            max_streams,
+            on_refused=lambda: hub.metrics.error("server_full", PROTOCOL),
+            per_address=hub.addresses.limit,
+        )
         self.health = health.HealthServicer()
         self.port: int | None = None
         self._server: grpc.Server | None = None

@@ -11,6 +11,11 @@ health's ``Watch`` — and refuses one past the limit with
 ``RESOURCE_EXHAUSTED``, so ``workers - max_streams`` workers stay free for
 unary calls.
 
+Streams are also held to ``--max-connections-per-ip`` per client address,
+whatever their service: health and reflection are open to anyone (no
+token), so without it one address could take every slot and lock out
+authenticated clients.
+
 A call's slot is taken when its handler starts and given back when the
 handler is done (a blocking stream) or the call ends (a callback-style one,
 such as grpcio's health ``Watch``, which holds no worker between messages
@@ -25,17 +30,21 @@ from typing import Any
 
 import grpc
 
+from chatd.limits import AddressCount
+
 __all__ = ["StreamLimit"]
 
 
 class StreamLimit(grpc.ServerInterceptor):
     """Refuses a streaming call past ``limit`` open at once; ``open`` is the count now."""
 
-    def __init__(self, limit: int, on_refused: Callable[[], None] | None = None) -> None:
+    def __init__(self, limit: int, on_refused: Callable[[], None] | None = None, per_address: int = 0) -> None:
         self.limit = limit
         self.open = 0
         self._on_refused = on_refused
         self._lock = threading.Lock()
+        #: streams open per client address (guarded by the lock), at most ``per_address`` each
+        self._addresses = AddressCount(per_address)
 
     def intercept_service(
         self,
@@ -53,23 +62,26 @@ class StreamLimit(grpc.ServerInterceptor):
 
     # -- slots: any grpcio thread ---------------------------------------------
 
-    def _take(self, context: grpc.ServicerContext) -> None:
-        """Take a slot, or end the call with ``RESOURCE_EXHAUSTED`` (raises)."""
+    def _take(self, context: grpc.ServicerContext) -> Callable[[], None]:
+        """Take a slot (returns what gives it back), or end the call with ``RESOURCE_EXHAUSTED`` (raises)."""
+        peer = context.peer()
         with self._lock:
-            full = self.open >= self.limit
-            if not full:
+            reason = self._addresses.refusal(peer)
+            if reason is None and self.open >= self.limit:
+                reason = f"server full: {self.limit} gRPC streams open, try again later"
+            if reason is None:
                 self.open += 1
-        if full:
+                key = self._addresses.claim(peer)
+        if reason is not None:
             if self._on_refused is not None:
                 self._on_refused()
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server full: {self.limit} gRPC streams open, try again later",
-            )
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        return lambda: self._release(key)
 
-    def _release(self) -> None:
+    def _release(self, key: str | None) -> None:
         with self._lock:
             self.open -= 1
+            self._addresses.release(key)
 
     # -- wrappers ----------------------------------------------------------------
 
@@ -79,11 +91,11 @@ class StreamLimit(grpc.ServerInterceptor):
             return self._counted_callback_style(behavior)
 
         def counted(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self._take(context)
+            release = self._take(context)
             try:
                 yield from behavior(request, context)
             finally:
-                self._release()
+                release()
 
         return counted
 
@@ -93,9 +105,9 @@ class StreamLimit(grpc.ServerInterceptor):
         when the call ends, not when the handler returns."""
 
         def counted(request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
-            self._take(context)
-            if not context.add_callback(self._release):
-                self._release()  # the call is already over
+            release = self._take(context)
+            if not context.add_callback(release):
+                release()  # the call is already over
             return behavior(request, context, send_response_callback)
 
         counted.experimental_non_blocking = True  # type: ignore[attr-defined]
@@ -106,10 +118,10 @@ class StreamLimit(grpc.ServerInterceptor):
         """A client-streaming call with one response: held until it returns."""
 
         def counted(requests: Any, context: grpc.ServicerContext) -> Any:
-            self._take(context)
+            release = self._take(context)
             try:
                 return behavior(requests, context)
             finally:
-                self._release()
+                release()
 
         return counted

@@ -303,7 +303,9 @@ class ChatHub:
         validate.user(user)
         validate.message(message, self.hub.limits)
         validate.client_id(client_id)
-        self.hub.check_rate(validate.user(user))  # refused before the join below: a refusal changes nothing
+        # Every refusal before the first change (naming a guest, joining):
+        self.hub.check_rate(validate.user(user), self.session, PROTOCOL)
+        self.hub.check_join(self.session, room)
         self._name(user)
         self._ensure_in(room)
         d = self.hub.publish(room, self.session.user, message, PROTOCOL, client_id, source=self.session)
