@@ -105,7 +105,9 @@ def add_operations(top: MultiService, hub: Any, options: Any, reactor: Any) -> N
         factory = manhole.ssh_factory(
             manhole.namespace(hub, top, reactor), options["manhole-keys"], options["manhole-host-key"]
         )
-        console = Listener(endpoints.serverFromString(reactor, options["manhole"]), factory)
+        from chatd.workers import with_backlog
+
+        console = Listener(endpoints.serverFromString(reactor, with_backlog(options["manhole"])), factory)
         console.setName("manhole")
         console.setServiceParent(top)
 

@@ -396,7 +396,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     in_pool = options["worker-index"] is not None
 
     def endpoint(name: str) -> Any:
-        return adopted.get(name) or endpoints.serverFromString(reactor, options[name])
+        return adopted.get(name) or endpoints.serverFromString(reactor, workers.with_backlog(options[name]))
 
     def serves(name: str) -> bool:
         """A worker serves the listeners the supervisor handed it (SignalR: the first only)."""

@@ -59,6 +59,19 @@ def somaxconn() -> int:
         return 4096
 
 
+def with_backlog(description: str) -> str:
+    """``description`` asking for the kernel's largest listen backlog, unless it names one.
+
+    Twisted listens with a backlog of 50: under a reconnect storm the kernel
+    drops the SYNs past it and clients wait out their 1 s and 3 s
+    retransmissions. An explicit ``backlog=`` still wins.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={somaxconn()}"
+    return description
+
+
 def worker_index(environ: Any = None) -> int | None:
     """This process's worker number when it is one of ``--workers``' workers."""
     value = (environ if environ is not None else os.environ).get(WORKER_ENV)
@@ -131,17 +144,16 @@ class WorkerPool(Service):
         why = bind_error(self.options["grpc"])
         if why is not None:
             raise StartupError(f"--grpc: cannot listen on {self.options['grpc']}: {why}")
-        backlog_default = somaxconn()
         for index in range(self.count):
             self.sockets[index] = {
-                name: self._bind(name, backlog_default)
+                name: self._bind(name)
                 for name in self.listeners
                 if index == 0 or name not in FIRST_WORKER_ONLY
             }
         super().privilegedStartService()
 
-    def _bind(self, name: str, backlog_default: int) -> socket.socket:
-        host, port, backlog, family = _tcp_address(name, self.options[name])
+    def _bind(self, name: str) -> socket.socket:
+        host, port, backlog, family = _tcp_address(name, with_backlog(self.options[name]))
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -150,8 +162,7 @@ class WorkerPool(Service):
         except OSError as e:
             sock.close()
             raise StartupError(f"--{name}: cannot listen on {host or '*'}:{port}: {e.strerror}") from None
-        # Twisted's default backlog is 50: ask for the kernel's largest unless one was given.
-        sock.listen(backlog if backlog != 50 else backlog_default)
+        sock.listen(backlog)
         sock.set_inheritable(True)
         return sock
 

@@ -126,3 +126,22 @@ def test_signalr_negotiated_connections_always_find_their_process(redis) -> None
             with urllib.request.urlopen(daemon.url("web", path="/config.json"), timeout=10) as r:
                 config = json.loads(r.read())
             assert config["signalr"].endswith(f":{daemon.ports['signalr']}/signalr")
+
+
+def _listen_backlog(port: int) -> int:
+    """A listening socket's backlog, as ``ss`` shows it (its Send-Q)."""
+    out = subprocess.run(["ss", "-Hltn", f"( sport = :{port} )"], capture_output=True, text=True).stdout
+    return int(out.split()[2])
+
+
+def test_every_listener_asks_for_the_kernels_largest_backlog_unless_told() -> None:
+    from chatd.workers import somaxconn
+    from tests.daemon import free_port
+
+    web = free_port()
+    with Daemon("--web", f"tcp:{web}:interface=127.0.0.1:backlog=7") as daemon:
+        daemon.wait_healthy()
+        assert _listen_backlog(daemon.ports["ws"]) == somaxconn()
+        assert _listen_backlog(daemon.ports["signalr"]) == somaxconn()
+        assert _listen_backlog(web) == 7, "an explicit backlog= wins"
+        assert _listen_backlog(daemon.ports["grpc"]) >= 1024  # grpcio asks for the maximum itself
