@@ -567,6 +567,9 @@ async def run(args: argparse.Namespace) -> dict:
             + sum(storm.errors.values())
         )
         result["pass"] = result["failures"] == 0 and result["conns_ok"] == args.n
+    except Exception as e:  # still one JSON line, saying what went wrong
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["pass"] = False
     finally:
         if storm is not None:
             await storm.close_all()
@@ -626,7 +629,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backoff", choices=["full-jitter", "browser", "signalr"], default="full-jitter")
     p.add_argument("--backoff-base", type=float, default=0.5, help="seconds (full-jitter)")
     p.add_argument("--backoff-cap", type=float, default=30.0, help="seconds")
-    p.add_argument("--drain-timeout", type=float, default=10, help="the server's --drain-timeout")
+    p.add_argument("--drain-timeout", type=int, default=10, help="the server's --drain-timeout")
     p.add_argument("--timeout", type=float, default=120, help="seconds allowed for everyone to come back")
     p.add_argument("--open-timeout", type=float, default=30, help="seconds per handshake + join")
     p.add_argument("--server-cmd", help="server command before chatd's options; {log} is replaced by a log path "
