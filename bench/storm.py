@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import itertools
 import json
 import os
@@ -58,8 +59,6 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-
-import websockets
 
 try:
     import orjson
@@ -91,6 +90,12 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> float:
+    """CPU seconds every CPU of the machine has spent busy (not idle, not iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -208,6 +213,108 @@ class Client:
         self.drain_code: int | None = None
 
 
+class HandshakeError(Exception):
+    pass
+
+
+class WS(asyncio.Protocol):
+    """A lean WebSocket client (RFC 6455) for many connections from one core.
+
+    The ``websockets`` library cost the client more CPU per handshake than the
+    server spent, so in a storm the client, not the server, was the limit.
+    This one writes the upgrade request, checks for ``101``, parses the
+    server's (unmasked, unfragmented) frames in place, answers pings and the
+    closing handshake, and masks what it sends with a zero key (legal: the
+    key is not secret from a server, and a zero key makes masking a no-op).
+    """
+
+    def __init__(self, storm: Storm, client: Client, upgraded: asyncio.Future) -> None:
+        self.storm, self.client, self.upgraded = storm, client, upgraded
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.close_code: int | None = None
+        self.close_sent = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.client.ws = self
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{self.storm.server.ws_port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            del buf[: end + 4]
+            if not status.startswith(b"HTTP/1.1 101"):
+                self.upgraded.set_exception(HandshakeError(status.decode("latin-1")[:60]))
+                self.transport.abort()
+                return
+            self.upgraded.set_result(None)
+        while len(buf) >= 2:
+            opcode, n = buf[0] & 0x0F, buf[1] & 0x7F
+            off = 2
+            if n == 126:
+                if len(buf) < 4:
+                    return
+                n, off = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                if len(buf) < 10:
+                    return
+                n, off = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < off + n:
+                return
+            payload = bytes(buf[off : off + n])
+            del buf[: off + n]
+            if opcode == 1:
+                self.storm.on_text(self.client, self, payload)
+            elif opcode == 8:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                if not self.close_sent:
+                    self._frame(8, payload[:2])  # echo the code; the server then closes TCP
+                    self.close_sent = True
+            elif opcode == 9:
+                self._frame(10, payload)
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            head = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
+        self.transport.write(head + b"\0\0\0\0" + payload)
+
+    def send(self, text: str) -> None:
+        self._frame(1, text.encode())
+
+    def close(self, code: int = 1000) -> None:
+        if not self.close_sent and self.transport is not None and not self.transport.is_closing():
+            self._frame(8, code.to_bytes(2, "big"))
+            self.close_sent = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        if self.close_code is None:
+            self.close_code = 1006
+        if not self.upgraded.done():
+            self.upgraded.set_exception(ConnectionError("closed during the upgrade"))
+        self.storm.on_lost(self.client, self)
+
+
 class Storm:
     def __init__(self, args: argparse.Namespace, server: Server) -> None:
         self.args = args
@@ -229,76 +336,90 @@ class Storm:
         self.away_tasks: list[asyncio.Task] = []
         self.away_while_missing = 0  # away messages sent while at least one member was not back
         self.reconnecting = False
+        self.lag_max = 0.0  # the client's own event loop falling behind (is the client the limit?)
+
+    async def watch_lag(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.05)
+            self.lag_max = max(self.lag_max, time.monotonic() - t - 0.05)
 
     # -- one connection -------------------------------------------------
 
     async def open(self, c: Client, since: int | None, timeout: float) -> tuple[float, float]:
         """Connect, join (with ``since`` if given); returns (handshake, join) seconds."""
+        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        ws = await websockets.connect(
-            self.url,
-            open_timeout=timeout,
-            ping_interval=None,
-            close_timeout=5,
-            compression=None,
-            max_queue=None,
-        )
+        upgraded = loop.create_future()
+        c.joined = loop.create_future()
+        c.reader = loop.create_future()
+        c.ws = None  # WS.connection_made sets it: frames of an older, aborted connection are ignored
+        try:
+            _, ws = await asyncio.wait_for(
+                loop.create_connection(lambda: WS(self, c, upgraded), "127.0.0.1", self.server.ws_port),
+                timeout,
+            )
+        except BaseException:
+            c.reader.set_result(None)
+            raise
+        try:
+            await asyncio.wait_for(upgraded, timeout)
+        except BaseException:
+            ws.abort()
+            raise
         t1 = time.perf_counter()
-        c.ws = ws
-        c.joined = asyncio.get_running_loop().create_future()
-        c.reader = asyncio.create_task(self.read(c, ws))
         join = {"type": "join", "room": c.room, "user": c.user}
         if since is not None:
             join["since"] = since
-        await ws.send(dumps(join))
+        ws.send(dumps(join))
         try:
             await asyncio.wait_for(asyncio.shield(c.joined), timeout)
         except BaseException:
-            await ws.close()
+            ws.abort()
             raise
         return t1 - t0, time.perf_counter() - t1
 
-    async def read(self, c: Client, ws) -> None:
-        try:
-            async for raw in ws:
-                m = loads(raw)
-                kind = m.get("type")
-                if kind == "message":
-                    c.seqs.append(m["seq"])
-                    c.got.append(time.monotonic())
-                    if c.joined is not None and not c.joined.done():
-                        c.resumed += 1  # replayed before "joined"
-                elif kind == "joined":
-                    if c.joined is not None and not c.joined.done():
-                        c.joined.set_result(m)
-                elif kind == "sent":
-                    fut = self.acks.pop(m.get("ref"), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(m["seq"])
-                elif kind == "error":
-                    self.errors[m.get("error", "?")[:60]] += 1
-                    fut = self.acks.pop(m.get("ref"), None)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(RuntimeError(m.get("error")))
-                    if c.joined is not None and not c.joined.done() and m.get("request") == "join":
-                        c.joined.set_exception(RuntimeError(m.get("error")))
-        except websockets.ConnectionClosed:
-            pass
-        except Exception as e:  # a bad frame: count it, treat the connection as gone
-            self.errors[f"reader: {type(e).__name__}"] += 1
+    def on_text(self, c: Client, ws: WS, raw: bytes) -> None:
+        if ws is not c.ws:
+            return
+        m = loads(raw)
+        kind = m.get("type")
+        if kind == "message":
+            c.seqs.append(m["seq"])
+            c.got.append(time.monotonic())
+            if c.joined is not None and not c.joined.done():
+                c.resumed += 1  # replayed before "joined"
+        elif kind == "joined":
+            if c.joined is not None and not c.joined.done():
+                c.joined.set_result(m)
+        elif kind == "sent":
+            fut = self.acks.pop(m.get("ref"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(m["seq"])
+        elif kind == "error":
+            self.errors[m.get("error", "?")[:60]] += 1
+            fut = self.acks.pop(m.get("ref"), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(RuntimeError(m.get("error")))
+            if c.joined is not None and not c.joined.done() and m.get("request") == "join":
+                c.joined.set_exception(RuntimeError(m.get("error")))
+
+    def on_lost(self, c: Client, ws: WS) -> None:
+        if ws is not c.ws:
+            return
         c.closed_at = time.monotonic()
         c.close_code = ws.close_code
         if c.joined is not None and not c.joined.done():
             c.joined.set_exception(ConnectionError(f"closed {ws.close_code} before joined"))
             c.joined.exception()  # mark retrieved
+        if c.reader is not None and not c.reader.done():
+            c.reader.set_result(None)
 
     async def send(self, c: Client, text: str) -> int:
         ref = f"r{next(self.refs)}"
         fut = asyncio.get_running_loop().create_future()
         self.acks[ref] = fut
-        await c.ws.send(
-            dumps({"type": "message", "room": c.room, "message": text, "ref": ref, "client_id": ref})
-        )
+        c.ws.send(dumps({"type": "message", "room": c.room, "message": text, "ref": ref, "client_id": ref}))
         seq = await asyncio.wait_for(fut, 30)
         self.room_last[c.room] = max(self.room_last[c.room], seq)
         return seq
@@ -319,13 +440,16 @@ class Storm:
                     js.append(j)
                 except Exception as e:
                     failures[type(e).__name__] += 1
+                    c.ws = None
 
         pid = self.server.pid
-        cpu0, cc0, t0 = cpu_seconds(pid), time.process_time(), time.monotonic()
+        cpu0, cc0, m0, t0 = cpu_seconds(pid), time.process_time(), machine_busy(), time.monotonic()
+        self.lag_max = 0.0
         await asyncio.gather(*(one(c) for c in self.clients))
         wall = time.monotonic() - t0
         cpu = cpu_seconds(pid) - cpu0
         client_cpu = time.process_time() - cc0
+        other = machine_busy() - m0 - cpu - client_cpu
         ok = len(hs)
         return {
             "conns_ok": ok,
@@ -342,6 +466,9 @@ class Storm:
             "server_cpu_ms_per_conn": round(1000 * cpu / ok, 3) if ok else None,
             "server_cpu_pct_connect": round(100 * cpu / wall, 1) if wall else None,
             "client_cpu_pct_connect": round(100 * client_cpu / wall, 1) if wall else None,
+            # anything else busy on the machine meanwhile (another benchmark?), % of one CPU
+            "other_cpu_pct_connect": round(100 * other / wall, 1) if wall else None,
+            "client_lag_max_ms_connect": ms(self.lag_max),
         }
 
     # -- phase 3: chat, then SIGTERM --------------------------------------
@@ -449,7 +576,8 @@ class Storm:
         server.start()
         listen = await server.wait_listening()
         new_pid = server.pid
-        cpu0 = cpu_seconds(new_pid)
+        cpu0, cc0, m0 = cpu_seconds(new_pid), time.process_time(), machine_busy()
+        self.lag_max = 0.0
         tasks = [c.task for c in self.clients if c.task is not None]
         await asyncio.gather(*tasks)
         await asyncio.gather(*self.away_tasks)
@@ -460,6 +588,9 @@ class Storm:
             await asyncio.sleep(0.05)
         t_done = time.monotonic()
         cpu = cpu_seconds(new_pid) - cpu0
+        client_cpu = time.process_time() - cc0
+        other = machine_busy() - m0 - cpu - client_cpu
+        lag = self.lag_max
         back = [c.back_at - t_restart for c in self.clients if c.back_at is not None]
         expected = [c for c in self.clients if c.task is not None]
         not_back = sum(1 for c in expected if c.back_at is None)
@@ -510,13 +641,20 @@ class Storm:
             "server_cpu_s_reconnect": round(cpu, 3),
             "server_cpu_ms_per_reconnect": round(1000 * cpu / len(back), 3) if back else None,
             "reconnect_phase_s": sec(t_done - t_restart),
+            "client_cpu_pct_reconnect": round(100 * client_cpu / (t_done - t_restart), 1)
+            if t_done > t_restart
+            else None,
+            "client_lag_max_ms_reconnect": ms(lag),
+            "other_cpu_pct_reconnect": round(100 * other / (t_done - t_restart), 1)
+            if t_done > t_restart
+            else None,
         }
 
     async def close_all(self) -> None:
-        await asyncio.gather(
-            *(c.ws.close() for c in self.clients if c.ws is not None and c.closed_at is None),
-            return_exceptions=True,
-        )
+        for c in self.clients:
+            if c.ws is not None and c.closed_at is None:
+                c.ws.close(1000)
+        await asyncio.sleep(0.5)
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -550,11 +688,13 @@ async def run(args: argparse.Namespace) -> dict:
         result["server_start_s"] = sec(await server.wait_listening())
         result["server_pid"] = server.pid
         storm = Storm(args, server)
+        lag_task = asyncio.create_task(storm.watch_lag())
         result["rooms"] = len(storm.rooms)
         result.update(await storm.connect_all())
         result.update(await storm.chat())
         result.update(await storm.storm())
         result["server_pid_restarted"] = server.pid
+        lag_task.cancel()
         result["errors"] = dict(storm.errors)
         result["failures"] = (
             result["conns_failed"]
@@ -597,7 +737,8 @@ def summary(r: dict) -> str:
             f"{f('accept_rate')} conn/s; handshake p50/p99/max {f('handshake_p50_ms')}/{f('handshake_p99_ms')}/"
             f"{f('handshake_max_ms')} ms; join p50/p99 {f('join_p50_ms')}/{f('join_p99_ms')} ms; "
             f"server {f('server_cpu_ms_per_conn')} ms CPU/conn ({f('server_cpu_pct_connect')} %), "
-            f"client {f('client_cpu_pct_connect')} %",
+            f"client {f('client_cpu_pct_connect')} % (lag {f('client_lag_max_ms_connect')} ms), "
+            f"other {f('other_cpu_pct_connect')} %",
             f"drain: closes {f('drain_close_codes')} first/p50/last {f('drain_close_first_s')}/"
             f"{f('drain_close_p50_s')}/{f('drain_close_last_s')} s; exit {f('drain_exit_status')} "
             f"after {f('drain_exit_s')} s",
@@ -606,7 +747,8 @@ def summary(r: dict) -> str:
             f"resumed all {f('resumed_all_s')} s; {f('resumed_msgs')} msgs by resume; "
             f"wrong/gaps/dups {f('resume_wrong')}/{f('resume_gaps')}/{f('resume_dups')}; "
             f"attempts mean/max {f('reconnect_attempts_mean')}/{f('reconnect_attempts_max')}; "
-            f"server {f('server_cpu_ms_per_reconnect')} ms CPU/reconnect",
+            f"server {f('server_cpu_ms_per_reconnect')} ms CPU/reconnect, client {f('client_cpu_pct_reconnect')} % "
+            f"(lag {f('client_lag_max_ms_reconnect')} ms), other {f('other_cpu_pct_reconnect')} %",
             f"failures {f('failures')} errors {f('errors')} -> {'PASS' if f('pass') else 'FAIL'} ({f('wall_s')} s)",
         ]
     )
