@@ -148,7 +148,28 @@ class WebSocketSession(Session):
         self.close(reason, CLOSE_POLICY)
 
 
-class ChatServerProtocol(WebSocketServerProtocol):
+class ServerProtocol(WebSocketServerProtocol):
+    """Autobahn's server protocol without its per-connection debug dump.
+
+    Autobahn's ``_connectionMade`` copies the factory's options onto the
+    connection and, for a debug line nobody reads, pretty-prints all of them
+    (``pprint.pformat`` of some 30 tuples) on every connection, log level
+    or not: about a fifth of the server's CPU in a reconnect storm. The copy
+    is done here, the same way (an attribute already on the protocol wins),
+    and Autobahn is left an empty list to print.
+    """
+
+    CONFIG_ATTRS: tuple[str, ...] = ()
+
+    def _connectionMade(self) -> None:
+        factory = self.factory
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(factory, name))
+        super()._connectionMade()
+
+
+class ChatServerProtocol(ServerProtocol):
     """One WebSocket connection: parse, validate, call the hub, reply."""
 
     factory: ChatWebSocketFactory

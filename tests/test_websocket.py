@@ -757,3 +757,23 @@ async def test_client_text_reaches_the_logs_escaped(chatd) -> None:
     assert len(access) == 1 and r"curl\x1b[31m\x7f\x01evil" in access[0], access
     for line in closed + access:
         assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in line), repr(line)
+
+
+def test_a_connection_takes_the_factory_options_without_printing_them(monkeypatch) -> None:
+    """Options come from the factory (one set on the protocol wins), and none is pretty-printed per connection."""
+    import autobahn.websocket.protocol as autobahn_protocol
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    printed: list = []
+    monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value) or "")
+    factory = ChatWebSocketFactory(Hub(Clock()), read_limit=1234, handshake_timeout=0)
+    proto = factory.buildProtocol(None)
+    proto.autoPingInterval = 0  # set on the connection: kept
+    proto.makeConnection(StringTransport())
+    assert (proto.maxFramePayloadSize, proto.maxMessagePayloadSize) == (1234, 1234)
+    assert (proto.openHandshakeTimeout, proto.autoPingTimeout, proto.failByDrop) == (0, 30, False)
+    assert proto.autoPingInterval == 0
+    assert printed == [[]]
+    proto.connectionLost(Failure(ConnectionDone()))
