@@ -109,6 +109,8 @@ class WebSocketSession(Session):
         self._proto = proto
         self.budget = SendBudget(write_limit, self._too_slow)
         self.close_reason: str | None = None
+        #: when the hub took the connection (its one log line, at the close, says how long it was open)
+        self.opened = 0.0
         #: room -> seq of the last message written to this client (its resume point if closed as too slow)
         self._last_seq: dict[str, int] = {}
 
@@ -210,7 +212,9 @@ class ChatServerProtocol(ServerProtocol):
             return
         self.session = session
         session.budget.attach(self.transport)
-        _log.info("{peer} connected over websocket", peer=self.peer)
+        # No line here: a connection is logged once, when it ends (see onClose),
+        # which halves the log's share of a reconnect storm.
+        session.opened = hub.clock.seconds()
         self._watch_idle()
 
     def _watch_idle(self) -> None:
@@ -266,9 +270,10 @@ class ChatServerProtocol(ServerProtocol):
         # A peer's close reason is its own text: escaped, it cannot forge a log line.
         why = session.close_reason or printable(reason or "") or ("closed" if wasClean else "connection lost")
         _log.info(
-            "{peer} ({user}) disconnected: {why} (code {code})",
+            "{peer} ({user}) disconnected after {open:.1f} s: {why} (code {code})",
             peer=session.peer,
             user=session.user or "-",
+            open=self.factory.hub.clock.seconds() - session.opened,
             why=why,
             code=code,
         )
