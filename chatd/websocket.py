@@ -159,6 +159,14 @@ class ServerProtocol(WebSocketServerProtocol):
     or not: about a fifth of the server's CPU in a reconnect storm. The copy
     is done here, the same way (an attribute already on the protocol wins),
     and Autobahn is left an empty list to print.
+
+    Autobahn also starts its opening-handshake timer (``openHandshakeTimeout``)
+    as the connection is made. Behind twisted.web's ``WebSocketResource``
+    the protocol is made only once the whole request is in, and the
+    handshake ends (accepted or refused) within the same call unless
+    ``onConnect`` waits: the timer was created and cancelled at once, for
+    every connection. It is started only if the handshake is still
+    pending when :meth:`processHandshake` returns.
     """
 
     CONFIG_ATTRS: tuple[str, ...] = ()
@@ -168,7 +176,20 @@ class ServerProtocol(WebSocketServerProtocol):
         for name in WebSocketServerProtocol.CONFIG_ATTRS:
             if not hasattr(self, name):
                 setattr(self, name, getattr(factory, name))
+        timeout, self.openHandshakeTimeout = self.openHandshakeTimeout, 0
         super()._connectionMade()
+        self.openHandshakeTimeout = timeout
+
+    def processHandshake(self) -> None:
+        super().processHandshake()
+        if (
+            self.state == self.STATE_CONNECTING
+            and self.openHandshakeTimeout > 0
+            and self.openHandshakeTimeoutCall is None
+        ):
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
 
 
 class ChatServerProtocol(ServerProtocol):

@@ -777,3 +777,35 @@ def test_a_connection_takes_the_factory_options_without_printing_them(monkeypatc
     assert proto.autoPingInterval == 0
     assert printed == [[]]
     proto.connectionLost(Failure(ConnectionDone()))
+
+
+_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_the_handshake_timer_runs_only_while_a_handshake_waits(monkeypatch, complete) -> None:
+    """A handshake that ends in the call that began it never starts Autobahn's timer; one that waits does."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    hub = Hub(Clock())
+    hub.startService()
+    factory = ChatWebSocketFactory(hub, handshake_timeout=5)
+    timers: list[float] = []
+    real = factory._batched_timer.call_later
+    monkeypatch.setattr(factory._batched_timer, "call_later", lambda d, f, *a: timers.append(d) or real(d, f, *a))
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(_UPGRADE if complete else _UPGRADE[:40])
+    if complete:
+        assert proto.state == proto.STATE_OPEN and proto.session is not None
+        assert 5 not in timers and proto.openHandshakeTimeoutCall is None
+    else:
+        assert proto.state == proto.STATE_CONNECTING
+        assert timers == [5] and proto.openHandshakeTimeoutCall is not None
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert proto.openHandshakeTimeoutCall is None
