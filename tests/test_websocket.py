@@ -809,3 +809,22 @@ def test_the_handshake_timer_runs_only_while_a_handshake_waits(monkeypatch, comp
         assert timers == [5] and proto.openHandshakeTimeoutCall is not None
     proto.connectionLost(Failure(ConnectionDone()))
     assert proto.openHandshakeTimeoutCall is None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.floats(min_value=0, max_value=4e9, allow_nan=False),
+        st.builds(
+            lambda whole, frac: whole + frac,
+            st.integers(0, 4_000_000_000),
+            st.sampled_from([0.0, 5e-7, 0.0005, 0.9995, 0.9999995, 0.9999996, 1 - 5e-7]),
+        ),
+    )
+)
+def test_event_timestamps_format_like_datetime_does(seconds) -> None:
+    """The per-second cache of ``rfc3339`` gives datetime's text, rounding and carries included."""
+    from chatd import events
+
+    assert events.rfc3339(seconds) == events._rfc3339_slow(seconds)
+    assert events.rfc3339(seconds + 1.0005) == events._rfc3339_slow(seconds + 1.0005)
