@@ -15,10 +15,35 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def rfc3339(seconds: float) -> str:
-    """UTC RFC 3339 with milliseconds, the one timestamp form on every protocol."""
+def _rfc3339_slow(seconds: float) -> str:
     dt = datetime.fromtimestamp(seconds, UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+#: the last whole second formatted, and its text up to the milliseconds (one tuple: threads may log)
+_second: tuple[int, str] = (-1, "")
+
+
+def rfc3339(seconds: float) -> str:
+    """UTC RFC 3339 with milliseconds, the one timestamp form on every protocol.
+
+    Every presence event and message carries one, so the date and time of
+    the current second are formatted once (``strftime`` was most of the
+    cost) and only the milliseconds each time. Rounds exactly as
+    ``datetime.fromtimestamp`` does (to the microsecond, half to even).
+    """
+    if not seconds >= 0:  # before 1970, or NaN: as datetime does it
+        return _rfc3339_slow(seconds)
+    whole = int(seconds)
+    micros = round((seconds - whole) * 1e6)
+    if micros >= 1_000_000:
+        whole += 1
+        micros -= 1_000_000
+    global _second
+    cached = _second
+    if cached[0] != whole:
+        cached = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{cached[1]}{micros // 1000:03d}Z"
 
 
 class Event:

@@ -109,6 +109,8 @@ class WebSocketSession(Session):
         self._proto = proto
         self.budget = SendBudget(write_limit, self._too_slow)
         self.close_reason: str | None = None
+        #: when the hub took the connection (its one log line, at the close, says how long it was open)
+        self.opened = 0.0
         #: room -> seq of the last message written to this client (its resume point if closed as too slow)
         self._last_seq: dict[str, int] = {}
 
@@ -148,7 +150,49 @@ class WebSocketSession(Session):
         self.close(reason, CLOSE_POLICY)
 
 
-class ChatServerProtocol(WebSocketServerProtocol):
+class ServerProtocol(WebSocketServerProtocol):
+    """Autobahn's server protocol without its per-connection debug dump.
+
+    Autobahn's ``_connectionMade`` copies the factory's options onto the
+    connection and, for a debug line nobody reads, pretty-prints all of them
+    (``pprint.pformat`` of some 30 tuples) on every connection, log level
+    or not: about a fifth of the server's CPU in a reconnect storm. The copy
+    is done here, the same way (an attribute already on the protocol wins),
+    and Autobahn is left an empty list to print.
+
+    Autobahn also starts its opening-handshake timer (``openHandshakeTimeout``)
+    as the connection is made. Behind twisted.web's ``WebSocketResource``
+    the protocol is made only once the whole request is in, and the
+    handshake ends (accepted or refused) within the same call unless
+    ``onConnect`` waits: the timer was created and cancelled at once, for
+    every connection. It is started only if the handshake is still
+    pending when :meth:`processHandshake` returns.
+    """
+
+    CONFIG_ATTRS: tuple[str, ...] = ()
+
+    def _connectionMade(self) -> None:
+        factory = self.factory
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(factory, name))
+        timeout, self.openHandshakeTimeout = self.openHandshakeTimeout, 0
+        super()._connectionMade()
+        self.openHandshakeTimeout = timeout
+
+    def processHandshake(self) -> None:
+        super().processHandshake()
+        if (
+            self.state == self.STATE_CONNECTING
+            and self.openHandshakeTimeout > 0
+            and self.openHandshakeTimeoutCall is None
+        ):
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+
+
+class ChatServerProtocol(ServerProtocol):
     """One WebSocket connection: parse, validate, call the hub, reply."""
 
     factory: ChatWebSocketFactory
@@ -189,7 +233,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
             return
         self.session = session
         session.budget.attach(self.transport)
-        _log.info("{peer} connected over websocket", peer=self.peer)
+        # No line here: a connection is logged once, when it ends (see onClose),
+        # which halves the log's share of a reconnect storm.
+        session.opened = hub.clock.seconds()
         self._watch_idle()
 
     def _watch_idle(self) -> None:
@@ -245,9 +291,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # A peer's close reason is its own text: escaped, it cannot forge a log line.
         why = session.close_reason or printable(reason or "") or ("closed" if wasClean else "connection lost")
         _log.info(
-            "{peer} ({user}) disconnected: {why} (code {code})",
+            "{peer} ({user}) disconnected after {open:.1f} s: {why} (code {code})",
             peer=session.peer,
             user=session.user or "-",
+            open=self.factory.hub.clock.seconds() - session.opened,
             why=why,
             code=code,
         )

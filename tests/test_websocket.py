@@ -757,3 +757,74 @@ async def test_client_text_reaches_the_logs_escaped(chatd) -> None:
     assert len(access) == 1 and r"curl\x1b[31m\x7f\x01evil" in access[0], access
     for line in closed + access:
         assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in line), repr(line)
+
+
+def test_a_connection_takes_the_factory_options_without_printing_them(monkeypatch) -> None:
+    """Options come from the factory (one set on the protocol wins), and none is pretty-printed per connection."""
+    import autobahn.websocket.protocol as autobahn_protocol
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    printed: list = []
+    monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value) or "")
+    factory = ChatWebSocketFactory(Hub(Clock()), read_limit=1234, handshake_timeout=0)
+    proto = factory.buildProtocol(None)
+    proto.autoPingInterval = 0  # set on the connection: kept
+    proto.makeConnection(StringTransport())
+    assert (proto.maxFramePayloadSize, proto.maxMessagePayloadSize) == (1234, 1234)
+    assert (proto.openHandshakeTimeout, proto.autoPingTimeout, proto.failByDrop) == (0, 30, False)
+    assert proto.autoPingInterval == 0
+    assert printed == [[]]
+    proto.connectionLost(Failure(ConnectionDone()))
+
+
+_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_the_handshake_timer_runs_only_while_a_handshake_waits(monkeypatch, complete) -> None:
+    """A handshake that ends in the call that began it never starts Autobahn's timer; one that waits does."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    hub = Hub(Clock())
+    hub.startService()
+    factory = ChatWebSocketFactory(hub, handshake_timeout=5)
+    timers: list[float] = []
+    real = factory._batched_timer.call_later
+    monkeypatch.setattr(factory._batched_timer, "call_later", lambda d, f, *a: timers.append(d) or real(d, f, *a))
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(_UPGRADE if complete else _UPGRADE[:40])
+    if complete:
+        assert proto.state == proto.STATE_OPEN and proto.session is not None
+        assert 5 not in timers and proto.openHandshakeTimeoutCall is None
+    else:
+        assert proto.state == proto.STATE_CONNECTING
+        assert timers == [5] and proto.openHandshakeTimeoutCall is not None
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert proto.openHandshakeTimeoutCall is None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.floats(min_value=0, max_value=4e9, allow_nan=False),
+        st.builds(
+            lambda whole, frac: whole + frac,
+            st.integers(0, 4_000_000_000),
+            st.sampled_from([0.0, 5e-7, 0.0005, 0.9995, 0.9999995, 0.9999996, 1 - 5e-7]),
+        ),
+    )
+)
+def test_event_timestamps_format_like_datetime_does(seconds) -> None:
+    """The per-second cache of ``rfc3339`` gives datetime's text, rounding and carries included."""
+    from chatd import events
+
+    assert events.rfc3339(seconds) == events._rfc3339_slow(seconds)
+    assert events.rfc3339(seconds + 1.0005) == events._rfc3339_slow(seconds + 1.0005)

@@ -45,7 +45,7 @@ from collections import deque
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -58,7 +58,7 @@ from chatd.hub import Hub, SendBudget, ServerFull
 from chatd.signalr.chat import ChatHub
 from chatd.signalr.connection import CLOSED, HubConnection, Options
 from chatd.validate import ChatError
-from chatd.websocket import server_options
+from chatd.websocket import ServerProtocol, server_options
 
 log = Logger()
 
@@ -198,7 +198,7 @@ class ConnectionManager:
 # -- WebSockets ----------------------------------------------------------------
 
 
-class SignalRWebSocketProtocol(WebSocketServerProtocol):
+class SignalRWebSocketProtocol(ServerProtocol):
     """A WebSocket carrying one SignalR connection (text frames for json, binary for messagepack)."""
 
     factory: SignalRWebSocketFactory
