@@ -148,10 +148,15 @@ def test_websocket_since_and_client_id_fuzz_keeps_one_reply_per_frame_and_stores
                     first = acked.setdefault(key, (reply["id"], reply["seq"]))
                     assert (reply["id"], reply["seq"]) == first, "a retry must answer the original"
             if reply is not None and reply["type"] == "joined" and request.get("since") is not None:
-                # A resume replays exactly the kept messages after ``since``, in order, before the reply.
+                # A resume replays exactly the kept messages after ``since``, in order, before the
+                # reply; a ``since`` beyond the room's last seq (a reset history) gets all kept, flagged.
                 replayed = [f["seq"] for f in d.out.frames if f["type"] == "message"]
-                kept = [m.seq for m in d.hub.history(reply["room"]) if m.seq > request["since"]]
+                history = d.hub.history(reply["room"])
+                beyond = request["since"] > d.hub.store.last_seq(reply["room"])
+                kept = [m.seq for m in history if m.seq > request["since"] or beyond]
                 assert replayed == kept, (replayed, kept)
+                if beyond and request["since"] > 0:
+                    assert reply.get("truncated") is True, reply
     stored = [m for room in ("r", "s") for m in d.hub.history(room)]
     seen_ids = [(m.room, m.client_id) for m in stored if m.client_id]
     assert len(seen_ids) == len(set(seen_ids)), "a client_id was stored twice"
