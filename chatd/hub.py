@@ -253,6 +253,12 @@ class _UserRate:
         tokens, then = bucket
         return min(self.burst, tokens + (self._clock.seconds() - then) * self.rate) >= 1
 
+    def refund(self, user: Hashable) -> None:
+        """Give back the token ``take`` just took (the send was refused by another limit)."""
+        bucket = self._buckets.get(user)
+        if bucket is not None:
+            self._buckets[user] = (min(self.burst, bucket[0] + 1), bucket[1])
+
     def take(self, user: Hashable) -> bool:
         now = self._clock.seconds()
         buckets = self._buckets
@@ -587,12 +593,14 @@ class Hub(Service):
             identity.check_user(sender)
         body = validate.message(text, self.limits)
         key = validate.client_id(client_id)
-        self.check_rate(sender, source, protocol)
-        if self._user_rate is not None:
-            self._user_rate.take(sender)
-        bucket = self._bucket(source)
-        if bucket is not None:
-            self._connection_rate.take(bucket)  # type: ignore[union-attr]
+        # One look at each bucket: a refusal by the second gives the first its token back.
+        user_rate, bucket = self._user_rate, self._bucket(source)
+        if user_rate is not None and not user_rate.take(sender):
+            raise self._rate_limited(sender)
+        if bucket is not None and not self._connection_rate.take(bucket):  # type: ignore[union-attr]
+            if user_rate is not None:
+                user_rate.refund(sender)
+            raise self._connection_limited(source, bucket, protocol)
         d = self.store.add(name, sender, body, self.clock.seconds(), protocol, key)
         d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
         return d
@@ -608,14 +616,19 @@ class Hub(Service):
             raise self._rate_limited(user)
         bucket = self._bucket(source)
         if bucket is not None and not self._connection_rate.allows(bucket):  # type: ignore[union-attr]
-            rate = self._connection_rate
-            assert rate is not None
-            self.metrics.limited("connection_rate", protocol)
-            who = "this connection" if isinstance(source, Session) else f"address {bucket[1]}"
-            raise ConnectionRateLimited(
-                f"rate limited: {who} may send {rate.rate} messages a second "
-                f"(bursts of {rate.burst}); try again shortly"
-            )
+            raise self._connection_limited(source, bucket, protocol)
+
+    def _connection_limited(
+        self, source: Session | str | None, bucket: tuple[str, object], protocol: str
+    ) -> ConnectionRateLimited:
+        rate = self._connection_rate
+        assert rate is not None
+        self.metrics.limited("connection_rate", protocol)
+        who = "this connection" if isinstance(source, Session) else f"address {bucket[1]}"
+        return ConnectionRateLimited(
+            f"rate limited: {who} may send {rate.rate} messages a second "
+            f"(bursts of {rate.burst}); try again shortly"
+        )
 
     def _bucket(self, source: Session | str | None) -> tuple[str, object] | None:
         """The per-connection rate bucket of ``source`` (None: not limited)."""

@@ -300,11 +300,11 @@ class ChatHub:
 
     def send_to_room(self, room: Any, user: Any, message: Any, client_id: Any = None) -> defer.Deferred:
         room = validate.room(room)
-        validate.user(user)
+        name = validate.user(user)
         validate.message(message, self.hub.limits)
         validate.client_id(client_id)
         # Every refusal before the first change (naming a guest, joining):
-        self.hub.check_rate(validate.user(user), self.session, PROTOCOL)
+        self.hub.check_rate(name, self.session, PROTOCOL)
         self.hub.check_join(self.session, room)
         self._name(user)
         self._ensure_in(room)
