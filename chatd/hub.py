@@ -86,6 +86,10 @@ class Session:
         """Send ``event`` to the client; must not raise for a slow client."""
         raise NotImplementedError
 
+    def replay(self, message: Message) -> None:
+        """Send a kept message to this client alone (a resume); by default as :meth:`deliver` does."""
+        self.deliver(message)
+
     def close(self, reason: str) -> None:
         """End the connection, telling the client ``reason`` in its protocol's form."""
         raise NotImplementedError
@@ -194,6 +198,8 @@ class Joined(list):
     truncated: bool = False
     #: the oldest ``seq`` still kept in the room (what a truncated resume starts from)
     first_seq: int = 0
+    #: the room's newest ``seq`` when the resume was answered
+    last_seq: int = 0
 
 
 class _Room:
@@ -464,7 +470,7 @@ class Hub(Service):
             raise TooManyRooms(f"too many rooms: a connection may be in {most} at once; leave one first")
         return name
 
-    def join(self, session: Session, room: object, since_seq: int | None = None) -> Joined:
+    def join(self, session: Session, room: object, since_seq: int | None = None) -> Joined | defer.Deferred:
         """Add the session to a room and return the room's users.
 
         The session must have a user. With ``since_seq`` the kept messages
@@ -473,31 +479,47 @@ class Hub(Service):
         a gap nor an overlap; the result says if some were older than what is
         kept (``truncated``, ``first_seq``). Joining a room already joined
         changes nothing (a resume replays again).
+
+        Bad input raises at once and changes nothing. A resume answers with
+        a Deferred (fired already when the room's history is in memory;
+        otherwise once it has been read back from the store, off the
+        reactor): the session joins only then, on the history it replayed.
         """
         name = self.check_join(session, room)
         if session.user is None:
             raise ChatError("a user name is needed to join a room")
+        if since_seq is None:
+            return self._enter(session, name, Joined())
+        return self.store.using(name, lambda: self._resume(session, name, since_seq))
+
+    def _resume(self, session: Session, name: str, since_seq: int) -> Joined:
+        """The rest of a join with ``since_seq``, once the room's history is in memory."""
+        if session.id not in self.sessions:
+            raise SessionClosed("connection is closed")
+        self.check_join(session, name)  # the wait may have let other joins take the last room slot
+        resume = self.store.since(name, since_seq)
         joined = Joined()
-        if since_seq is not None:
-            resume = self.store.since(name, since_seq)
-            joined.truncated, joined.first_seq = resume.truncated, resume.first_kept
-            for message in resume.messages:
-                session.deliver(message)
-                # Kept messages hold no frames: a replay encodes for one session only.
-                message.forget_encodings()
-            # The replay may have overflowed a slow session and closed it:
-            # joining it now would leave a ghost member nobody can remove.
-            if session.id not in self.sessions:
-                raise SessionClosed("connection is closed: too slow to take the replay")
+        joined.truncated, joined.first_seq, joined.last_seq = resume.truncated, resume.first_kept, resume.last_seq
+        for message in resume.messages:
+            session.replay(message)
+            # Kept messages hold no frames: a replay encodes for one session only.
+            message.forget_encodings()
+        # The replay may have overflowed a slow session and closed it:
+        # joining it now would leave a ghost member nobody can remove.
+        if session.id not in self.sessions:
+            raise SessionClosed("connection is closed: too slow to take the replay")
+        return self._enter(session, name, joined)
+
+    def _enter(self, session: Session, name: str, joined: Joined) -> Joined:
         r = self._room(name)
         if session.id not in r.sessions:
             r.sessions[session.id] = session
             session.rooms.add(name)
-            count = r.users.get(session.user, 0)
-            r.users[session.user] = count + 1
+            count = r.users.get(session.user, 0)  # type: ignore[arg-type]
+            r.users[session.user] = count + 1  # type: ignore[index]
             if count == 0:
                 self.broker.publish(
-                    Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))
+                    Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))  # type: ignore[arg-type]
                 )
         joined.extend(self.broker.members(name, list(r.users)))
         return joined
@@ -523,12 +545,21 @@ class Hub(Service):
             self.broker.publish(
                 Presence(name, "leave", user, self.clock.seconds(), session.protocol, len(r.users))
             )
+        self._vacate(r)
 
     def _room(self, name: str) -> _Room:
         r = self._rooms.get(name)
         if r is None:
             r = self._rooms[name] = _Room(name)
+            # Its history stays in memory while anyone is in it (see chatd.store).
+            self.store.hold(name)
         return r
+
+    def _vacate(self, r: _Room) -> None:
+        """Forget a room nobody here is in any more; its history leaves memory with it."""
+        if not r.sessions and self._rooms.get(r.name) is r:
+            del self._rooms[r.name]
+            self.store.release(r.name)
 
     def members(self, room: object, identity: Identity | None = None) -> list[str]:
         """The users in a room now (on every process), in the order they came."""
@@ -681,15 +712,19 @@ class Hub(Service):
             self.metrics.fanned_out(event.kind, None)
         # A delivery that closed the room's last member may have removed the
         # room already (the nested leave's own fan-out); remove only this one.
-        if not r.sessions and self._rooms.get(r.name) is r:
-            del self._rooms[r.name]
+        self._vacate(r)
 
-    def history(self, room: object, limit: object = None, identity: Identity | None = None) -> list[Message]:
-        """The last ``limit`` kept messages of a room, oldest first (a room the token allows)."""
+    def history(self, room: object, limit: object = None, identity: Identity | None = None) -> defer.Deferred:
+        """The last ``limit`` kept messages of a room, oldest first (a room the token allows).
+
+        Bad input raises at once. The Deferred has fired already when the
+        room is in memory; otherwise it fires once the room has been read
+        back from the store, off the reactor.
+        """
         name = validate.room(room)
         if identity is not None:
             identity.check_room(name)
-        return self.store.recent(name, validate.limit(limit, self.limits))
+        return self.store.read_recent(name, validate.limit(limit, self.limits))
 
     # -- statistics --------------------------------------------------------
 
@@ -705,6 +740,7 @@ class Hub(Service):
             "connections": {"total": len(self.sessions), **per_protocol},
             "connections_accepted": self.connections_total,
             "rooms": len(self.rooms()),
+            "memory": {"room_table": len(self._rooms), **self.store.memory()},
             "messages": {
                 "total": self.messages_total,
                 "per_second": self._rate.per_second(),

@@ -51,7 +51,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from chatd.events import Event, Message, Presence, Truncated
-from chatd.store import Store, Stored, StoreUnavailable
+from chatd.store import HISTORY_MEMORY, Store, Stored, StoreUnavailable, _Window
 
 log = Logger()
 
@@ -378,11 +378,18 @@ class RedisBackplane(Store):
 
     #: windows take messages from the subscription only, in the order Redis published them
     keeps_on_ack = False
+    durable = True
 
     def __init__(
-        self, reactor: Any, url: str, limit: int = 100, max_age: float = 0.0, ca: str | None = None
+        self,
+        reactor: Any,
+        url: str,
+        limit: int = 100,
+        max_age: float = 0.0,
+        ca: str | None = None,
+        budget: int = HISTORY_MEMORY,
     ) -> None:
-        super().__init__(reactor, limit, max_age)
+        super().__init__(reactor, limit, max_age, budget)
         self.reactor = reactor
         self.url = url
         self.settings = parse_url(url)
@@ -396,6 +403,8 @@ class RedisBackplane(Store):
         #: None when live; else the events held back while catching up
         self._held: list[dict] | None = []
         self._syncing_rooms: dict[str, list[dict]] = {}
+        #: room -> (messages newer than the window read back, whether that read holds the room's events)
+        self._read_rest: dict[str, tuple[list[Message], bool]] = {}
         self._sync_generation = 0
         self.synced = defer.Deferred()
         self._commands = _Link(reactor, self.settings, _Factory(txredisapi.RedisProtocol, self.settings),
@@ -553,13 +562,87 @@ class RedisBackplane(Store):
 
     def _wait_for(self, message: Message) -> Any:
         """Acknowledge once our own message has come back and been delivered here."""
-        if self.last_seq(message.room) >= message.seq or self._events.proto is None:
+        if (
+            self.last_seq(message.room) >= message.seq
+            or self._events.proto is None
+            or not self._holds.get(message.room)
+        ):
             # Delivered already, or the subscription is down: stored all the
             # same, and catch-up delivers it once the subscription is back.
+            # (Nobody here is in the room: there is nothing to deliver.)
             return Stored(message, False)
         d: defer.Deferred = defer.Deferred()
         self._waiting.setdefault(message.room, []).append((message, d))
         return d
+
+    def _forget(self, room: str) -> None:
+        super()._forget(room)
+        # Nobody here follows the room any more: own messages waiting to come back are stored.
+        for message, d in self._waiting.pop(room, []):
+            d.callback(Stored(message, False))
+
+    # -- reading a room back ---------------------------------------------------------------
+
+    def _read_room(self, room: str) -> defer.Deferred:
+        """The room's kept messages and ``seq`` from Redis, its live events held back meanwhile.
+
+        The window read back holds what this process has delivered of the
+        room (up to the ``seq`` it knew, or Redis' counter for a room it did
+        not follow); newer messages are delivered in order after the read's
+        waiters have run (:meth:`_after_read`), then the events held back.
+        """
+        proto = self._commands.proto
+        if proto is None:
+            return defer.fail(
+                StoreUnavailable(f"history not available: Redis is unavailable ({self._commands.last_error})")
+            )
+        owner = room not in self._syncing_rooms
+        if owner:
+            self._syncing_rooms[room] = []
+
+        @defer.inlineCallbacks
+        def read() -> Any:
+            seq = yield proto.execute_command("GET", _key("seq", room))
+            items = yield proto.execute_command("ZRANGEBYSCORE", _key("hist", room), "-inf", "+inf")
+            return int(seq) if seq is not None else 0, [_message(orjson.loads(item)) for item in items or []]
+
+        def got(result: tuple[int, list[Message]]) -> _Window:
+            counter, messages = result
+            old = self._windows.get(room)
+            base = old.last_seq if old is not None and (old.complete or old.last_seq) else counter
+            window = _Window(base)
+            for message in messages:
+                if message.seq <= base:
+                    window.messages.append(message)
+                    if message.client_id:
+                        window.client_ids[message.client_id] = message
+            while len(window.messages) > self.limit:
+                dropped = window.messages.popleft()
+                if dropped.client_id:
+                    window.client_ids.pop(dropped.client_id, None)
+            self._read_rest[room] = ([m for m in messages if m.seq > base], owner)
+            return window
+
+        def failed(failure: Failure) -> Failure:
+            self._read_rest[room] = ([], owner)
+            if not failure.check(StoreUnavailable):
+                reason = failure.getErrorMessage() or failure.type.__name__
+                failure = Failure(StoreUnavailable(f"history not available: Redis failed ({reason})"))
+            return failure
+
+        return read().addCallbacks(got, failed)
+
+    def _after_read(self, room: str) -> None:
+        rest, owner = self._read_rest.pop(room, ([], False))
+        if self._holds.get(room) and room not in self._windows:
+            # The read failed: follow the room from its next event on.
+            window = self._window(room)
+            window.complete = False
+        for message in rest:
+            self._deliver_stored(message)
+        if owner:
+            for event in self._syncing_rooms.pop(room, []):
+                self._apply(event)
 
     def _release(self, room: str) -> None:
         waiting = self._waiting.get(room)
@@ -608,9 +691,18 @@ class RedisBackplane(Store):
             self.reactor.callLater(0.1, self._retry_catch_up, generation)
             return
         try:
-            rooms = yield proto.execute_command("SMEMBERS", ROOMS)
-            for room in sorted(rooms or []):
-                yield self._fetch(proto, room, self.last_seq(room) + 1)
+            # Only the rooms in memory: any other is read back when someone needs it.
+            rooms = [room for room in self._windows if room not in self._syncing_rooms]
+            for room in rooms:
+                window = self._windows.get(room)
+                if window is None:
+                    continue
+                if not window.complete and not window.last_seq:
+                    # Followed from whatever comes next (a read back failed): from Redis' counter now.
+                    seq = yield proto.execute_command("GET", _key("seq", room))
+                    window.last_seq = max(window.last_seq, int(seq or 0))
+                    continue
+                yield self._fetch(proto, room, window.last_seq + 1)
             entries = yield proto.execute_command("HGETALL", PRESENCE)
         except Exception:
             log.failure("redis: catching up failed; trying again")
@@ -650,8 +742,9 @@ class RedisBackplane(Store):
         for message in messages:
             self._deliver_stored(message)
         # Messages gone by age: the room's seq goes on all the same.
-        window = self._window(room)
-        window.last_seq = max(window.last_seq, newest)
+        window = self._windows.get(room)
+        if window is not None:
+            window.last_seq = max(window.last_seq, newest)
 
     def _apply(self, event: dict) -> None:
         kind = event.get("k")
@@ -661,8 +754,11 @@ class RedisBackplane(Store):
             if room in self._syncing_rooms:
                 self._syncing_rooms[room].append(event)
                 return
-            last = self.last_seq(room)
-            if message.seq > last + 1:
+            window = self._windows.get(room)
+            if window is None:
+                return  # nobody here follows the room: it is in Redis, read back when asked
+            last = window.last_seq
+            if message.seq > last + 1 and (window.complete or last):
                 self._fill_gap(room, last + 1, event)
                 return
             self._deliver_stored(message)
@@ -702,10 +798,9 @@ class RedisBackplane(Store):
         self.hub.deliver(Truncated(room, kept_from))
 
     def _deliver_stored(self, message: Message) -> None:
-        if self.keep(message, message.client_id):
-            if self.hub is not None:
-                self.hub.deliver(message)
-            self._release(message.room)
+        if self.keep(message, message.client_id) and self.hub is not None:
+            self.hub.deliver(message)
+        self._release(message.room)
 
     # -- presence --------------------------------------------------------------------------
 

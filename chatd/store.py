@@ -16,11 +16,22 @@ so a failed write leaves no gap and two processes never share a number.
 the room's window and fanned out, and only then is the sender told ``sent``.
 
 Reads (``history``, ``since`` for resume, duplicate ``client_id`` look-ups)
-come from the in-memory windows and never wait. A window holds what the
-retention keeps (``--history-limit`` messages, none older than
-``--history-max-age``), so a read from it is exact: when part of what a
-client asks for has gone, :meth:`Store.since` says from which ``seq`` on
-messages are still kept and the adapters tell the client.
+come from the in-memory windows when the room is in memory. Only rooms the
+hub holds (someone is in them, or a read is being answered) are: a room
+nobody is in leaves memory, its ``seq`` and history staying in the store,
+and comes back (read off the reactor: the SQLite writer's thread, a Redis
+command) when someone joins, resumes or asks for its history. The windows
+over all rooms are bounded in bytes (``--history-memory``): past it, the
+least recently used windows are dropped (a held room's window is read back
+from the store when next needed). :class:`MemoryStore` has no store behind
+its windows, so there the budget is its retention: past it, the least
+recently used rooms nobody is in are forgotten, ``seq`` included (a resume
+is then answered as for a room whose history was reset).
+
+A window holds what the retention keeps (``--history-limit`` messages, none
+older than ``--history-max-age``), so a read from it is exact: when part of
+what a client asks for has gone, :meth:`Store.since` says from which ``seq``
+on messages are still kept and the adapters tell the client.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ import sqlite3
 import tempfile
 import threading
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from twisted.internet import defer
@@ -64,17 +76,38 @@ class Resume(NamedTuple):
     first_kept: int
     #: True when some of what the client missed is older than the retention kept
     truncated: bool
+    #: the room's newest ``seq`` when this was read
+    last_seq: int = 0
+
+
+#: approximate bytes of a kept message beyond its text and user name (the Message, its id, the deque slot)
+MESSAGE_OVERHEAD = 400
+#: approximate bytes of a room in memory with no messages (its window, the table entries)
+WINDOW_OVERHEAD = 600
+#: the default ``--history-memory``
+HISTORY_MEMORY = 64 * 1024 * 1024
+
+
+def _size(message: Message) -> int:
+    return MESSAGE_OVERHEAD + len(message.text) + len(message.user)
 
 
 class _Window:
-    """One room in memory: its newest kept messages, their client ids, its last ``seq``."""
+    """One room in memory: its newest kept messages, their client ids, its last ``seq``.
 
-    __slots__ = ("messages", "client_ids", "last_seq")
+    ``complete`` says the window holds everything the store keeps of the
+    room, so reads may be answered from it; an incomplete one (its messages
+    dropped for the memory budget) still knows ``last_seq``.
+    """
+
+    __slots__ = ("messages", "client_ids", "last_seq", "complete", "bytes")
 
     def __init__(self, last_seq: int = 0) -> None:
         self.messages: deque[Message] = deque()
         self.client_ids: dict[str, Message] = {}
         self.last_seq = last_seq
+        self.complete = True
+        self.bytes = WINDOW_OVERHEAD
 
 
 class Store:
@@ -82,26 +115,41 @@ class Store:
 
     Runs on the reactor thread. A subclass implements :meth:`_persist` (and
     usually :meth:`load`/:meth:`close`); it must fire its Deferreds in the
-    order messages were added to one room, with ``seq`` filled in.
+    order messages were added to one room, with ``seq`` filled in. A durable
+    one also implements :meth:`_read_room`, which reads a room back.
     """
 
     #: a stored message enters its window when its add fires (False: the backend puts it there)
     keeps_on_ack = True
+    #: the windows are a copy of what a store keeps (False: they are all there is)
+    durable = False
 
-    def __init__(self, clock: IReactorTime, limit: int = 100, max_age: float = 0.0) -> None:
+    def __init__(
+        self, clock: IReactorTime, limit: int = 100, max_age: float = 0.0, budget: int = HISTORY_MEMORY
+    ) -> None:
         self.clock = clock
         self.limit = limit
         self.max_age = max_age
-        self._windows: dict[str, _Window] = {}
+        #: bytes the windows may take together (approximate), see the module docstring
+        self.budget = budget
+        #: the rooms in memory, least recently used first
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self._bytes = 0
+        #: room -> how many reasons it has to stay in memory (its members here, reads being answered)
+        self._holds: dict[str, int] = {}
+        #: room -> the Deferreds waiting for it to be read back from the store
+        self._loading: dict[str, list[defer.Deferred]] = {}
         #: (room, client_id) of an add not yet stored -> the retries waiting for it
         self._in_flight: dict[tuple[str, str], list[defer.Deferred]] = {}
         #: what :meth:`add` failed with last, and whether the store works now
         self.problem: str | None = None
+        #: windows dropped for the budget (a figure for /stats)
+        self.evictions = 0
 
     # -- life ------------------------------------------------------------------
 
     def load(self) -> defer.Deferred:
-        """Read what is kept into the windows; fires once reads are exact."""
+        """Get ready for reads and writes; fires once reads are exact."""
         return defer.succeed(None)
 
     def close(self) -> defer.Deferred:
@@ -127,7 +175,8 @@ class Store:
 
         A ``client_id`` seen before in this room (kept, or still being
         written) gives back the original message, marked duplicate, and
-        stores nothing.
+        stores nothing. (A room not in memory has its client ids looked up
+        by the backend, in the same step that stores.)
         """
         if client_id:
             window = self._windows.get(room)
@@ -169,25 +218,179 @@ class Store:
         message.seq = window.last_seq + 1
         return defer.succeed(Stored(message, False))
 
+    # -- which rooms are in memory --------------------------------------------------
+
+    def hold(self, room: str) -> None:
+        """Keep ``room`` in memory until :meth:`release` (the hub holds each room someone is in).
+
+        A durable store starts reading the room back at once, so that its
+        window is there by the time someone asks.
+        """
+        count = self._holds.get(room, 0)
+        self._holds[room] = count + 1
+        if count == 0 and self.durable:
+            window = self._windows.get(room)
+            if window is None or not window.complete:
+                self._ready(room).addErrback(self._read_failed, room)
+
+    def release(self, room: str) -> None:
+        """Undo one :meth:`hold`; a room of a durable store nobody holds leaves memory."""
+        count = self._holds.get(room, 0) - 1
+        if count > 0:
+            self._holds[room] = count
+            return
+        self._holds.pop(room, None)
+        if self.durable:
+            self._forget(room)
+
+    def using(self, room: str, read: Callable[[], Any]) -> defer.Deferred:
+        """``read()``, run once ``room``'s window is in memory and exact; fires with its result.
+
+        At once (an already fired Deferred) when it is; else once the room
+        has been read back from the store, off the reactor. The room is held
+        while ``read`` runs, so what ``read`` does (a resume joining the
+        room) happens on the window it read, in the same reactor turn.
+        """
+        self.hold(room)
+        d = self._ready(room)
+        d.addCallback(lambda _: read())
+
+        def done(result: Any) -> Any:
+            self.release(room)
+            return result
+
+        return d.addBoth(done)
+
+    def read_recent(self, room: str, limit: int) -> defer.Deferred:
+        """:meth:`recent`, reading the room back from the store if it is not in memory."""
+        return self.using(room, lambda: self.recent(room, limit))
+
+    def read_since(self, room: str, seq: int) -> defer.Deferred:
+        """:meth:`since`, reading the room back from the store if it is not in memory."""
+        return self.using(room, lambda: self.since(room, seq))
+
+    def _ready(self, room: str) -> defer.Deferred:
+        """Fires once ``room``'s window is in memory and complete (or known not to exist)."""
+        window = self._windows.get(room)
+        if not self.durable or (window is not None and window.complete):
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        waiting = self._loading.get(room)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        waiting = self._loading[room] = [d]
+
+        def read(window: _Window) -> None:
+            self._loading.pop(room, None)
+            if self._holds.get(room):
+                self._install(room, window)
+            for w in waiting:
+                w.callback(None)
+            self._after_read(room)
+
+        def failed(failure: Any) -> None:
+            self._loading.pop(room, None)
+            for w in waiting:
+                w.errback(failure)
+            self._after_read(room)
+
+        self._read_room(room).addCallbacks(read, failed)
+        return d
+
+    def _read_failed(self, failure: Any, room: str) -> None:
+        log.warn("history of {room} not read back: {why}", room=room, why=failure.getErrorMessage())
+
+    def _read_room(self, room: str) -> defer.Deferred:
+        """Read ``room`` back from the store, off the reactor; fires with a complete :class:`_Window`.
+
+        Its Deferred must fire in order with the acknowledgements of the
+        room's messages: every message acknowledged before it is in the
+        window, and none acknowledged after it.
+        """
+        raise NotImplementedError
+
+    def _after_read(self, room: str) -> None:
+        """Called once the waiters of a read of ``room`` have run (Redis delivers what it held back)."""
+
+    def _install(self, room: str, window: _Window) -> None:
+        old = self._windows.pop(room, None)
+        if old is not None:
+            self._bytes -= old.bytes
+            window.last_seq = max(window.last_seq, old.last_seq)
+        window.bytes = WINDOW_OVERHEAD + sum(_size(m) for m in window.messages)
+        self._windows[room] = window
+        self._bytes += window.bytes
+        self._evict()
+
+    def _forget(self, room: str) -> None:
+        window = self._windows.pop(room, None)
+        if window is not None:
+            self._bytes -= window.bytes
+
+    def _evict(self) -> None:
+        """Past the budget, drop the least recently used windows (see the module docstring)."""
+        if self._bytes <= self.budget:
+            return
+        for room in list(self._windows):
+            if self._bytes <= self.budget:
+                return
+            window = self._windows[room]
+            held = bool(self._holds.get(room))
+            if not self.durable:
+                if not held:  # the memory store's retention: the room is forgotten
+                    self._forget(room)
+                    self.evictions += 1
+                continue
+            if not held:
+                self._forget(room)
+            elif window.complete and window.messages:
+                # Someone is in it: keep its seq (Redis delivers by it), read the rest back when asked.
+                window.messages.clear()
+                window.client_ids.clear()
+                window.complete = False
+                self._bytes -= window.bytes - WINDOW_OVERHEAD
+                window.bytes = WINDOW_OVERHEAD
+            else:
+                continue
+            self.evictions += 1
+
     # -- the windows --------------------------------------------------------------
 
     def _window(self, room: str) -> _Window:
         window = self._windows.get(room)
         if window is None:
             window = self._windows[room] = _Window()
+            self._bytes += window.bytes
         return window
 
     def keep(self, message: Message, client_id: str | None = None) -> bool:
-        """Put a stored message at the end of its room's window (False if it is there already)."""
-        window = self._window(message.room)
+        """Put a stored message at the end of its room's window (False if it is there already).
+
+        A durable store keeps in memory only the rooms it holds: a message
+        to any other room is in the store, and False here (nobody in this
+        process follows that room).
+        """
+        room = message.room
+        window = self._windows.get(room)
+        if window is None:
+            if self.durable:
+                return False
+            window = self._window(room)
         if message.seq <= window.last_seq:
             return False
         window.last_seq = message.seq
-        self._append(window, message, client_id)
+        self._windows.move_to_end(room)
+        if window.complete:
+            self._append(window, message, client_id)
+            self._evict()
         return True
 
     def _append(self, window: _Window, message: Message, client_id: str | None) -> None:
         window.messages.append(message)
+        size = _size(message)
+        window.bytes += size
+        self._bytes += size
         if client_id:
             message.client_id = client_id
             window.client_ids[client_id] = message
@@ -196,6 +399,9 @@ class Store:
 
     def _drop_oldest(self, window: _Window) -> None:
         old = window.messages.popleft()
+        size = _size(old)
+        window.bytes -= size
+        self._bytes -= size
         if old.client_id:
             window.client_ids.pop(old.client_id, None)
 
@@ -209,39 +415,59 @@ class Store:
                 self._drop_oldest(window)
 
     def recent(self, room: str, limit: int) -> list[Message]:
-        """The last ``limit`` kept messages of ``room``, oldest first."""
+        """The last ``limit`` kept messages of ``room`` in memory, oldest first (see :meth:`read_recent`)."""
         window = self._windows.get(room)
         if window is None or limit <= 0:
             return []
+        self._windows.move_to_end(room)
         messages = window.messages
         if limit >= len(messages):
             return list(messages)
         return list(messages)[-limit:]
 
     def since(self, room: str, seq: int) -> Resume:
-        """Every kept message after ``seq``, and whether some after it are gone."""
+        """Every kept message after ``seq`` in memory, and whether some after it are gone (see :meth:`read_since`)."""
         window = self._windows.get(room)
         if window is None:
-            return Resume([], 1, seq > 0)
+            return Resume([], 1, seq > 0, 0)
+        self._windows.move_to_end(room)
         messages = window.messages
-        first = messages[0].seq if messages else window.last_seq + 1
-        if seq > window.last_seq:
+        last = window.last_seq
+        first = messages[0].seq if messages else last + 1
+        if seq > last:
             # The client saw a seq this room never reached (its history was
             # reset): its numbering means nothing here. Everything kept, flagged.
-            return Resume(list(messages), first, True)
-        missed = [m for m in messages if m.seq > seq] if seq < window.last_seq else []
-        return Resume(missed, first, seq + 1 < first and seq < window.last_seq)
+            return Resume(list(messages), first, True, last)
+        missed = [m for m in messages if m.seq > seq] if seq < last else []
+        return Resume(missed, first, seq + 1 < first and seq < last, last)
 
     def last_seq(self, room: str) -> int:
+        """The room's newest ``seq`` as far as memory knows (0 for a room not in memory)."""
         window = self._windows.get(room)
         return window.last_seq if window is not None else 0
 
     def rooms(self) -> int:
+        """How many rooms are in memory now."""
         return len(self._windows)
+
+    def memory(self) -> dict[str, int]:
+        """What the windows hold now: rooms, messages, approximate bytes, rooms held, evictions."""
+        return {
+            "rooms": len(self._windows),
+            "messages": sum(len(w.messages) for w in self._windows.values()),
+            "bytes": self._bytes,
+            "budget": self.budget,
+            "held": len(self._holds),
+            "evictions": self.evictions,
+        }
 
 
 class MemoryStore(Store):
-    """Windows only: nothing survives a restart (unit tests, or ``--data-dir`` empty)."""
+    """Windows only: nothing survives a restart (unit tests, or ``--data-dir`` empty).
+
+    The budget is its retention: past it the least recently used rooms
+    nobody is in are forgotten, ``seq`` and all (see the module docstring).
+    """
 
 
 # -- SQLite ------------------------------------------------------------------------
@@ -269,6 +495,8 @@ CREATE INDEX IF NOT EXISTS messages_client_id ON messages (room, client_id) WHER
 
 #: how many queued writes one transaction takes at most
 BATCH = 512
+#: rooms whose last ``seq`` the writer remembers between transactions (the rest are read from ``rooms``)
+SEQ_CACHE = 4096
 #: seconds between probes of a store that failed a write
 PROBE_INTERVAL = 2.0
 _STOP = object()
@@ -286,7 +514,14 @@ class SQLiteStore(Store):
     in the same transactions: a room keeps ``limit`` rows, and a periodic
     prune deletes rows older than ``max_age`` (the ``rooms`` row stays, so
     ``seq`` goes on).
+
+    Rooms are read back (:meth:`_read_room`) by the same thread, after the
+    writes queued before them: a read's result reaches the reactor after
+    the acknowledgements of every message it holds and before those of any
+    it does not, so a resume answered from it has no gap and no duplicate.
     """
+
+    durable = True
 
     def __init__(
         self,
@@ -295,8 +530,9 @@ class SQLiteStore(Store):
         limit: int = 100,
         max_age: float = 0.0,
         synchronous: str = "NORMAL",
+        budget: int = HISTORY_MEMORY,
     ) -> None:
-        super().__init__(reactor, limit, max_age)
+        super().__init__(reactor, limit, max_age, budget)
         self.reactor = reactor
         self.path = path
         self.synchronous = synchronous
@@ -308,7 +544,9 @@ class SQLiteStore(Store):
     # -- reactor side ------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (creating) the file and read every room's window; blocking, at start only.
+        """Open (creating) the file and start the writer; blocking, at start only.
+
+        No room is read now: each is read back when someone needs it.
 
         A directory that cannot be created or written, or a file SQLite
         cannot write, stops the start with one line (``StartupError``
@@ -349,22 +587,15 @@ class SQLiteStore(Store):
         return db
 
     def _load(self, db: sqlite3.Connection) -> None:
-        cutoff = self.clock.seconds() - self.max_age if self.max_age else None
-        for room, last_seq in db.execute("SELECT room, last_seq FROM rooms"):
-            self._windows[room] = _Window(last_seq)
-        rows = db.execute(
-            "SELECT room, seq, id, user, text, time, protocol, client_id FROM messages ORDER BY room, seq"
-        )
-        for room, seq, id_, user, text, time, protocol, client_id in rows:
-            if cutoff is not None and time < cutoff:
-                continue
-            self._append(self._window(room), Message(id_, seq, room, user, text, time, protocol), client_id)
-        log.info(
-            "history: {rooms} rooms, {messages} messages kept in {path}",
-            rooms=len(self._windows),
-            messages=sum(len(w.messages) for w in self._windows.values()),
-            path=self.path,
-        )
+        rooms = db.execute("SELECT count(*) FROM rooms").fetchone()[0]
+        log.info("history: {rooms} rooms kept in {path}", rooms=rooms, path=self.path)
+
+    def _read_room(self, room: str) -> defer.Deferred:
+        if self._thread is None or self._stopped is not None:
+            return defer.fail(StoreUnavailable("history store is not open"))
+        d: defer.Deferred = defer.Deferred()
+        self._queue.put(("read", room, d))
+        return d
 
     def _persist(self, message: Message, client_id: str | None) -> defer.Deferred:
         if self._thread is None or self._stopped is not None:
@@ -411,7 +642,7 @@ class SQLiteStore(Store):
 
     def _run(self) -> None:
         db = self._connect()
-        seqs: dict[str, int] = {}
+        seqs: OrderedDict[str, int] = OrderedDict()
         try:
             while True:
                 item = self._queue.get()
@@ -425,9 +656,15 @@ class SQLiteStore(Store):
                 writes = [b for b in batch if isinstance(b, tuple) and isinstance(b[0], Message)]
                 prunes = [b[1] for b in batch if isinstance(b, tuple) and b[0] == "prune"]
                 probe = any(isinstance(b, tuple) and b[0] == "probe" for b in batch)
+                reads = [b for b in batch if isinstance(b, tuple) and b[0] == "read"]
                 if writes or prunes or probe:
                     results, failed = self._write(db, seqs, writes, prunes)
                     self.reactor.callFromThread(self._resolve, results, failed)
+                    while len(seqs) > SEQ_CACHE:
+                        seqs.popitem(last=False)
+                # After the batch's writes: see the class docstring.
+                for _, room, d in reads:
+                    self.reactor.callFromThread(self._answer, d, self._read(db, room))
                 if stop:
                     return
         finally:
@@ -435,10 +672,44 @@ class SQLiteStore(Store):
             if self._stopped is not None:
                 self.reactor.callFromThread(self._stopped.callback, None)
 
+    def _read(self, db: sqlite3.Connection, room: str) -> _Window | Exception:
+        """One room's window as the file keeps it (writer thread)."""
+        try:
+            row = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
+            rows = db.execute(
+                "SELECT seq, id, user, text, time, protocol, client_id FROM messages WHERE room = ? ORDER BY seq",
+                (room,),
+            ).fetchall()
+        except sqlite3.Error as e:
+            log.error("history store read failed: {error}", error=str(e))
+            return StoreUnavailable(f"history not available: history store failed ({e})")
+        window = _Window(row[0] if row else 0)
+        cutoff = self.clock.seconds() - self.max_age if self.max_age else None
+        for seq, id_, user, text, time, protocol, client_id in rows:
+            if cutoff is not None and time < cutoff:
+                continue
+            message = Message(id_, seq, room, user, text, time, protocol)
+            window.messages.append(message)
+            if client_id:
+                message.client_id = client_id
+                window.client_ids[client_id] = message
+        while len(window.messages) > self.limit:
+            old = window.messages.popleft()
+            if old.client_id:
+                window.client_ids.pop(old.client_id, None)
+        return window
+
+    @staticmethod
+    def _answer(d: defer.Deferred, outcome: Any) -> None:
+        if isinstance(outcome, Exception):
+            d.errback(outcome)
+        else:
+            d.callback(outcome)
+
     def _write(
         self,
         db: sqlite3.Connection,
-        seqs: dict[str, int],
+        seqs: OrderedDict[str, int],
         writes: list[tuple[Message, str | None, defer.Deferred]],
         prunes: list[float],
     ) -> tuple[list[tuple[defer.Deferred, Any]], str | None]:
@@ -488,7 +759,9 @@ class SQLiteStore(Store):
             log.error("history store write failed: {error}", error=str(e))
             error = StoreUnavailable(f"message not stored: history store failed ({e})")
             return [(d, error) for _, _, d in writes], str(e)
-        seqs.update(touched)
+        for room, seq in touched.items():
+            seqs[room] = seq
+            seqs.move_to_end(room)
         self.batches += 1
         return results, None
 
@@ -497,7 +770,8 @@ def from_options(reactor: Any, options: Any) -> Store:
     """The store ``twistd chatd``'s options ask for (Redis is built by ``chatd.redis``)."""
     limit = options["history-limit"]
     max_age = float(options["history-max-age"])
+    budget = options["history-memory"]
     data_dir = options["data-dir"]
     if not data_dir:
-        return MemoryStore(reactor, limit, max_age)
-    return SQLiteStore(reactor, os.path.join(data_dir, "chatd.sqlite3"), limit, max_age)
+        return MemoryStore(reactor, limit, max_age, budget)
+    return SQLiteStore(reactor, os.path.join(data_dir, "chatd.sqlite3"), limit, max_age, budget=budget)

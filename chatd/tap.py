@@ -48,6 +48,12 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         7 * 24 * 3600,
         "seconds a message is kept for history and resume; 0 keeps messages until --history-limit pushes them out",
     ),
+    "history-memory": (
+        "HISTORY_MEMORY",
+        64 * 1024 * 1024,
+        "bytes the in-memory history windows of all rooms may take (approximate); the least recently used "
+        "go back to the store (with --data-dir '': are forgotten)",
+    ),
     "max-message-length": ("MAX_MESSAGE_LENGTH", 4096, "longest chat message, in characters"),
     "max-message-rate": (
         "MAX_MESSAGE_RATE",
@@ -421,6 +427,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             options["history-limit"],
             float(options["history-max-age"]),
             ca=options["redis-ca"] or None,
+            budget=options["history-memory"],
         )
         hub = Hub(
             reactor,

@@ -68,7 +68,7 @@ from chatd import validate
 from chatd.auth import Identity, Unauthenticated
 from chatd.events import Event, Message
 from chatd.http import OriginPolicy
-from chatd.hub import Hub, SendBudget, ServerFull, Session
+from chatd.hub import Hub, Joined, SendBudget, ServerFull, Session
 from chatd.limits import IdleTimer
 from chatd.logs import printable
 from chatd.validate import ChatError
@@ -80,6 +80,8 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+#: frames a connection may send while one of its requests is read from the store
+MAX_BACKLOG = 1000
 CLOSE_KICKED = 4000
 CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_IDLE = 4008
@@ -113,6 +115,10 @@ class WebSocketSession(Session):
         self.opened = 0.0
         #: room -> seq of the last message written to this client (its resume point if closed as too slow)
         self._last_seq: dict[str, int] = {}
+        #: set by a request whose answer is being read from the store (a resume, a history)
+        self.reading = False
+        #: frames that came while such an answer was read, handled in order once it is sent
+        self.backlog: list[tuple[bytes, bool]] | None = None
 
     def deliver(self, event: Event) -> None:
         frame = event.encoded(PROTOCOL, _prepare)
@@ -268,11 +274,33 @@ class ChatServerProtocol(ServerProtocol):
         session = self.session
         if session is None or session.id not in self.factory.hub.sessions:
             return
+        if session.backlog is not None:
+            # A join or history is being read from the store: later frames wait
+            # for its answer, so replies (and a resume's replay) stay in order.
+            if len(session.backlog) >= MAX_BACKLOG:
+                session.send(_error(f"too many requests while one is being answered (at most {MAX_BACKLOG})", None))
+                return
+            session.backlog.append((payload, isBinary))
+            return
         reply = dispatch(self.factory.hub, session, payload, isBinary)
         if isinstance(reply, defer.Deferred):
             reply.addCallback(self._reply_later, session)
+            if session.reading:
+                session.reading = False
+                session.backlog = []
+                reply.addBoth(self._read_done, session)
         elif reply is not None:
             session.send(reply)
+
+    def _read_done(self, _: Any, session: WebSocketSession) -> None:
+        """Handle, in order, the frames that waited for a read's answer."""
+        waiting, session.backlog = session.backlog or [], None
+        while waiting:
+            payload, is_binary = waiting.pop(0)
+            self.onMessage(payload, is_binary)
+            if session.backlog is not None:  # another read: the rest wait behind it
+                session.backlog.extend(waiting)
+                return
 
     def _reply_later(self, reply: dict | None, session: WebSocketSession) -> None:
         """The reply of a request that waited (a message being stored), if the client is still here."""
@@ -397,16 +425,23 @@ def _echo_ref(request: dict, reply: dict) -> None:
         reply["ref"] = ref
 
 
-def _join(hub: Hub, session: Session, request: dict) -> dict:
+def _join(hub: Hub, session: Session, request: dict) -> dict | defer.Deferred:
     room = validate.room(request.get("room"))
     since = validate.since_seq(request["since"], "since") if request.get("since") is not None else None
     hub.identify(session, request.get("user", session.user))
+
+    def reply(joined: Joined) -> dict:
+        body = {"type": "joined", "room": room, "user": session.user, "members": list(joined)}
+        if joined.truncated:
+            body["truncated"] = True
+            body["first_seq"] = joined.first_seq
+        return body
+
     joined = hub.join(session, room, since_seq=since)
-    reply = {"type": "joined", "room": room, "user": session.user, "members": list(joined)}
-    if joined.truncated:
-        reply["truncated"] = True
-        reply["first_seq"] = joined.first_seq
-    return reply
+    if isinstance(joined, defer.Deferred):
+        _reading(session, joined)
+        return joined.addCallback(reply)
+    return reply(joined)
 
 
 def _leave(hub: Hub, session: Session, request: dict) -> dict:
@@ -460,9 +495,18 @@ def _sent(request: dict, stored: defer.Deferred) -> defer.Deferred:
     return stored.addCallback(ack)
 
 
-def _history(hub: Hub, session: Session, request: dict) -> dict:
+def _history(hub: Hub, session: Session, request: dict) -> defer.Deferred:
     messages = hub.history(request.get("room"), request.get("limit"), session.identity)
-    return {"type": "history", "room": request["room"], "messages": [m.as_dict() for m in messages]}
+    _reading(session, messages)
+    return messages.addCallback(
+        lambda kept: {"type": "history", "room": request["room"], "messages": [m.as_dict() for m in kept]}
+    )
+
+
+def _reading(session: Session, answer: defer.Deferred) -> None:
+    """Mark a request whose answer is read from the store: the connection's next frames wait for it."""
+    if not answer.called and isinstance(session, WebSocketSession):
+        session.reading = True
 
 
 def _ping(hub: Hub, session: Session, request: dict) -> dict:

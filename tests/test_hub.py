@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -32,6 +33,16 @@ class FakeSession(Session):
 
     def presence(self) -> list[tuple[str, str]]:
         return [(e.action, e.user) for e in self.events if e.kind == "presence"]
+
+
+def fired(d: defer.Deferred):
+    """The result of a Deferred that has fired already (a memory store answers at once)."""
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "not answered at once"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
 
 
 def publish(hub: Hub, *args, **kwargs) -> Message:
@@ -113,10 +124,10 @@ def test_timestamps_come_from_the_clock(hub: Hub, clock: Clock) -> None:
 def test_history_keeps_the_last_n(hub: Hub) -> None:
     for i in range(8):
         publish(hub, "r", "x", f"m{i}", "fake")
-    assert [m.text for m in hub.history("r", 3)] == ["m5", "m6", "m7"]
-    assert [m.text for m in hub.history("r", 100)] == ["m3", "m4", "m5", "m6", "m7"]
-    assert [m.text for m in hub.history("r", None)] == ["m3", "m4", "m5", "m6", "m7"]
-    assert hub.history("empty", 3) == []
+    assert [m.text for m in fired(hub.history("r", 3))] == ["m5", "m6", "m7"]
+    assert [m.text for m in fired(hub.history("r", 100))] == ["m3", "m4", "m5", "m6", "m7"]
+    assert [m.text for m in fired(hub.history("r", None))] == ["m3", "m4", "m5", "m6", "m7"]
+    assert fired(hub.history("empty", 3)) == []
 
 
 def test_seq_continues_after_a_room_empties(hub: Hub) -> None:
@@ -216,7 +227,7 @@ def test_bad_input_is_refused_and_changes_nothing(hub: Hub, room, user, text, re
         publish(hub, room, user, text, "fake")
     assert member.messages() == []
     assert hub.stats() == before
-    assert hub.history("r", 5) == []
+    assert fired(hub.history("r", 5)) == []
 
 
 def test_unicode_names_and_the_length_limit_in_characters(hub: Hub) -> None:
@@ -297,8 +308,8 @@ def test_memory_store_since_says_what_is_gone() -> None:
     assert [m.seq for m in resume.messages] == [3, 4, 5]
     assert not resume.truncated
     assert store.since("r", 4).messages[0].seq == 5
-    assert store.since("r", 5) == ([], 3, False)
-    assert store.since("other", 0) == ([], 1, False)
+    assert store.since("r", 5)[:3] == ([], 3, False)
+    assert store.since("other", 0)[:3] == ([], 1, False)
 
 
 class FakeTransport:
@@ -398,7 +409,7 @@ def test_a_replay_that_closes_the_session_leaves_no_ghost_member(hub: Hub) -> No
     s = Overflowing("slow")
     hub.connect(s)
     with pytest.raises(ChatError, match="closed"):
-        hub.join(s, "r", since_seq=0)
+        fired(hub.join(s, "r", since_seq=0))
     assert hub.members("r") == []
     assert s.rooms == set()
     assert s.id not in hub.sessions

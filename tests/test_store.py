@@ -44,9 +44,9 @@ async def test_sqlite_keeps_messages_and_seq_across_a_restart(db_path: str) -> N
     await store.close()
 
     again = opened(db_path)
-    assert [m.text for m in again.recent("r", 10)] == ["m0", "m1", "m2"]
-    assert [m.id for m in again.recent("r", 10)] == [s.message.id for s in first]
-    assert again.last_seq("r") == 3
+    assert [m.text for m in (await again.read_recent("r", 10))] == ["m0", "m1", "m2"]
+    assert [m.id for m in (await again.read_recent("r", 10))] == [s.message.id for s in first]
+    assert (await again.read_since("r", 0)).last_seq == 3
     assert (await add(again, "r", "after")).message.seq == 4
     await again.close()
 
@@ -108,7 +108,7 @@ async def test_retention_by_count_bounds_the_file_and_the_window(db_path: str) -
     store = opened(db_path, limit=5)
     for i in range(20):
         await add(store, "r", f"m{i}")
-    assert [m.seq for m in store.recent("r", 100)] == [16, 17, 18, 19, 20]
+    assert [m.seq for m in (await store.read_recent("r", 100))] == [16, 17, 18, 19, 20]
     await store.close()
     rows = sqlite3.connect(db_path).execute("SELECT seq FROM messages ORDER BY seq").fetchall()
     assert [r[0] for r in rows] == [16, 17, 18, 19, 20]
@@ -125,8 +125,8 @@ async def test_retention_by_age_drops_old_messages_but_seq_goes_on(db_path: str)
     clock.advance(61)
     await store.add("r", "u", "new", clock.seconds(), "test", None)
     store.prune()
-    assert [m.text for m in store.recent("r", 10)] == ["new"]
-    resume = store.since("r", 0)
+    assert [m.text for m in await store.read_recent("r", 10)] == ["new"]
+    resume = await store.read_since("r", 0)
     assert ([m.text for m in resume.messages], resume.first_kept, resume.truncated) == (["new"], 2, True)
     await store.close()
     rows = sqlite3.connect(db_path).execute("SELECT text FROM messages").fetchall()
@@ -135,7 +135,7 @@ async def test_retention_by_age_drops_old_messages_but_seq_goes_on(db_path: str)
     again = SQLiteStore(reactor, db_path, limit=100, max_age=60)
     again.clock = clock
     again.open()
-    assert again.recent("r", 10) == []
+    assert (await again.read_recent("r", 10)) == []
     assert (await again.add("r", "u", "later", clock.seconds(), "test", None)).message.seq == 3
     await again.close()
 
@@ -154,7 +154,7 @@ async def test_a_client_id_is_stored_once_even_across_a_restart(db_path: str) ->
     again = opened(db_path)
     after = await add(again, "r", "hello", client_id="c-1")
     assert after.duplicate and after.message.id == original.message.id
-    assert again.last_seq("r") == 1
+    assert (await again.read_since("r", 0)).last_seq == 1
     await again.close()
     count = sqlite3.connect(db_path).execute("SELECT count(*) FROM messages WHERE room='r'").fetchone()
     assert count == (1,)
@@ -168,7 +168,7 @@ async def test_a_retry_while_the_original_is_still_being_written_gets_the_origin
     a, b = await first, await second
     assert not a.duplicate and b.duplicate
     assert a.message.id == b.message.id
-    assert store.last_seq("r") == 1
+    assert (await store.read_since("r", 0)).last_seq == 1
     await store.close()
 
 

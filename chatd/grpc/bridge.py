@@ -173,13 +173,17 @@ class GrpcSession(Session):
         if data is not None and self.put(data) and isinstance(event, Message):
             self._last_seq[event.room] = event.seq
 
+    def replay(self, message: Message) -> None:
+        with self.replaying():
+            self.deliver(message)
+
     @contextmanager
     def replaying(self) -> Iterator[None]:
         """Deliveries in this block replay history to this session only (see :meth:`deliver`).
 
-        ``Hub.join`` with ``since_seq`` delivers the kept messages straight to
-        the joining session; wrap the join in this so they are encoded without
-        being cached on the stored message.
+        ``Hub.join`` with ``since_seq`` replays the kept messages straight to
+        the joining session (:meth:`replay`): they are encoded without being
+        cached on the stored message.
         """
         self._replaying = True
         try:
@@ -257,25 +261,28 @@ class GrpcSession(Session):
 # -- Chat client events: run on the reactor, return the reply or None ----------
 
 
-def join_room(hub: Hub, session: GrpcSession, room: str, since_seq: int | None) -> Joined:
-    """``hub.join`` for a gRPC stream: a ``since_seq`` replay leaves no encodings on kept messages."""
-    if since_seq is None:
-        return hub.join(session, room)
-    with session.replaying():
-        return hub.join(session, room, since_seq=since_seq)
+def join_room(hub: Hub, session: GrpcSession, room: str, since_seq: int | None) -> Joined | defer.Deferred:
+    """``hub.join`` for a gRPC stream (a resume answers with a Deferred, see ``Hub.join``)."""
+    return hub.join(session, room, since_seq=since_seq)
 
 
-def _chat_join(hub: Hub, session: GrpcSession, join: pb.Join) -> pb.ChatEvent:
+def _chat_join(hub: Hub, session: GrpcSession, join: pb.Join) -> pb.ChatEvent | defer.Deferred:
     room = validate.room(join.room)
     # Checked before identify: a refused Join must not fix the call's user name.
     since = validate.since_seq(join.since_seq) if join.HasField("since_seq") else None
     hub.identify(session, join.user or session.user or "")
-    joined = join_room(hub, session, room, since)
-    return pb.ChatEvent(
-        joined=pb.Joined(
-            room=room, user=session.user, members=joined, truncated=joined.truncated, first_seq=joined.first_seq
+
+    def reply(joined: Joined) -> pb.ChatEvent:
+        return pb.ChatEvent(
+            joined=pb.Joined(
+                room=room, user=session.user, members=joined, truncated=joined.truncated, first_seq=joined.first_seq
+            )
         )
-    )
+
+    joined = join_room(hub, session, room, since)
+    if isinstance(joined, defer.Deferred):
+        return joined.addCallback(reply)
+    return reply(joined)
 
 
 def _chat_leave(hub: Hub, session: Session, leave: pb.Leave) -> pb.ChatEvent:
@@ -350,7 +357,7 @@ class ChatServicer:
         self,
         context: grpc.ServicerContext,
         chat: bool,
-        setup: Callable[[GrpcSession], None] | None = None,
+        setup: Callable[[GrpcSession], defer.Deferred | None] | None = None,
     ) -> GrpcSession:
         try:
             session: GrpcSession = self._on_reactor(self._connect, context.peer(), chat, setup, _identity(context))
@@ -365,7 +372,7 @@ class ChatServicer:
         self,
         peer: str,
         chat: bool,
-        setup: Callable[[GrpcSession], None] | None,
+        setup: Callable[[GrpcSession], defer.Deferred | None] | None,
         identity: Identity | None = None,
     ) -> GrpcSession:
         session = GrpcSession(self.hub, self.reactor, peer, self.queue_size, chat, identity)
@@ -376,26 +383,39 @@ class ChatServicer:
                 raise ShuttingDown(e.reason) from None
             raise
         try:
-            if setup is not None:
-                setup(session)
-        except SessionClosed:
+            ready = setup(session) if setup is not None else None
+        except ChatError as e:
+            return self._not_set_up(Failure(e), session)
+        if isinstance(ready, defer.Deferred):
+            # A resume whose history is read back from the store first.
+            return ready.addCallbacks(lambda _: self._set_up(session), self._not_set_up, errbackArgs=(session,))
+        return self._set_up(session)
+
+    def _set_up(self, session: GrpcSession) -> GrpcSession:
+        log.info("{peer} connected over grpc", peer=session.peer)
+        return session
+
+    def _not_set_up(self, failure: Failure, session: GrpcSession) -> GrpcSession:
+        if failure.check(SessionClosed):
             # A replay too big for the queue ended the stream already: the
             # client reads what fitted, then the reason and how to resume.
             return session
-        except ChatError:
-            self.hub.disconnect(session)
-            raise
-        log.info("{peer} connected over grpc", peer=peer)
-        return session
+        self.hub.disconnect(session)
+        failure.raiseException()
+        raise AssertionError("not reached")
 
     def StreamMessages(self, request: pb.StreamRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         joined: list[Joined] = []
 
-        def join(session: GrpcSession) -> None:
+        def join(session: GrpcSession) -> defer.Deferred | None:
             room = validate.room(request.room)
             self.hub.identify(session, request.user)
             since = validate.since_seq(request.since_seq) if request.HasField("since_seq") else None
-            joined.append(join_room(self.hub, session, room, since))
+            result = join_room(self.hub, session, room, since)
+            if isinstance(result, defer.Deferred):
+                return result.addCallback(joined.append)
+            joined.append(result)
+            return None
 
         session = self._open(context, False, join)
         if joined and joined[0].truncated:
@@ -426,7 +446,7 @@ class ChatServicer:
         # The client closed its side: the call is complete.
         self.reactor.callFromThread(session.end, Code.OK, "client finished")
 
-    def _chat_event(self, session: GrpcSession, event: pb.ChatEvent) -> None:
+    def _chat_event(self, session: GrpcSession, event: pb.ChatEvent) -> defer.Deferred | None:
         kind = event.WhichOneof("event")
         handler = _CHAT_REQUESTS.get(kind or "")
         try:
@@ -437,17 +457,20 @@ class ChatServicer:
             reply = _error_event(e, kind or "")
         if isinstance(reply, defer.Deferred):
             # A send: the reader goes on at once; the reply follows once stored.
-            def stored(sent: pb.ChatEvent) -> pb.ChatEvent | None:
-                return sent if event.ref or event.send.client_id else None
+            # A resume: the reader waits, so its replay and reply come before
+            # anything the client sends next is handled.
+            def answered(answer: pb.ChatEvent) -> pb.ChatEvent | None:
+                return answer if kind == "join" or event.ref or event.send.client_id else None
 
             def refused(failure: Failure) -> pb.ChatEvent:
                 failure.trap(ChatError)
                 return _error_event(failure.value, kind or "")
 
-            reply.addCallbacks(stored, refused).addCallback(self._reply, session, event.ref)
+            reply.addCallbacks(answered, refused).addCallback(self._reply, session, event.ref)
             reply.addErrback(lambda f: log.failure("gRPC Chat {kind} failed", f, kind=kind))
-            return
+            return reply if kind == "join" else None
         self._reply(reply, session, event.ref)
+        return None
 
     def _reply(self, reply: pb.ChatEvent | None, session: GrpcSession, ref: str) -> None:
         if reply is not None:

@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 
 from chatd import validate
 from chatd.events import Event
-from chatd.hub import Hub, Session
+from chatd.hub import Hub, Joined, Session
 from chatd.logs import printable
 from chatd.signalr import protocol as p
 from chatd.signalr.connection import CLOSED, HubConnection
@@ -317,15 +317,19 @@ class ChatHub:
         if user is not None:
             self._name(user)
         self._stream_rooms.discard(room)
-        joined = self.hub.join(self.session, room, since_seq=resume)
         if resume is None:
-            return list(joined)
-        return {
-            "users": list(joined),
-            "truncated": joined.truncated,
-            "first_seq": joined.first_seq,
-            "last_seq": self.hub.store.last_seq(room),
-        }
+            return list(self.hub.join(self.session, room))
+
+        def reply(joined: Joined) -> dict:
+            return {
+                "users": list(joined),
+                "truncated": joined.truncated,
+                "first_seq": joined.first_seq,
+                "last_seq": joined.last_seq,
+            }
+
+        # A Deferred: the room's history may have to be read back from the store first.
+        return self.hub.join(self.session, room, since_seq=resume).addCallback(reply)
 
     def leave_room(self, room: Any) -> object:
         self.hub.leave(self.session, room)
@@ -335,8 +339,9 @@ class ChatHub:
                 self._end_stream(invocation_id)
         return _VOID
 
-    def get_history(self, room: Any, limit: Any = None) -> list[dict]:
-        return [m.as_dict() for m in self.hub.history(room, limit, self.session.identity)]
+    def get_history(self, room: Any, limit: Any = None) -> defer.Deferred:
+        messages = self.hub.history(room, limit, self.session.identity)
+        return messages.addCallback(lambda kept: [m.as_dict() for m in kept])
 
     def get_users(self, room: Any) -> list[str]:
         return self.hub.members(room, self.session.identity)
@@ -353,17 +358,34 @@ class ChatHub:
         if room not in self.session.rooms:
             self.hub.join(self.session, room)
             self._stream_rooms.add(room)
-        if resume is not None:
-            # The replay goes to this stream only, in the same reactor turn as
-            # it goes live: no gap, no duplicate, and the room's ReceiveMessage
-            # handlers do not see old messages again.
+        if resume is None:
+            self.streams[invocation_id] = room
+            return
+        # Reserved ("" is no room) until the replay: it goes to this stream
+        # only, in the same reactor turn as the stream goes live (once the
+        # room's history is in memory): no gap, no duplicate, and the room's
+        # ReceiveMessage handlers do not see old messages again.
+        self.streams[invocation_id] = ""
+
+        def replay() -> None:
+            if self.streams.get(invocation_id) != "":
+                return  # cancelled, or the connection closed, meanwhile
             missed = self.hub.store.since(room, resume)
             if missed.truncated:
                 item = {"type": "truncated", "room": room, "first_seq": missed.first_kept}
                 self.connection.send(p.stream_item(invocation_id, item))
             for message in missed.messages:
                 self.connection.send(p.stream_item(invocation_id, message.as_dict()))
-        self.streams[invocation_id] = room
+            self.streams[invocation_id] = room
+
+        def failed(failure: Failure) -> None:
+            if self.streams.get(invocation_id) != "":
+                return
+            del self.streams[invocation_id]
+            reason = failure.value.reason if failure.check(ChatError) else "history not available"
+            self.connection.send(p.completion(invocation_id, error=reason))
+
+        self.hub.store.using(room, replay).addErrback(failed)
 
     def stream_event(self, event: Event) -> None:
         item = None
