@@ -117,7 +117,7 @@ async def test_a_bad_client_id_is_refused_and_stores_nothing(chatd) -> None:
 
     reply = await deferToThread(scenario)
     assert reply["type"] == "error" and reply["error"] == "client_id must be a string"
-    assert chatd.hub.history("r") == []
+    assert (await chatd.hub.history("r")) == []
 
 
 def _chat_then_stop(tmp_path, sig: int) -> tuple[list[dict], str]:

@@ -151,17 +151,17 @@ def test_websocket_since_and_client_id_fuzz_keeps_one_reply_per_frame_and_stores
                 # A resume replays exactly the kept messages after ``since``, in order, before the
                 # reply; a ``since`` beyond the room's last seq (a reset history) gets all kept, flagged.
                 replayed = [f["seq"] for f in d.out.frames if f["type"] == "message"]
-                history = d.hub.history(reply["room"])
+                history = d.hub.store.recent(reply["room"], d.hub.limits.history_limit)
                 beyond = request["since"] > d.hub.store.last_seq(reply["room"])
                 kept = [m.seq for m in history if m.seq > request["since"] or beyond]
                 assert replayed == kept, (replayed, kept)
                 if beyond and request["since"] > 0:
                     assert reply.get("truncated") is True, reply
-    stored = [m for room in ("r", "s") for m in d.hub.history(room)]
+    stored = [m for room in ("r", "s") for m in d.hub.store.recent(room, d.hub.limits.history_limit)]
     seen_ids = [(m.room, m.client_id) for m in stored if m.client_id]
     assert len(seen_ids) == len(set(seen_ids)), "a client_id was stored twice"
     for room in ("r", "s"):
-        seqs = [m.seq for m in d.hub.history(room)]
+        seqs = [m.seq for m in d.hub.store.recent(room, d.hub.limits.history_limit)]
         assert seqs == list(range(1, len(seqs) + 1)), "seq must be gap-free"
     # Once gone, the connection leaves nothing behind but the watcher.
     d.hub.disconnect(d.session)

@@ -115,7 +115,7 @@ def test_a_send_the_store_refuses_completes_with_an_error_not_a_result(clock, hu
         "invocationId": "1",
         "error": "message not stored: history store failed (disk I/O error)",
     }
-    assert hub.history("r") == []
+    assert hub.store.recent("r", 100) == []
 
 
 def test_a_completion_waits_for_the_store(clock, hub):

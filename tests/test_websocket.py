@@ -529,7 +529,7 @@ class _Dispatch:
             stats["connections"],
             stats["messages"]["total"],
             [(s.user, sorted(s.rooms)) for s in (self.session, self.watcher)],
-            [(m.seq, m.user, m.text) for m in hub.history("r")],
+            [(m.seq, m.user, m.text) for m in hub.store.recent("r", hub.limits.history_limit)],
         )
 
     def send(self, payload: bytes, binary: bool = False) -> None:
