@@ -81,9 +81,9 @@ class Resume(NamedTuple):
 
 
 #: approximate bytes of a kept message beyond its text and user name (the Message, its id, the deque slot)
-MESSAGE_OVERHEAD = 400
+MESSAGE_OVERHEAD = 300
 #: approximate bytes of a room in memory with no messages (its window, the table entries)
-WINDOW_OVERHEAD = 600
+WINDOW_OVERHEAD = 900
 #: the default ``--history-memory``
 HISTORY_MEMORY = 64 * 1024 * 1024
 
@@ -330,30 +330,25 @@ class Store:
 
     def _evict(self) -> None:
         """Past the budget, drop the least recently used windows (see the module docstring)."""
-        if self._bytes <= self.budget:
-            return
-        for room in list(self._windows):
+        windows = self._windows
+        for _ in range(len(windows)):
             if self._bytes <= self.budget:
                 return
-            window = self._windows[room]
-            held = bool(self._holds.get(room))
-            if not self.durable:
-                if not held:  # the memory store's retention: the room is forgotten
-                    self._forget(room)
-                    self.evictions += 1
-                continue
-            if not held:
+            room, window = next(iter(windows.items()))
+            if not self._holds.get(room):
+                # Nobody here is in it: it goes (the memory store's retention: seq and all).
                 self._forget(room)
-            elif window.complete and window.messages:
+                self.evictions += 1
+                continue
+            if self.durable and window.complete and window.messages:
                 # Someone is in it: keep its seq (Redis delivers by it), read the rest back when asked.
                 window.messages.clear()
                 window.client_ids.clear()
                 window.complete = False
                 self._bytes -= window.bytes - WINDOW_OVERHEAD
                 window.bytes = WINDOW_OVERHEAD
-            else:
-                continue
-            self.evictions += 1
+                self.evictions += 1
+            windows.move_to_end(room)  # nothing more to take from it: look at the next
 
     # -- the windows --------------------------------------------------------------
 
