@@ -81,6 +81,19 @@ class Session:
         self.expiry: IDelayedCall | None = None
         #: what :meth:`Hub.connect` counted for this session's address, given back at disconnect
         self.address_key: str | None = None
+        #: room -> seq of the last message written to this client (where to resume, if it is cut off)
+        self.last_seqs: dict[str, int] = {}
+
+    def delivered(self, message: Message) -> None:
+        """Note ``message`` as written to this client; rooms it has left are forgotten now and then.
+
+        A long-lived connection may pass through any number of rooms: only
+        those it is in may be kept, or this table grows with every room seen.
+        """
+        seqs = self.last_seqs
+        seqs[message.room] = message.seq
+        if len(seqs) > 2 * len(self.rooms) + 16:
+            self.last_seqs = {room: seq for room, seq in seqs.items() if room in self.rooms}
 
     def deliver(self, event: Event) -> None:
         """Send ``event`` to the client; must not raise for a slow client."""

@@ -113,8 +113,6 @@ class WebSocketSession(Session):
         self.close_reason: str | None = None
         #: when the hub took the connection (its one log line, at the close, says how long it was open)
         self.opened = 0.0
-        #: room -> seq of the last message written to this client (its resume point if closed as too slow)
-        self._last_seq: dict[str, int] = {}
         #: set by a request whose answer is being read from the store (a resume, a history)
         self.reading = False
         #: frames that came while such an answer was read, handled in order once it is sent
@@ -125,7 +123,7 @@ class WebSocketSession(Session):
         if self.budget.charge(len(frame.payloadHybi)):
             self._proto.sendPreparedMessage(frame)
             if isinstance(event, Message):
-                self._last_seq[event.room] = event.seq
+                self.delivered(event)
 
     def send(self, body: dict) -> None:
         """A reply to this client only."""
@@ -150,9 +148,9 @@ class WebSocketSession(Session):
         # Like gRPC's: where to resume, so a reconnect with ``since`` misses nothing.
         # Only rooms still joined count; a close reason holds 123 bytes, so with many
         # rooms the last ones may be cut (the client's own last seen seq still works).
-        rooms = sorted(room for room in self._last_seq if room in self.rooms)
+        rooms = sorted(room for room in self.last_seqs if room in self.rooms)
         if rooms:
-            reason += "; resume with " + ", ".join(f"{room} since={self._last_seq[room]}" for room in rooms)
+            reason += "; resume with " + ", ".join(f"{room} since={self.last_seqs[room]}" for room in rooms)
         self.close(reason, CLOSE_POLICY)
 
 

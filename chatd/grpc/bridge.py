@@ -145,7 +145,6 @@ class GrpcSession(Session):
         self._queue: queue.Queue[bytes | _End] = queue.Queue(limit + 1)
         self._lock = threading.Lock()
         self._ended = False
-        self._last_seq: dict[str, int] = {}
         self._replaying = False
 
     @property
@@ -171,7 +170,7 @@ class GrpcSession(Session):
         wire = encode(event) if self._replaying else event.encoded(PROTOCOL, encode)
         data = wire.chat if self.chat else wire.stream
         if data is not None and self.put(data) and isinstance(event, Message):
-            self._last_seq[event.room] = event.seq
+            self.delivered(event)
 
     def replay(self, message: Message) -> None:
         with self.replaying():
@@ -204,8 +203,8 @@ class GrpcSession(Session):
 
     def _too_slow(self) -> str:
         reason = f"too slow: more than {self.limit} events waiting to be sent"
-        if self._last_seq:
-            resume = ", ".join(f"{room} since_seq={seq}" for room, seq in sorted(self._last_seq.items()))
+        if self.last_seqs:
+            resume = ", ".join(f"{room} since_seq={seq}" for room, seq in sorted(self.last_seqs.items()))
             reason += f"; resume with {resume}"
         return reason
 
