@@ -657,9 +657,9 @@ class SQLiteStore(Store):
                     self.reactor.callFromThread(self._resolve, results, failed)
                     while len(seqs) > SEQ_CACHE:
                         seqs.popitem(last=False)
-                # After the batch's writes: see the class docstring.
-                for _, room, d in reads:
-                    self.reactor.callFromThread(self._answer, d, self._read(db, room))
+                if reads:  # after the batch's writes: see the class docstring
+                    answers = [(d, self._read(db, room)) for _, room, d in reads]
+                    self.reactor.callFromThread(self._answer, answers)
                 if stop:
                     return
         finally:
@@ -695,11 +695,12 @@ class SQLiteStore(Store):
         return window
 
     @staticmethod
-    def _answer(d: defer.Deferred, outcome: Any) -> None:
-        if isinstance(outcome, Exception):
-            d.errback(outcome)
-        else:
-            d.callback(outcome)
+    def _answer(answers: list[tuple[defer.Deferred, Any]]) -> None:
+        for d, outcome in answers:
+            if isinstance(outcome, Exception):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
 
     def _write(
         self,
