@@ -276,3 +276,42 @@ def test_metrics_have_no_label_per_room_or_user() -> None:
             text = r.read().decode()
         assert "chatd_" in text
         assert "room7x" not in text and "user7" not in text
+
+
+def test_signalr_and_grpc_read_evicted_rooms_back_exactly() -> None:
+    import grpc
+
+    from chatd.grpc.generated import chat_pb2 as pb
+    from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+    from tests.test_cross_protocol import SignalRClient
+
+    with Daemon("--max-message-rate", "0", "--max-connection-rate", "0") as d:
+        d.wait_healthy()
+        with Client(d.ws_url) as ws:
+            for room in ("a", "b", "c"):
+                ws.join(room, "writer")
+                for n in range(3):
+                    ws.send(type="message", room=room, message=f"{room}{n}", ref=n)
+                    ws.recv_type("sent")
+                ws.send(type="leave", room=room)
+                ws.recv_type("left")
+        assert _get(d, "/stats")["memory"]["rooms"] == 0
+        with SignalRClient(d.url("signalr", "ws", "/signalr?user=ada")) as sr:
+            assert [m["message"] for m in sr.call("GetHistory", "a", 10)] == ["a0", "a1", "a2"]
+            seen: list[dict] = []
+            joined = sr.call("JoinRoom", "b", "ada", 1, seen=seen)
+            assert (joined["last_seq"], joined["truncated"]) == (3, False)
+            stream = sr.invoke("StreamRoom", "c", 1, kind=4)
+            items = []
+            while len(items) < 2:
+                record = sr.next()
+                if record.get("type") == 2 and record.get("invocationId") == stream:
+                    items.append(record["item"]["seq"])
+            assert items == [2, 3]
+        with grpc.insecure_channel(f"127.0.0.1:{d.ports['grpc']}") as channel:
+            stub = ChatServiceStub(channel)
+            replay = stub.StreamMessages(pb.StreamRequest(room="a", user="grace", since_seq=1), timeout=20)
+            assert [next(replay).message for _ in range(2)] == ["a1", "a2"]
+            stub.SendMessage(pb.MessageRequest(room="a", user="grace", message="a3"), timeout=20)
+            assert next(replay).seq == 4
+            replay.cancel()
