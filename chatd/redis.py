@@ -638,11 +638,14 @@ class RedisBackplane(Store):
             # The read failed: follow the room from its next event on.
             window = self._window(room)
             window.complete = False
-        for message in rest:
-            self._deliver_stored(message)
-        if owner:
-            for event in self._syncing_rooms.pop(room, []):
-                self._apply(event)
+        held = self._syncing_rooms.pop(room, []) if owner else []
+        # What the read found newer than the window, and what came live meanwhile
+        # (Redis may have trimmed some of it before the read), in seq order, once each.
+        newer = {m.seq: m for m in rest}
+        for event in held:  # messages only (presence is never held)
+            newer.setdefault(int(event["seq"]), _message(event))
+        for seq in sorted(newer):
+            self._deliver_stored(newer[seq])
 
     def _release(self, room: str) -> None:
         waiting = self._waiting.get(room)

@@ -315,3 +315,32 @@ def test_signalr_and_grpc_read_evicted_rooms_back_exactly() -> None:
             stub.SendMessage(pb.MessageRequest(room="a", user="grace", message="a3"), timeout=20)
             assert next(replay).seq == 4
             replay.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_redis_live_rooms_past_the_budget_are_read_back_exactly(redis) -> None:
+    from chatd.redis import RedisBackplane
+
+    store = RedisBackplane(reactor, redis.url, limit=100, budget=2 * 100 * (MESSAGE_OVERHEAD + 20))
+    hub = Hub(reactor, limits=Limits(message_rate=0, connection_rate=0), store=store)
+    store.attach(hub)
+    hub.startService()
+    await store.synced
+    try:
+        members = []
+        for n in range(4):
+            member = FakeSession(f"m{n}")
+            hub.connect(member)
+            hub.join(member, f"live{n}")
+            members.append(member)
+            await defer.gatherResults([hub.publish(f"live{n}", f"m{n}", f"{n}:{i}", "fake") for i in range(110)])
+        figures = memory(hub)
+        assert figures["bytes"] <= figures["budget"] and figures["evictions"] > 0, figures
+        for n in range(4):
+            kept = await hub.history(f"live{n}", 100)
+            assert [m.text for m in kept] == [f"{n}:{i}" for i in range(10, 110)]
+            # Live delivery goes on in order whatever the window went through.
+            await hub.publish(f"live{n}", f"m{n}", "more", "fake")
+            assert [m.seq for m in members[n].messages()] == list(range(1, 112))
+    finally:
+        await hub.stopService()
