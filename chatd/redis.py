@@ -609,7 +609,13 @@ class RedisBackplane(Store):
         def got(result: tuple[int, list[Message]]) -> _Window:
             counter, messages = result
             old = self._windows.get(room)
-            base = old.last_seq if old is not None and (old.complete or old.last_seq) else counter
+            if old is not None and (old.complete or old.last_seq):
+                base = old.last_seq
+            else:
+                # Followed from now on: what came live since the room was held is
+                # delivered (a member who just joined sees it), the rest is history.
+                held = self._syncing_rooms.get(room) or []
+                base = min([counter, *(int(e["seq"]) - 1 for e in held)])
             window = _Window(base)
             for message in messages:
                 if message.seq <= base:
