@@ -528,11 +528,11 @@ class Hub(Service):
         if session.id not in r.sessions:
             r.sessions[session.id] = session
             session.rooms.add(name)
-            count = r.users.get(session.user, 0)  # type: ignore[arg-type]
-            r.users[session.user] = count + 1  # type: ignore[index]
+            count = r.users.get(session.user, 0)
+            r.users[session.user] = count + 1
             if count == 0:
                 self.broker.publish(
-                    Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))  # type: ignore[arg-type]
+                    Presence(name, "join", session.user, self.clock.seconds(), session.protocol, len(r.users))
                 )
         joined.extend(self.broker.members(name, list(r.users)))
         return joined
