@@ -321,20 +321,22 @@ class Store:
         window.bytes = WINDOW_OVERHEAD + sum(_size(m) for m in window.messages)
         self._windows[room] = window
         self._bytes += window.bytes
-        self._evict()
+        self._evict(spare=room)  # its readers are about to use it: others go first, however small the budget
 
     def _forget(self, room: str) -> None:
         window = self._windows.pop(room, None)
         if window is not None:
             self._bytes -= window.bytes
 
-    def _evict(self) -> None:
+    def _evict(self, spare: str | None = None) -> None:
         """Past the budget, drop the least recently used windows (see the module docstring)."""
         windows = self._windows
         for _ in range(len(windows)):
             if self._bytes <= self.budget:
                 return
             room, window = next(iter(windows.items()))
+            if room == spare:
+                return
             if not self._holds.get(room):
                 # Nobody here is in it: it goes (the memory store's retention: seq and all).
                 self._forget(room)

@@ -344,3 +344,19 @@ async def test_with_redis_live_rooms_past_the_budget_are_read_back_exactly(redis
             assert [m.seq for m in members[n].messages()] == list(range(1, 112))
     finally:
         await hub.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_budget_smaller_than_one_room_still_answers_exactly(db_path: str) -> None:
+    hub = sqlite_hub(db_path, budget=1_000)
+    member = FakeSession("m")
+    hub.connect(member)
+    hub.join(member, "r")
+    await defer.gatherResults([hub.publish("r", "m", f"t{i}", "fake") for i in range(50)])
+    assert [m.text for m in await hub.history("r", 100)] == [f"t{i}" for i in range(50)]
+    late = FakeSession("late")
+    hub.connect(late)
+    await hub.join(late, "r", since_seq=45)
+    assert [m.seq for m in late.messages()] == [46, 47, 48, 49, 50]
+    assert memory(hub)["bytes"] <= 1_000 + 50 * (MESSAGE_OVERHEAD + 10) + 1_000
+    await hub.stopService()
