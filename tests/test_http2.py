@@ -318,3 +318,31 @@ async def test_eight_chromium_tabs_on_server_sent_events_all_chat_over_http2(tls
     assert result["errors"] == []
     assert set(result["transports"]) == {"ServerSentEventsTransport"}
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http2_connection_outlives_the_http11_request_deadline(tls_chatd) -> None:
+    # --handshake-timeout bounds how long an HTTP/1.1 request may take to arrive; an HTTP/2
+    # connection carrying an event stream is not an HTTP/1.1 request and must not be cut by it.
+    running = await tls_chatd("--handshake-timeout", "1", "--signalr-keep-alive", "1")
+    url = https(running, "signalr", "/signalr")
+
+    async def stream_past_the_deadline() -> list[dict]:
+        async with h2_client(running) as client:
+            token = (await client.post(f"{url}/negotiate?negotiateVersion=1&user=ada")).json()["connectionToken"]
+            async with client.stream("GET", url, params={"id": token}, headers={"Accept": "text/event-stream"}) as r:
+                assert r.http_version == "HTTP/2"
+                events: asyncio.Queue = asyncio.Queue()
+                reader = asyncio.create_task(_event_stream_events(r, events))
+                await client.post(url, params={"id": token}, content=HANDSHAKE)
+                seen = [await asyncio.wait_for(events.get(), WAIT) for _ in range(4)]  # {} then 3 pings: > 2 s
+                await client.post(url, params={"id": token}, content=invocation("SendMessage", "ada", "still here"))
+                seen.append(await _next_message(events))
+                reader.cancel()
+            return seen, (await client.get(https(running, "ws", "/metrics"))).text
+
+    seen, metrics = await in_thread(stream_past_the_deadline)
+    # The deadline did not fire on it (over TLS its close would wait behind the HTTP/2 stream).
+    assert "chatd_limit_refusals" in metrics and 'limit="handshake_timeout"' not in metrics
+    assert seen[0] == {} and all(record == {"type": 6} for record in seen[1:4])
+    assert seen[4]["arguments"] == ["ada", "still here", "general"]
