@@ -41,7 +41,8 @@ from tests.conftest import require
 from tests.daemon import free_port
 from tests.wsclient import Client
 
-pytestmark = pytest.mark.container
+# A first run makes the base image and builds every layer: more than the suite's 300 s per test may be needed.
+pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "localhost/debian:bookworm"
