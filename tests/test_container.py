@@ -261,3 +261,9 @@ def test_compose_runs_two_replicas_on_one_redis_and_a_message_crosses_them(compo
     # Both served the one history in Redis.
     with urllib.request.urlopen(f"http://127.0.0.1:{compose['CHATD_B_WS']}/stats", timeout=WAIT) as r:
         assert r.status == 200
+
+
+def test_image_reads_options_from_the_environment_and_a_bad_one_stops_the_start(image) -> None:
+    result = podman("run", "--rm", *ulimits(), "-e", "MAX_CONNECTIONS=many", image, check=False, timeout=WAIT * 2)
+    assert result.returncode == 1
+    assert "chatd: --max-connections must be a whole number, not 'many'" in result.stdout + result.stderr
