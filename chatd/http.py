@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -188,16 +188,43 @@ class DeadlineChannel(HTTPChannel):
     def _expired(self) -> None:
         self._deadline_call = None
         transport = self.transport
-        if transport is None or getattr(transport, "protocol", self) is not self:
-            return  # handed over (a WebSocket upgrade): not ours to time any more
+        if transport is None:
+            return  # handed over (WebSocketResource takes the transport): not ours to time any more
         if self.on_expired is not None:
             self.on_expired()
         transport.loseConnection()
 
 
+#: How long an HTTP/2 connection may carry no frame at all before it is closed.
+#: Its idle timer runs while streams are open (unlike HTTP/1.1's, which stops
+#: while a request is answered), so it must outlast the quietest stream chatd
+#: serves: a SignalR long poll is held up to 90 s, SSE pings every 15 s.
+HTTP2_IDLE_TIMEOUT = 300.0
+
+
+class _Negotiated(_GenericHTTPChannelProtocol):
+    """twisted.web's ALPN switch (HTTP/1.1 or HTTP/2), over a :class:`DeadlineChannel`.
+
+    A ``Site`` advertises ``h2`` by ALPN on TLS listeners whenever ``h2`` is
+    installed, but only its own protocol factory can speak it; a site whose
+    protocol is a plain channel answers an HTTP/2 client with garbage. When
+    HTTP/2 is chosen, the HTTP/1.1 channel's deadline is cancelled (HTTP/2
+    frames reset the connection's idle timer instead).
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._negotiatedProtocol is None:
+            transport = self._channel.transport
+            if getattr(transport, "negotiatedProtocol", None) == b"h2":
+                self._channel._disarm()
+                self.timeOut = HTTP2_IDLE_TIMEOUT
+        super().dataReceived(data)
+
+
 def with_deadline(site: Any, deadline: float, on_expired: Callable[[], None] | None = None) -> Any:
-    """Give ``site``'s connections :class:`DeadlineChannel`'s per-request deadline."""
-    site.protocol = type(
+    """Give ``site``'s HTTP/1.1 connections :class:`DeadlineChannel`'s per-request deadline."""
+    channel = type(
         "DeadlineChannel", (DeadlineChannel,), {"deadline": deadline, "on_expired": staticmethod(on_expired)}
     )
+    site.protocol = lambda: _Negotiated(channel())
     return site
