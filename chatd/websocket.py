@@ -64,7 +64,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd import validate
+from chatd import fastwrite, validate
 from chatd.auth import Identity, Unauthenticated
 from chatd.events import Event, Message
 from chatd.http import OriginPolicy
@@ -233,6 +233,7 @@ class ChatServerProtocol(ServerProtocol):
             return
         self.session = session
         session.budget.attach(self.transport)
+        fastwrite.install(self.transport)
         # No line here: a connection is logged once, when it ends (see onClose),
         # which halves the log's share of a reconnect storm.
         session.opened = hub.clock.seconds()

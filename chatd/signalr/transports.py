@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from chatd import validate
+from chatd import fastwrite, validate
 from chatd.auth import Identity, Unauthenticated
 from chatd.http import JsonResource, OriginPolicy, health, write_json
 from chatd.hub import Hub, SendBudget, ServerFull
@@ -225,6 +225,7 @@ class SignalRWebSocketProtocol(ServerProtocol):
         self.connection = connection
         self.budget = SendBudget(manager.options.write_limit, self._too_slow)
         self.budget.attach(self.transport)
+        fastwrite.install(self.transport)
         connection.attach(self)
 
     def write(self, data: bytes, binary: bool) -> None:

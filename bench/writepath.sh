@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Server CPU and syscalls per delivery at W1 rate 10 (10 rooms x 100, one sender
+# per room at 10 msg/s: 10,000 deliveries/s), for chatd at several git revisions
+# and the kit's Go + gorilla peer, alternating in one run.
+#
+#   bench/writepath.sh [-r ROUNDS] [-o OUT] REV...     e.g. bench/writepath.sh main write
+#
+# Each REV of this repository is exported (git archive) to a temporary tree
+# and started as users start it, on CPU 0, with the shared .venv:
+#   PYTHONPATH=TREE twistd -n --pidfile= chatd --ws tcp:PORT ... --data-dir ''
+#   --max-message-rate 0 --max-connection-rate 0 --max-connections-per-ip 0 --max-connections 20000
+# The kit's load generator runs on CPU 1. Per server and round:
+#   1. a measured step (-duration 10s): deliveries/s, p50/p99, server CPU % from /proc;
+#   2. a second step with `strace -c -f` attached for STRACE_S seconds (skipped
+#      if strace is missing): syscalls per delivery; its CPU figures are not used.
+# One JSON line per step is appended to OUT (default
+# bench/results/<date>-writepath.jsonl); a summary table is printed at the end.
+# Run it under `flock /tmp/bench.lock` on a shared machine. Loopback only;
+# stops only the PIDs it started.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+BENCH="${BENCH:-/tmp/bench}"
+ROUNDS=1
+OUT="$HERE/results/$(date +%Y%m%d)-writepath.jsonl"
+while getopts "r:o:" opt; do
+  case $opt in r) ROUNDS="$OPTARG" ;; o) OUT="$OPTARG" ;; *) exit 2 ;; esac
+done
+shift $((OPTIND - 1))
+[ $# -gt 0 ] || { echo "usage: $0 [-r ROUNDS] [-o OUT] REV..." >&2; exit 2; }
+PORT="${PORT:-9460}"
+STRACE_S="${STRACE_S:-4}"
+ulimit -n "$(ulimit -Hn)"
+WORK="$(mktemp -d /tmp/writepath-XXXXXX)"
+PID=""
+stop() { [ -n "$PID" ] || return 0; kill -TERM "$PID" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; PID=""; }
+trap 'stop; rm -rf "$WORK"' EXIT
+
+declare -A TREE
+for rev in "$@"; do
+  TREE[$rev]="$WORK/tree-${rev//\//_}"
+  mkdir -p "${TREE[$rev]}"
+  git -C "$ROOT" archive "$rev" | tar -x -C "${TREE[$rev]}"
+  echo "$rev = $(git -C "$ROOT" rev-parse --short "$rev")" >&2
+done
+
+start() { # name cmd...
+  local name="$1"; shift
+  taskset -c 0 "$@" >>"$WORK/$name.log" 2>&1 &
+  PID=$!
+  for _ in $(seq 300); do
+    ss -Hltn "sport = :$PORT" | grep -q LISTEN && { sleep 0.3; return 0; }
+    kill -0 "$PID" 2>/dev/null || { echo "$name exited; see its log:" >&2; cat "$WORK/$name.log" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "$name did not listen" >&2; return 1
+}
+
+loadgen() { # tag duration extra...
+  local tag="$1" duration="$2"; shift 2
+  taskset -c 1 "$BENCH/loadgen/loadgen" -url "ws://127.0.0.1:$PORT/ws" -rooms 10 -clients-per-room 100 \
+    -senders-per-room 1 -rate 10 -warmup 2s -duration "$duration" -drain 3s -payload 128 \
+    -server-pid "$PID" -tag "$tag" -peer "$peer" -run-id "$run_id" -max-total 3m "$@" 2>>"$WORK/loadgen.log" \
+    | tail -n 1
+}
+
+for r in $(seq "$ROUNDS"); do
+  run_id="$(date +%Y%m%dT%H%M%S)-r$r"
+  for peer in "$@" go-gorilla; do
+    if [ "$peer" = go-gorilla ]; then
+      start go-gorilla "$BENCH/peers/go-gorilla/go-gorilla" -addr "127.0.0.1:$PORT"
+    else
+      tree="${TREE[$peer]}"
+      PYTHONPATH="$tree" start "chatd-$r" "$ROOT/.venv/bin/twistd" -n --pidfile= -l "$WORK/chatd-twistd.log" chatd \
+        --ws "tcp:$PORT:interface=127.0.0.1" --signalr tcp:0:interface=127.0.0.1 --web tcp:0:interface=127.0.0.1 \
+        --grpc 127.0.0.1:0 --data-dir '' --max-connections-per-ip 0 --max-connection-rate 0 \
+        --max-message-rate 0 --max-connections 20000
+    fi
+    echo "$(date +%T) $peer ($PID) round $r" >&2
+    line="$(loadgen W1-rate10 10s)"
+    echo "$line" >>"$OUT"
+    if command -v strace >/dev/null; then
+      # strace slows the server: this step only counts syscalls, attached once
+      # the 1,000 clients are connected and sending (1 s of connects, 1 s settle,
+      # 2 s warmup), for STRACE_S seconds of steady 10,000 deliveries/s.
+      loadgen W1-rate10-strace "$((STRACE_S + 4))s" >"$WORK/sline" &
+      lpid=$!
+      sleep 3.5
+      timeout -s INT "$STRACE_S" strace -c -f -q -p "$PID" -o "$WORK/strace.txt" || true
+      wait "$lpid" || true
+      sline="$(cat "$WORK/sline")"
+      "$ROOT/.venv/bin/python" - "$WORK/strace.txt" "$sline" "$STRACE_S" >>"$OUT" <<'EOF'
+import json, sys
+path, line, seconds = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+calls = {}
+for row in open(path):
+    f = row.split()
+    if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+        calls[f[-1]] = int(f[3])
+deliveries = line["deliveries_per_s"] * seconds
+line.update(mode="strace", syscalls=calls, syscalls_per_delivery=round(sum(calls.values()) / deliveries, 3))
+print(json.dumps(line))
+EOF
+    fi
+    stop
+  done
+done
+
+"$ROOT/.venv/bin/python" - "$OUT" "$(date +%Y%m%d)" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+rows = [r for r in rows if str(r.get("run_id", "")).startswith(sys.argv[2])]
+peers = list(dict.fromkeys(r["peer"] for r in rows))
+print("| server | CPU µs/delivery | CPU % at 10k/s | syscalls/delivery | p50 ms | p99 ms | runs |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for p in peers:
+    m = [r for r in rows if r["peer"] == p and r.get("tag") == "W1-rate10"]
+    s = [r for r in rows if r["peer"] == p and r.get("mode") == "strace"]
+    if not m:
+        continue
+    med = lambda k, rs=m: statistics.median(r[k] for r in rs)
+    us = statistics.median(r["server_cpu_pct"] / 100 / r["deliveries_per_s"] * 1e6 for r in m)
+    sc = f'{statistics.median(r["syscalls_per_delivery"] for r in s):.2f}' if s else "-"
+    print(f'| {p} | {us:.1f} | {med("server_cpu_pct"):.0f} | {sc} | {med("p50_ms"):.1f} | {med("p99_ms"):.1f} | {len(m)} |')
+EOF
