@@ -58,7 +58,7 @@ from chatd.hub import Hub, SendBudget, ServerFull
 from chatd.signalr.chat import ChatHub
 from chatd.signalr.connection import CLOSED, HubConnection, Options
 from chatd.validate import ChatError
-from chatd.websocket import ServerProtocol, server_options
+from chatd.websocket import DirectSend, ServerProtocol, server_options
 
 log = Logger()
 
@@ -198,7 +198,7 @@ class ConnectionManager:
 # -- WebSockets ----------------------------------------------------------------
 
 
-class SignalRWebSocketProtocol(ServerProtocol):
+class SignalRWebSocketProtocol(DirectSend, ServerProtocol):
     """A WebSocket carrying one SignalR connection (text frames for json, binary for messagepack)."""
 
     factory: SignalRWebSocketFactory
