@@ -11,8 +11,8 @@
 #   --max-message-rate 0 --max-connection-rate 0 --max-connections-per-ip 0 --max-connections 20000
 # The kit's load generator runs on CPU 1. Per server and round:
 #   1. a measured step (-duration 10s): deliveries/s, p50/p99, server CPU % from /proc;
-#   2. a second step with `strace -c -f` attached for STRACE_S seconds (skipped
-#      if strace is missing): syscalls per delivery; its CPU figures are not used.
+#   2. a second step with `perf stat` counting the server's syscalls for COUNT_S
+#      seconds (skipped if perf is missing): syscalls per delivery, by kind.
 # One JSON line per step is appended to OUT (default
 # bench/results/<date>-writepath.jsonl); a summary table is printed at the end.
 # Run it under `flock /tmp/bench.lock` on a shared machine. Loopback only;
@@ -29,7 +29,7 @@ done
 shift $((OPTIND - 1))
 [ $# -gt 0 ] || { echo "usage: $0 [-r ROUNDS] [-o OUT] REV..." >&2; exit 2; }
 PORT="${PORT:-9460}"
-STRACE_S="${STRACE_S:-4}"
+COUNT_S="${COUNT_S:-5}"
 ulimit -n "$(ulimit -Hn)"
 WORK="$(mktemp -d /tmp/writepath-XXXXXX)"
 PID=""
@@ -81,26 +81,29 @@ for r in $(seq "$ROUNDS"); do
     echo "$(date +%T) $peer ($PID) round $r" >&2
     line="$(loadgen W1-rate10 10s)"
     echo "$line" >>"$OUT"
-    if command -v strace >/dev/null; then
-      # strace slows the server: this step only counts syscalls, attached once
-      # the 1,000 clients are connected and sending (1 s of connects, 1 s settle,
-      # 2 s warmup), for STRACE_S seconds of steady 10,000 deliveries/s.
-      loadgen W1-rate10-strace "$((STRACE_S + 4))s" >"$WORK/sline" &
+    if command -v perf >/dev/null; then
+      # Syscalls counted by the kernel's tracepoints (perf stat: no ptrace
+      # stops, unlike strace -c, which slowed the server into a backlog), in a
+      # second step, once the 1,000 clients are connected and sending (1 s of
+      # connects, 1 s settle, 2 s warmup), over COUNT_S seconds of steady load.
+      loadgen W1-rate10-syscalls "$((COUNT_S + 4))s" >"$WORK/sline" &
       lpid=$!
-      sleep 3.5
-      timeout -s INT "$STRACE_S" strace -c -f -q -p "$PID" -o "$WORK/strace.txt" || true
+      sleep 4
+      perf stat -x, -o "$WORK/perf.txt" -p "$PID" -e raw_syscalls:sys_enter,syscalls:sys_enter_sendto \
+        -e syscalls:sys_enter_write,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read \
+        -- sleep "$COUNT_S" 2>/dev/null || true
       wait "$lpid" || true
-      sline="$(cat "$WORK/sline")"
-      "$ROOT/.venv/bin/python" - "$WORK/strace.txt" "$sline" "$STRACE_S" >>"$OUT" <<'EOF'
+      "$ROOT/.venv/bin/python" - "$WORK/perf.txt" "$(cat "$WORK/sline")" "$COUNT_S" >>"$OUT" <<'EOF'
 import json, sys
 path, line, seconds = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
 calls = {}
 for row in open(path):
-    f = row.split()
-    if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
-        calls[f[-1]] = int(f[3])
+    f = row.strip().split(",")
+    if len(f) > 2 and f[0].isdigit():
+        calls[f[2].split(":")[-1].replace("sys_enter_", "")] = int(f[0])
 deliveries = line["deliveries_per_s"] * seconds
-line.update(mode="strace", syscalls=calls, syscalls_per_delivery=round(sum(calls.values()) / deliveries, 3))
+per = {k: round(v / deliveries, 3) for k, v in calls.items()}
+line.update(mode="syscalls", syscalls=calls, syscalls_per_delivery=per.pop("sys_enter", None), per_delivery=per)
 print(json.dumps(line))
 EOF
     fi
@@ -117,7 +120,7 @@ print("| server | CPU µs/delivery | CPU % at 10k/s | syscalls/delivery | p50 ms
 print("|---|---:|---:|---:|---:|---:|---:|")
 for p in peers:
     m = [r for r in rows if r["peer"] == p and r.get("tag") == "W1-rate10"]
-    s = [r for r in rows if r["peer"] == p and r.get("mode") == "strace"]
+    s = [r for r in rows if r["peer"] == p and r.get("mode") == "syscalls"]
     if not m:
         continue
     med = lambda k, rs=m: statistics.median(r[k] for r in rs)
