@@ -19,10 +19,12 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
+from twisted.internet.threads import blockingCallFromThread
 
 from chatd import fastwrite
 from chatd.hub import SendBudget
 from tests.tlscert import make_certificate
+from tests.wsclient import Client
 
 
 class _Server(protocol.Protocol):
@@ -243,3 +245,45 @@ def test_only_plain_accepted_tcp_connections_get_the_fast_path() -> None:
         TLS = False
 
     assert fastwrite.install(NotTCP()) is False
+
+
+# -- chatd's WebSocket connections use it ---------------------------------------------
+
+
+def _transport_of(running, user: str):
+    """The server-side transport of ``user``'s connection (read in the reactor thread)."""
+    (session,) = [s for s in running.hub.sessions.values() if s.user == user]
+    return session._proto.transport
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ws_connection_writes_deliveries_and_replies_at_once(chatd) -> None:
+    def scenario():
+        with Client(chatd.ws_url) as alice:
+            alice.join("r", "alice")
+            transport = blockingCallFromThread(reactor, _transport_of, chatd, "alice")
+            assert type(transport) is fastwrite.FastServer
+            alice.send(type="message", room="r", message="hi")
+            assert alice.recv_type("message")["message"] == "hi"
+            assert blockingCallFromThread(reactor, _idle, transport)
+
+    await threads.deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_larger_than_the_read_limit_is_sent(start) -> None:
+    # The read limit bounds what a client may send, not what it is sent:
+    # a history of long messages is far larger than one inbound frame.
+    running = await start("--read-buffer-size", "8192", "--max-message-length", "4000")
+
+    def scenario():
+        with Client(running.ws_url) as alice:
+            alice.join("r", "alice")
+            for i in range(10):
+                alice.send(type="message", room="r", message=f"{i}" * 4000)
+                alice.recv_type("message")
+            alice.send(type="history", room="r", limit=10)
+            reply = alice.recv_type("history")
+            assert [m["message"] for m in reply["messages"]] == [f"{i}" * 4000 for i in range(10)]
+
+    await threads.deferToThread(scenario)
