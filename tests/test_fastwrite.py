@@ -23,6 +23,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from chatd import fastwrite
 from chatd.hub import SendBudget
+from tests.test_cross_protocol import SignalRClient
 from tests.tlscert import make_certificate
 from tests.wsclient import Client
 
@@ -253,6 +254,8 @@ def test_only_plain_accepted_tcp_connections_get_the_fast_path() -> None:
 def _transport_of(running, user: str):
     """The server-side transport of ``user``'s connection (read in the reactor thread)."""
     (session,) = [s for s in running.hub.sessions.values() if s.user == user]
+    if hasattr(session, "connection"):  # SignalR: its WebSocket protocol is the connection's transport
+        return session.connection.transport.transport
     return session._proto.transport
 
 
@@ -285,5 +288,31 @@ async def test_a_reply_larger_than_the_read_limit_is_sent(start) -> None:
             alice.send(type="history", room="r", limit=10)
             reply = alice.recv_type("history")
             assert [m["message"] for m in reply["messages"]] == [f"{i}" * 4000 for i in range(10)]
+
+    await threads.deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_signalr_websocket_record_larger_than_the_read_limit_is_sent_and_fan_out_is_direct(
+    start,
+) -> None:
+    running = await start("--read-buffer-size", "8192", "--max-message-length", "4000")
+    url = running.url("signalr", "ws", "/signalr")
+
+    def scenario():
+        with SignalRClient(url) as bob, SignalRClient(url) as carol:
+            for client, user in ((bob, "bob"), (carol, "carol")):
+                client.call("JoinRoom", "r", user)
+            transport = blockingCallFromThread(reactor, _transport_of, running, "carol")
+            assert type(transport) is fastwrite.FastServer
+            seen: list[dict] = []
+            for i in range(10):
+                bob.call("SendToRoom", "r", "bob", f"{i}" * 4000, seen=seen)
+            received = [carol.next() for _ in range(10)]
+            assert [r["arguments"][1] for r in received] == [f"{i}" * 4000 for i in range(10)]
+            assert blockingCallFromThread(reactor, _idle, transport)
+            # One record of some 40 KB, five times the inbound limit.
+            history = bob.call("GetHistory", "r", 10)
+            assert [m["message"] for m in history] == [f"{i}" * 4000 for i in range(10)]
 
     await threads.deferToThread(scenario)
