@@ -3,7 +3,7 @@
 # per room at 10 msg/s: 10,000 deliveries/s), for chatd at several git revisions
 # and the kit's Go + gorilla peer, alternating in one run.
 #
-#   bench/writepath.sh [-r ROUNDS] [-o OUT] REV...     e.g. bench/writepath.sh main write
+#   bench/writepath.sh [-r ROUNDS] [-o OUT] [-L RATES] REV...     e.g. bench/writepath.sh main write
 #
 # Each REV of this repository is exported (git archive) to a temporary tree
 # and started as users start it, on CPU 0, with the shared .venv:
@@ -13,6 +13,8 @@
 #   1. a measured step (-duration 10s): deliveries/s, p50/p99, server CPU % from /proc;
 #   2. a second step with `perf stat` counting the server's syscalls for COUNT_S
 #      seconds (skipped if perf is missing): syscalls per delivery, by kind.
+#   3. with -L 10,20,40,...: the W1 ladder at those rates instead of steps 1-2
+#      (sustained = the last rate with p99 < 50 ms and no loss).
 # One JSON line per step is appended to OUT (default
 # bench/results/<date>-writepath.jsonl); a summary table is printed at the end.
 # Run it under `flock /tmp/bench.lock` on a shared machine. Loopback only;
@@ -23,8 +25,9 @@ ROOT="$(dirname "$HERE")"
 BENCH="${BENCH:-/tmp/bench}"
 ROUNDS=1
 OUT="$HERE/results/$(date +%Y%m%d)-writepath.jsonl"
-while getopts "r:o:" opt; do
-  case $opt in r) ROUNDS="$OPTARG" ;; o) OUT="$OPTARG" ;; *) exit 2 ;; esac
+LADDER=""
+while getopts "r:o:L:" opt; do
+  case $opt in r) ROUNDS="$OPTARG" ;; o) OUT="$OPTARG" ;; L) LADDER="$OPTARG" ;; *) exit 2 ;; esac
 done
 shift $((OPTIND - 1))
 [ $# -gt 0 ] || { echo "usage: $0 [-r ROUNDS] [-o OUT] REV..." >&2; exit 2; }
@@ -79,6 +82,14 @@ for r in $(seq "$ROUNDS"); do
         --max-message-rate 0 --max-connections 20000
     fi
     echo "$(date +%T) $peer ($PID) round $r" >&2
+    if [ -n "$LADDER" ]; then
+      taskset -c 1 "$BENCH/loadgen/loadgen" -url "ws://127.0.0.1:$PORT/ws" -rooms 10 -clients-per-room 100 \
+        -senders-per-room 1 -rates "$LADDER" -warmup 2s -duration 5s -drain 3s -payload 128 -max-p99 50 \
+        -retries 1 -server-pid "$PID" -tag W1 -peer "$peer" -run-id "$run_id" -max-total 8m -out "$OUT" \
+        >/dev/null 2>>"$WORK/loadgen.log" || true
+      stop
+      continue
+    fi
     line="$(loadgen W1-rate10 10s)"
     echo "$line" >>"$OUT"
     if command -v perf >/dev/null; then
@@ -119,6 +130,10 @@ peers = list(dict.fromkeys(r["peer"] for r in rows))
 print("| server | CPU µs/delivery | CPU % at 10k/s | syscalls/delivery | p50 ms | p99 ms | runs |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for p in peers:
+    ladder = [r for r in rows if r["peer"] == p and r.get("tag") == "W1"]
+    if ladder:
+        ok = [r["rate"] for r in ladder if r.get("pass")]
+        print(f'| {p} | W1 ladder: sustained {max(ok) if ok else 0:g} msg/s per sender | | | | | |')
     m = [r for r in rows if r["peer"] == p and r.get("tag") == "W1-rate10"]
     s = [r for r in rows if r["peer"] == p and r.get("mode") == "syscalls"]
     if not m:
