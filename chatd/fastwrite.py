@@ -63,6 +63,7 @@ class FastServer(tcp.Server):
             or self._aborting
             or not self.connected
             or type(data) is not bytes
+            or not data
         ):
             tcp.Server.write(self, data)
             return
