@@ -17,6 +17,7 @@
 #      (sustained = the last rate with p99 < 50 ms and no loss).
 # One JSON line per step is appended to OUT (default
 # bench/results/<date>-writepath.jsonl); a summary table is printed at the end.
+# SHAPE=chat runs the same 10,000 deliveries/s in W2's shape (see below).
 # Run it under `flock /tmp/bench.lock` on a shared machine. Loopback only;
 # stops only the PIDs it started.
 set -euo pipefail
@@ -61,10 +62,19 @@ start() { # name cmd...
   echo "$name did not listen" >&2; return 1
 }
 
+# SHAPE=chat: the same 10,000 deliveries/s in W2's shape (1,000 rooms x 5, every
+# client sending 0.4 msg/s: 2,000 messages in a second instead of 100).
+if [ "${SHAPE:-w1}" = chat ]; then
+  LOAD="-rooms 1000 -clients-per-room 5 -senders-per-room 5 -rate 0.4 -connect-rate 1000"; PRE=9; TAG=chat
+else
+  LOAD="-rooms 10 -clients-per-room 100 -senders-per-room 1 -rate 10"; PRE=4; TAG=W1
+fi
+
 loadgen() { # tag duration extra...
   local tag="$1" duration="$2"; shift 2
-  taskset -c 1 "$BENCH/loadgen/loadgen" -url "ws://127.0.0.1:$PORT/ws" -rooms 10 -clients-per-room 100 \
-    -senders-per-room 1 -rate 10 -warmup 2s -duration "$duration" -drain 3s -payload 128 \
+  # shellcheck disable=SC2086
+  taskset -c 1 "$BENCH/loadgen/loadgen" -url "ws://127.0.0.1:$PORT/ws" $LOAD \
+    -warmup 2s -duration "$duration" -drain 3s -payload 128 \
     -server-pid "$PID" -tag "$tag" -peer "$peer" -run-id "$run_id" -max-total 3m "$@" 2>>"$WORK/loadgen.log" \
     | tail -n 1
 }
@@ -90,16 +100,16 @@ for r in $(seq "$ROUNDS"); do
       stop
       continue
     fi
-    line="$(loadgen W1-rate10 10s)"
+    line="$(loadgen "$TAG-10k" 10s)"
     echo "$line" >>"$OUT"
     if command -v perf >/dev/null; then
       # Syscalls counted by the kernel's tracepoints (perf stat: no ptrace
       # stops, unlike strace -c, which slowed the server into a backlog), in a
       # second step, once the 1,000 clients are connected and sending (1 s of
       # connects, 1 s settle, 2 s warmup), over COUNT_S seconds of steady load.
-      loadgen W1-rate10-syscalls "$((COUNT_S + 4))s" >"$WORK/sline" &
+      loadgen "$TAG-10k-syscalls" "$((COUNT_S + PRE))s" >"$WORK/sline" &
       lpid=$!
-      sleep 4
+      sleep "$PRE"
       perf stat -x, -o "$WORK/perf.txt" -p "$PID" -e raw_syscalls:sys_enter,syscalls:sys_enter_sendto \
         -e syscalls:sys_enter_write,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read \
         -- sleep "$COUNT_S" 2>/dev/null || true
@@ -126,20 +136,22 @@ done
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 rows = [r for r in rows if str(r.get("run_id", "")).startswith(sys.argv[2])]
-peers = list(dict.fromkeys(r["peer"] for r in rows))
-print("| server | CPU µs/delivery | CPU % at 10k/s | syscalls/delivery | p50 ms | p99 ms | runs |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for p in peers:
-    ladder = [r for r in rows if r["peer"] == p and r.get("tag") == "W1"]
+shape = lambda r: "chat" if r.get("tag", "").startswith("chat") else "W1"
+keys = list(dict.fromkeys((r["peer"], shape(r)) for r in rows))
+print("| server | load | CPU µs/delivery | CPU % at 10k/s | syscalls/delivery | p50 ms | p99 ms | runs |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+for p, sh in keys:
+    mine = [r for r in rows if r["peer"] == p and shape(r) == sh]
+    ladder = [r for r in mine if r.get("tag") == "W1"]
     if ladder:
         ok = [r["rate"] for r in ladder if r.get("pass")]
-        print(f'| {p} | W1 ladder: sustained {max(ok) if ok else 0:g} msg/s per sender | | | | | |')
-    m = [r for r in rows if r["peer"] == p and r.get("tag") == "W1-rate10"]
-    s = [r for r in rows if r["peer"] == p and r.get("mode") == "syscalls"]
+        print(f'| {p} | W1 ladder | sustained {max(ok) if ok else 0:g} msg/s per sender | | | | | |')
+    m = [r for r in mine if r.get("tag") in ("W1-rate10", "W1-10k", "chat-10k")]
+    s = [r for r in mine if r.get("mode") == "syscalls"]
     if not m:
         continue
     med = lambda k, rs=m: statistics.median(r[k] for r in rs)
     us = statistics.median(r["server_cpu_pct"] / 100 / r["deliveries_per_s"] * 1e6 for r in m)
     sc = f'{statistics.median(r["syscalls_per_delivery"] for r in s):.2f}' if s else "-"
-    print(f'| {p} | {us:.1f} | {med("server_cpu_pct"):.0f} | {sc} | {med("p50_ms"):.1f} | {med("p99_ms"):.1f} | {len(m)} |')
+    print(f'| {p} | {sh} 10k/s | {us:.1f} | {med("server_cpu_pct"):.0f} | {sc} | {med("p50_ms"):.1f} | {med("p99_ms"):.1f} | {len(m)} |')
 EOF
