@@ -46,19 +46,20 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from chatd import validate
+from chatd import fastwrite, validate
 from chatd.auth import Identity, Unauthenticated
 from chatd.http import JsonResource, OriginPolicy, health, write_json
 from chatd.hub import Hub, SendBudget, ServerFull
 from chatd.signalr.chat import ChatHub
 from chatd.signalr.connection import CLOSED, HubConnection, Options
 from chatd.validate import ChatError
-from chatd.websocket import ServerProtocol, server_options
+from chatd.websocket import DirectSend, ServerProtocol, frame, server_options
 
 log = Logger()
 
@@ -198,7 +199,7 @@ class ConnectionManager:
 # -- WebSockets ----------------------------------------------------------------
 
 
-class SignalRWebSocketProtocol(ServerProtocol):
+class SignalRWebSocketProtocol(DirectSend, ServerProtocol):
     """A WebSocket carrying one SignalR connection (text frames for json, binary for messagepack)."""
 
     factory: SignalRWebSocketFactory
@@ -225,13 +226,14 @@ class SignalRWebSocketProtocol(ServerProtocol):
         self.connection = connection
         self.budget = SendBudget(manager.options.write_limit, self._too_slow)
         self.budget.attach(self.transport)
+        fastwrite.install(self.transport)
         connection.attach(self)
 
     def write(self, data: bytes, binary: bool) -> None:
         # Between the peer's close frame and onClose, writes go nowhere
         # (Autobahn would raise); onClose tells the connection.
         if self.state == self.STATE_OPEN and self.budget.charge(len(data)):
-            self.sendMessage(data, isBinary=binary)
+            self.sendPreparedMessage(self.factory.frame(data, binary))
 
     def close(self) -> None:
         self.sendClose(1000)
@@ -259,9 +261,25 @@ class SignalRWebSocketFactory(WebSocketServerFactory):
         super().__init__()
         self.manager = manager
         self.pending: tuple[HubConnection | None, str | None, Identity | None] = (None, None, None)
+        #: the last record written and its frame (see :meth:`frame`)
+        self._last_frame: tuple[bytes | None, bool, PreparedMessage | None] = (None, False, None)
         # No WebSocket pings: SignalR has its own, and signalrcore reads
         # ping frames as data.
         self.setProtocolOptions(**server_options(read_limit, handshake_timeout), autoPingInterval=0)
+
+    def frame(self, record: bytes, binary: bool) -> PreparedMessage:
+        """The WebSocket frame of ``record``, built once for a fan-out.
+
+        A fan-out writes the same record object (cached per hub protocol by
+        the event) to every connection in turn, so the last frame built is
+        kept and reused while the same record comes again.
+        """
+        last_record, last_binary, last_frame = self._last_frame
+        if record is last_record and binary == last_binary:
+            return last_frame
+        built = frame(record, binary)
+        self._last_frame = (record, binary, built)
+        return built
 
     def buildProtocol(self, addr: Any) -> SignalRWebSocketProtocol:
         proto = super().buildProtocol(addr)

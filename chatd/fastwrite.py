@@ -1,0 +1,97 @@
+"""Write to a TCP socket at once when nothing is waiting, as asyncio and Go do.
+
+A Twisted transport never writes in ``write()``: it appends to its buffer
+and registers the socket for writability (``epoll_ctl``), and the next
+reactor turn sends and unregisters it (a second ``epoll_ctl``); see
+twisted/twisted#5303, open since 2011. For a chat server that is three
+syscalls and two reactor events per delivery where one ``send`` does.
+
+:func:`install` gives one accepted plain-TCP connection a ``write`` that,
+when the transport has nothing buffered, calls ``send`` on the socket
+straight away; whatever the kernel does not take (``EAGAIN``, a partial
+send) and every error go to Twisted's own buffered ``write``, so from then
+on Twisted's code owns the connection until its buffer is empty again:
+
+- order: new bytes are sent directly only when nothing older is buffered;
+- ``loseConnection``/``loseWriteConnection``: once asked, every write takes
+  Twisted's path, which closes after the buffer drains;
+- producers: the remainder goes through ``FileDescriptor.write``, which
+  pauses a streaming producer (chatd's :class:`~chatd.hub.SendBudget`) when
+  the buffer passes ``bufferSize``, and ``doWrite`` resumes it once drained,
+  so ``--write-buffer-size`` still closes a reader that stopped reading;
+- a connection lost under a write: the error is not raised or acted on
+  here (the caller may be half-way through a fan-out); the bytes are
+  buffered and the reactor's next ``doWrite`` meets the error and runs
+  ``connectionLost`` the usual way;
+- TLS: a transport with TLS started (``startTLS``) writes through its TLS
+  layer as before; an ``ssl:`` listener's protocols never see a
+  ``tcp.Server`` at all (their transport is the TLS protocol), so they are
+  left alone.
+
+Why a per-connection class swap and not a global patch or a custom port:
+listeners are built from endpoint strings (``tcp:``, ``ssl:``,
+``systemd:``, ``unix:``), and replacing ``tcp.Port`` would mean owning
+every endpoint parser; patching ``tcp.Server`` globally would change every
+Twisted connection in the process (the Redis client, the manhole).
+Swapping ``__class__`` of exactly ``tcp.Server`` instances to a subclass,
+at the point where a chat protocol takes the connection, touches only
+those connections, costs no memory per connection (no bound methods in the
+instance dict) and keeps ``isinstance`` checks true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.internet import tcp
+
+__all__ = ["FastServer", "install"]
+
+
+class FastServer(tcp.Server):
+    """A ``tcp.Server`` whose writes go out at once while nothing is buffered."""
+
+    def write(self, data: bytes) -> None:
+        # Anything unusual (TLS, a close under way, bytes already waiting, not
+        # bytes at all) is Twisted's to handle, exactly as before.
+        if (
+            self.dataBuffer
+            or self._tempDataLen
+            or self.TLS
+            or self.disconnecting
+            or self._writeDisconnecting
+            or self._aborting
+            or not self.connected
+            or type(data) is not bytes
+            or not data
+        ):
+            tcp.Server.write(self, data)
+            return
+        try:
+            sent = self.socket.send(data)
+        except OSError:
+            # EAGAIN, ENOBUFS, EINTR or a dead peer: let doWrite retry and
+            # report a lost connection from the reactor, not from here.
+            sent = 0
+        if sent < len(data):
+            tcp.Server.write(self, data[sent:] if sent else data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        iovec = list(iovec)
+        if not self.dataBuffer and not self._tempDataLen and all(type(i) is bytes for i in iovec):
+            self.write(b"".join(iovec))
+        else:
+            tcp.Server.writeSequence(self, iovec)
+
+
+def install(transport: object) -> bool:
+    """Give ``transport`` the direct write path if it is a plain accepted TCP connection.
+
+    Returns whether it did: anything else (TLS, UNIX sockets, test
+    transports, subclasses of ``tcp.Server`` with their own ideas) is left
+    as it is.
+    """
+    if type(transport) is tcp.Server and not transport.TLS:
+        transport.__class__ = FastServer
+        return True
+    return type(transport) is FastServer
