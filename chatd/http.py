@@ -196,8 +196,15 @@ class DeadlineChannel(HTTPChannel):
 
 
 def with_deadline(site: Any, deadline: float, on_expired: Callable[[], None] | None = None) -> Any:
-    """Give ``site``'s connections :class:`DeadlineChannel`'s per-request deadline."""
+    """Give ``site``'s connections :class:`DeadlineChannel`'s per-request deadline.
+
+    A site whose channel is already a :class:`DeadlineChannel` (one that
+    also takes WebSocket upgrades) keeps it, with this deadline.
+    """
+    base = site.protocol if isinstance(site.protocol, type) and issubclass(site.protocol, DeadlineChannel) else None
     site.protocol = type(
-        "DeadlineChannel", (DeadlineChannel,), {"deadline": deadline, "on_expired": staticmethod(on_expired)}
+        (base or DeadlineChannel).__name__,
+        (base or DeadlineChannel,),
+        {"deadline": deadline, "on_expired": staticmethod(on_expired)},
     )
     return site
