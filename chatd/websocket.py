@@ -52,12 +52,16 @@ name gets an error reply, as does a room outside the token's ``rooms``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
+import autobahn.twisted.websocket as _autobahn_twisted
+import autobahn.websocket.protocol as _autobahn_protocol
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import hltype as _hltype
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
@@ -152,6 +156,44 @@ class WebSocketSession(Session):
         self.close(reason, CLOSE_POLICY)
 
 
+class _TypeName:
+    """Autobahn's ``hltype(obj)``, formatted only if a log line is ever written.
+
+    Autobahn passes ``func=hltype(self.method)`` to its debug log calls on
+    every connection, every read and every write; the argument is built
+    (a qualified name split, joined and decorated: about 1.5 us) even
+    though debug lines are dropped at chatd's log levels: some 16 times
+    per connection. This stands in for the string until something formats it.
+    """
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: object) -> None:
+        self._obj = obj
+
+    def __str__(self) -> str:
+        return _hltype(self._obj)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    __repr__ = __str__
+
+
+def _defer_type_names() -> None:
+    """Make Autobahn's WebSocket modules build ``hltype`` strings lazily (see :class:`_TypeName`)."""
+    for module in (_autobahn_protocol, _autobahn_twisted):
+        if module.hltype is _hltype:
+            module.hltype = _TypeName
+
+
+_defer_type_names()
+
+#: the options a server connection copies from its factory
+_OPTIONS = WebSocketServerProtocol.CONFIG_ATTRS
+_options_of = operator.attrgetter(*_OPTIONS)
+
+
 class ServerProtocol(WebSocketServerProtocol):
     """Autobahn's server protocol without its per-connection debug dump.
 
@@ -159,8 +201,8 @@ class ServerProtocol(WebSocketServerProtocol):
     connection and, for a debug line nobody reads, pretty-prints all of them
     (``pprint.pformat`` of some 30 tuples) on every connection, log level
     or not: about a fifth of the server's CPU in a reconnect storm. The copy
-    is done here, the same way (an attribute already on the protocol wins),
-    and Autobahn is left an empty list to print.
+    is done here in one step (an attribute already set on the connection
+    wins), and Autobahn is left an empty list to print.
 
     Autobahn also starts its opening-handshake timer (``openHandshakeTimeout``)
     as the connection is made. Behind twisted.web's ``WebSocketResource``
@@ -174,10 +216,9 @@ class ServerProtocol(WebSocketServerProtocol):
     CONFIG_ATTRS: tuple[str, ...] = ()
 
     def _connectionMade(self) -> None:
-        factory = self.factory
-        for name in WebSocketServerProtocol.CONFIG_ATTRS:
-            if not hasattr(self, name):
-                setattr(self, name, getattr(factory, name))
+        options = dict(zip(_OPTIONS, _options_of(self.factory)))
+        options.update(self.__dict__)  # an attribute already set on the connection wins
+        self.__dict__.update(options)
         timeout, self.openHandshakeTimeout = self.openHandshakeTimeout, 0
         super()._connectionMade()
         self.openHandshakeTimeout = timeout
@@ -586,8 +627,8 @@ class UpgradeChannel(DeadlineChannel):
         self._disarm()  # the request is all in: the handshake has its own timeout
         self.setTimeout(None)
         transport = self.transport
-        if getattr(transport, "producer", None) is self:
-            transport.unregisterProducer()
+        # This channel stays the transport's producer, as behind WebSocketResource:
+        # Autobahn unregisters it if the handshake fails, the session replaces it if not.
         protocol = self.upgrades.buildProtocol(transport.getPeer())
         self.transport = None
         # As WebSocketResource does it: TLS wraps either this protocol or the transport's.
