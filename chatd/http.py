@@ -207,4 +207,7 @@ def with_deadline(site: Any, deadline: float, on_expired: Callable[[], None] | N
         (base or DeadlineChannel,),
         {"deadline": deadline, "on_expired": staticmethod(on_expired)},
     )
+    # The channel speaks HTTP/1.1 only (twisted.web's HTTP/2 lives in the generic
+    # channel it replaces), so TLS must not offer h2: browsers would take it.
+    site.acceptableProtocols = lambda: [b"http/1.1"]
     return site

@@ -181,3 +181,9 @@ def test_autobahns_debug_type_names_are_formatted_only_when_used() -> None:
     name = _TypeName(websocket.ServerProtocol.processHandshake)
     assert str(name) == hltype(websocket.ServerProtocol.processHandshake)
     assert f"{name}!" == hltype(websocket.ServerProtocol.processHandshake) + "!"
+
+
+def test_sites_with_a_deadline_offer_tls_clients_http_1_1_only() -> None:
+    # Their channels speak HTTP/1.1 only: a browser offered h2 took it and got a protocol error.
+    server = Server()
+    assert server.site.acceptableProtocols() == [b"http/1.1"]
