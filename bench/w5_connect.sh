@@ -10,7 +10,9 @@
 #
 # TREES names chatd source trees (label=path, each with its .venv) to measure
 # in the same run, alternating their order every round; by default this tree,
-# labelled "chatd". GO=0 leaves the Go peer out. Each server gets the
+# labelled "chatd". GO=0 leaves the Go peer out. RATE (default 1000) sets the
+# connections a second: below what every server can take, CPU per connection
+# compares the code alone (a saturated reactor handles more per wake-up). Each server gets the
 # loadgen's line (server CPU for connect + join + the 5 s hold) and a
 # "W5-connect-close" line: server CPU from before the first connection until
 # the last one is closed, per connection.
@@ -24,6 +26,7 @@ BENCH="${BENCH:-/tmp/bench}"
 ROUNDS="${1:-1}"
 OUT="${2:-$HERE/results/$(date +%Y%m%d)-w5-connect.jsonl}"
 N="${N:-10000}"
+RATE="${RATE:-1000}"
 PORT="${PORT:-9450}"
 TREES="${TREES:-chatd=$ROOT}"
 ulimit -n "$(ulimit -Hn)"
@@ -77,14 +80,14 @@ for r in $(seq "$ROUNDS"); do
     echo "$(date +%T) $label ($PID) round $r" >&2
     cpu0="$(cpu)"
     taskset -c 1 "$BENCH/loadgen/loadgen" -url "ws://127.0.0.1:$PORT/ws" -idle "$N" -clients-per-room 5 \
-      -connect-rate 1000 -duration 5s -server-pid "$PID" -tag W5-connect -peer "$label" -run-id "$run_id" \
+      -connect-rate "$RATE" -duration 5s -server-pid "$PID" -tag W5-connect -peer "$label" -run-id "$run_id" \
       -out "$OUT" -max-total 3m >/dev/null 2>>"$DATA/loadgen.log" || echo "loadgen failed for $label" >&2
     for _ in $(seq 300); do [ "$(established)" -eq 0 ] && break; sleep 0.1; done
     left="$(established)"
     sleep 0.5  # the last closes' bookkeeping
     cpu1="$(cpu)"
-    printf '{"run_id":"%s","peer":"%s","tag":"W5-connect-close","src":"%s","commit":"%s","conns":%d,"still_open":%d,"server_cpu_s":%s,"server_cpu_per_conn_ms":%s,"ts":"%s"}\n' \
-      "$run_id" "$label" "$src" "$commit" "$N" "$left" "$(awk "BEGIN{printf \"%.2f\", $cpu1 - $cpu0}")" \
+    printf '{"run_id":"%s","peer":"%s","tag":"W5-connect-close","connect_rate":%s,"src":"%s","commit":"%s","conns":%d,"still_open":%d,"server_cpu_s":%s,"server_cpu_per_conn_ms":%s,"ts":"%s"}\n' \
+      "$run_id" "$label" "$RATE" "$src" "$commit" "$N" "$left" "$(awk "BEGIN{printf \"%.2f\", $cpu1 - $cpu0}")" \
       "$(awk "BEGIN{printf \"%.3f\", 1000 * ($cpu1 - $cpu0) / $N}")" "$(date -u +%FT%TZ)" >>"$OUT"
     tail -2 "$OUT" | python3 -c 'import json,sys
 for l in sys.stdin:
