@@ -61,7 +61,7 @@ for t in "${trees[@]}"; do servers+=("$t"); done
 [ "${GO:-1}" = 0 ] || servers+=("go-gorilla=")
 
 for r in $(seq "$ROUNDS"); do
-  run_id="$(date +%Y%m%dT%H%M%S)-r$r"
+  run_id="$(date +%Y%m%dT%H%M%S)-r$r"; [ "$RATE" = 1000 ] || run_id+="-at$RATE"
   # a different order every round, so no server always runs first
   k=$(( (r - 1) % ${#servers[@]} ))
   order=("${servers[@]:$k}" "${servers[@]:0:$k}")
