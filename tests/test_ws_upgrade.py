@@ -5,16 +5,20 @@ twisted.web, and a client cannot tell which way it went."""
 from __future__ import annotations
 
 import base64
+import socket
 
 import pytest
+import pytest_twisted
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.util import hltype
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThread
 
 from chatd import tap, websocket
 from chatd.hub import SendBudget
 from chatd.websocket import ChatServerProtocol, UpgradeChannel, _TypeName, _whole_upgrade
+from tests.wsclient import Client
 
 KEY = base64.b64encode(b"0123456789abcdef")
 
@@ -187,3 +191,19 @@ def test_sites_with_a_deadline_offer_tls_clients_http_1_1_only() -> None:
     # Their channels speak HTTP/1.1 only: a browser offered h2 took it and got a protocol error.
     server = Server()
     assert server.site.acceptableProtocols() == [b"http/1.1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_real_sockets_a_client_library_takes_the_short_way_and_a_body_the_long_one(chatd, rendered) -> None:
+    def scenario() -> bytes:
+        with Client(chatd.ws_url) as client:  # the websockets library writes its request head at once
+            client.send(type="join", room="lobby", user="alice")
+            assert client.recv_type("joined")["members"] == ["alice"]
+        assert rendered == []
+        with socket.create_connection(("127.0.0.1", chatd.ports["ws"]), timeout=10) as sock:
+            sock.sendall(through_site(upgrade()))
+            return sock.recv(4096)
+
+    answer = await deferToThread(scenario)
+    assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert rendered == [b"/ws"]
