@@ -6,6 +6,16 @@
 # new connections a second, held 5 s. Server pinned to CPU 0, loadgen to CPU 1.
 #
 #   bench/w5_connect.sh [ROUNDS] [OUT]     # defaults: 1, bench/results/<date>-w5-connect.jsonl
+#   TREES="main=/src/chatd-main new=/src/chatd" bench/w5_connect.sh 3
+#
+# TREES names chatd source trees (label=path, each with its .venv) to measure
+# in the same run, alternating their order every round; by default this tree,
+# labelled "chatd". GO=0 leaves the Go peer out. RATE (default 1000) sets the
+# connections a second: below what every server can take, CPU per connection
+# compares the code alone (a saturated reactor handles more per wake-up). Each server gets the
+# loadgen's line (server CPU for connect + join + the 5 s hold) and a
+# "W5-connect-close" line: server CPU from before the first connection until
+# the last one is closed, per connection.
 #
 # Needs the shared kit built in $BENCH (default /tmp/bench: loadgen/loadgen and
 # peers/go-gorilla/go-gorilla). Loopback only; stops only the PIDs it started.
@@ -16,7 +26,9 @@ BENCH="${BENCH:-/tmp/bench}"
 ROUNDS="${1:-1}"
 OUT="${2:-$HERE/results/$(date +%Y%m%d)-w5-connect.jsonl}"
 N="${N:-10000}"
+RATE="${RATE:-1000}"
 PORT="${PORT:-9450}"
+TREES="${TREES:-chatd=$ROOT}"
 ulimit -n "$(ulimit -Hn)"
 DATA="$(mktemp -d /tmp/w5-connect-XXXXXX)"
 PID=""
@@ -37,22 +49,49 @@ start() { # name cmd...
   echo "$name did not listen" >&2; return 1
 }
 
+cpu() { # CPU seconds (user + system) of $PID so far
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$PID/stat"
+}
+
+established() { ss -Htn state established "( sport = :$PORT )" | wc -l; }
+
+read -r -a trees <<<"$TREES"
+servers=()
+for t in "${trees[@]}"; do servers+=("$t"); done
+[ "${GO:-1}" = 0 ] || servers+=("go-gorilla=")
+
 for r in $(seq "$ROUNDS"); do
-  run_id="$(date +%Y%m%dT%H%M%S)-r$r"
-  for peer in chatd go-gorilla; do
-    if [ "$peer" = chatd ]; then
+  run_id="$(date +%Y%m%dT%H%M%S)-r$r"; [ "$RATE" = 1000 ] || run_id+="-at$RATE"
+  # a different order every round, so no server always runs first
+  k=$(( (r - 1) % ${#servers[@]} ))
+  order=("${servers[@]:$k}" "${servers[@]:0:$k}")
+  for server in "${order[@]}"; do
+    label="${server%%=*}"; src="${server#*=}"; commit=""
+    if [ "$label" = go-gorilla ]; then
+      start go-gorilla "$BENCH/peers/go-gorilla/go-gorilla" -addr "127.0.0.1:$PORT"
+    else
       rm -rf "$DATA/data"
-      PYTHONPATH="$ROOT" start chatd "$ROOT/.venv/bin/twistd" -n --pidfile= -l "$DATA/chatd-twistd.log" chatd \
+      commit="$(git -C "$src" rev-parse --short HEAD 2>/dev/null || true)"
+      PYTHONPATH="$src" start "$label" "$src/.venv/bin/twistd" -n --pidfile= -l "$DATA/$label-twistd.log" chatd \
         --ws "tcp:$PORT:interface=127.0.0.1" --signalr tcp:0:interface=127.0.0.1 --web tcp:0:interface=127.0.0.1 \
         --grpc 127.0.0.1:0 --data-dir "$DATA/data" --max-connections-per-ip 0 --max-connection-rate 0 \
         --max-message-rate 0 --max-connections 20000
-    else
-      start go-gorilla "$BENCH/peers/go-gorilla/go-gorilla" -addr "127.0.0.1:$PORT"
     fi
-    echo "$(date +%T) $peer ($PID) round $r" >&2
+    echo "$(date +%T) $label ($PID) round $r" >&2
+    cpu0="$(cpu)"
     taskset -c 1 "$BENCH/loadgen/loadgen" -url "ws://127.0.0.1:$PORT/ws" -idle "$N" -clients-per-room 5 \
-      -connect-rate 1000 -duration 5s -server-pid "$PID" -tag W5-connect -peer "$peer" -run-id "$run_id" \
-      -out "$OUT" -max-total 3m >/dev/null 2>>"$DATA/loadgen.log" || echo "loadgen failed for $peer" >&2
+      -connect-rate "$RATE" -duration 5s -server-pid "$PID" -tag W5-connect -peer "$label" -run-id "$run_id" \
+      -out "$OUT" -max-total 3m >/dev/null 2>>"$DATA/loadgen.log" || echo "loadgen failed for $label" >&2
+    for _ in $(seq 300); do [ "$(established)" -eq 0 ] && break; sleep 0.1; done
+    left="$(established)"
+    sleep 0.5  # the last closes' bookkeeping
+    cpu1="$(cpu)"
+    printf '{"run_id":"%s","peer":"%s","tag":"W5-connect-close","connect_rate":%s,"src":"%s","commit":"%s","conns":%d,"still_open":%d,"server_cpu_s":%s,"server_cpu_per_conn_ms":%s,"ts":"%s"}\n' \
+      "$run_id" "$label" "$RATE" "$src" "$commit" "$N" "$left" "$(awk "BEGIN{printf \"%.2f\", $cpu1 - $cpu0}")" \
+      "$(awk "BEGIN{printf \"%.3f\", 1000 * ($cpu1 - $cpu0) / $N}")" "$(date -u +%FT%TZ)" >>"$OUT"
+    tail -2 "$OUT" | python3 -c 'import json,sys
+for l in sys.stdin:
+    d=json.loads(l); print("  ", d["tag"], {k: d.get(k) for k in ("conns_ok","conns_failed","handshake_p50_ms","handshake_p99_ms","server_cpu_s","server_cpu_per_conn_ms")})' >&2
     stop
   done
 done

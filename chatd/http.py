@@ -222,9 +222,18 @@ class _Negotiated(_GenericHTTPChannelProtocol):
 
 
 def with_deadline(site: Any, deadline: float, on_expired: Callable[[], None] | None = None) -> Any:
-    """Give ``site``'s HTTP/1.1 connections :class:`DeadlineChannel`'s per-request deadline."""
+    """Give ``site``'s HTTP/1.1 connections :class:`DeadlineChannel`'s per-request deadline.
+
+    A site whose channel is already a :class:`DeadlineChannel` (one that
+    also takes WebSocket upgrades) keeps it, with this deadline. On TLS the
+    channel sits behind twisted.web's ALPN switch (:class:`_Negotiated`),
+    so HTTP/2 clients get HTTP/2.
+    """
+    base = site.protocol if isinstance(site.protocol, type) and issubclass(site.protocol, DeadlineChannel) else None
     channel = type(
-        "DeadlineChannel", (DeadlineChannel,), {"deadline": deadline, "on_expired": staticmethod(on_expired)}
+        (base or DeadlineChannel).__name__,
+        (base or DeadlineChannel,),
+        {"deadline": deadline, "on_expired": staticmethod(on_expired)},
     )
     site.protocol = lambda: _Negotiated(channel())
     return site

@@ -367,7 +367,7 @@ def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory, metrics_token: st
     root.putChild(b"metrics", metrics_resource(hub, metrics_token))
     site = Site(root)
     site.noisy = False
-    return site
+    return websocket.serve_upgrades(site, factory)
 
 
 def _timed(site: Site, options: Options, hub: Hub | None = None, protocol: str = "none") -> Site:
