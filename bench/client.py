@@ -559,6 +559,9 @@ def worker_main(pipe: multiprocessing.connection.Connection, urls: dict[str, str
     async def serve() -> None:
         w = Worker(pipe, urls, payload)
         w.loop.add_reader(pipe.fileno(), w.on_pipe)
+        # uvloop makes the fd non-blocking; a large reply must not fail with EAGAIN
+        # (the parent reads it at once, so a blocking send only waits for it).
+        os.set_blocking(pipe.fileno(), True)
         pipe.send({"ready": True, "pid": os.getpid()})
         await w.done
 
