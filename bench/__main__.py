@@ -3,7 +3,7 @@
     python -m bench                                    # chatd, W1 W2 W3 W4 at the kit's sizes
     python -m bench W1 --peer chatd --peer go-gorilla --server-cpu 0 --client-cpu 1
     python -m bench W1 --client loadgen                # the kit's Go load generator as the client
-    python -m bench W1 --chatd-args '--workers 2 --redis redis://127.0.0.1:6379/0'
+    python -m bench W1 --redis-server --chatd-args '--workers 2 --redis {REDIS}'
     python -m bench W1 --quick                         # a short smoke run (figures mean little)
     python -m bench --table results.jsonl              # the README's Markdown table from saved lines
 
@@ -40,6 +40,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="chatd (default), a kit peer (go-gorilla, py-autobahn-prepared, …), NAME='command {PORT}' "
                         "or NAME=ws://127.0.0.1:PORT/ws; repeat for side-by-side runs")
     p.add_argument("--chatd-args", default="", help="extra chatd options, e.g. '--workers 2 --redis redis://…'")
+    p.add_argument("--redis-server", action="store_true",
+                   help="start a fresh redis-server per workload; {REDIS} in --chatd-args is its URL")
     p.add_argument("--server-cpu", help="pin each server with taskset -c (e.g. 0, or 0,1)")
     p.add_argument("--client-cpu", help="pin the client processes (e.g. 1)")
     p.add_argument("--client-procs", type=int, default=0, help="client processes (default: one per client CPU)")
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             t0 = time.monotonic()
             try:
                 if not wl.own_server:
-                    server = Server(peer, args.server_cpu, shlex.split(args.chatd_args))
+                    server = Server(peer, args.server_cpu, shlex.split(args.chatd_args),
+                                    redis=args.redis_server and peer == "chatd")
                     server.start()
                     base["server_pid"] = server.pid
                 cpu0 = server.cpu() if server and server.pid else None

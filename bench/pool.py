@@ -102,6 +102,7 @@ class ClientPool:
                    "seed": seed})
         time.sleep(max(0.0, (win_start - time.time_ns()) / 1e9))
         s0 = server.cpu() if server else float("nan")
+        r0 = server.redis_cpu() if server else None
         peak = [0, 0]
 
         def sample() -> None:
@@ -113,6 +114,7 @@ class ClientPool:
             time.sleep(min(0.25, max(0.0, (win_end - time.time_ns()) / 1e9)))
             sample()
         s1 = server.cpu() if server else float("nan")
+        r1 = server.redis_cpu() if server else None
         deadline = time.monotonic() + drain
         while time.monotonic() < deadline:
             counts = self._all({"cmd": "counts"})
@@ -157,6 +159,9 @@ class ClientPool:
             out["server_rss_kb"], out["server_hwm_kb"] = peak
             if received:
                 out["server_cpu_us_per_delivery"] = round(1e6 * (s1 - s0) / received, 2)
+            if r0 is not None:
+                out["redis_cpu_s"] = round(r1 - r0, 3)
+                out["redis_cpu_pct"] = round(100 * (r1 - r0) / duration, 1)
         return out
 
     def frames(self) -> int:

@@ -116,12 +116,54 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+class Redis:
+    """A fresh ``redis-server`` on a free loopback port for ``--redis-server``: the backplane of ``--workers``.
+
+    Append-only file with ``everysec`` fsync in its own temporary directory, as
+    a production backplane would run; its CPU is reported beside the server's.
+    """
+
+    def __init__(self, cpu: str | None = None) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="bench-redis-")
+        self.port = free_port()
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.dir.name, "--protected-mode", "no"]
+        if cpu is not None:
+            argv = ["taskset", "-c", cpu, *argv]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not _listening(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu(self) -> float:
+        return cpu_seconds([self.proc.pid])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.dir.cleanup()
+
+
 class Server:
     """One server under test. ``spec`` is ``chatd``, a kit peer's name, ``NAME=COMMAND`` or ``NAME=ws://…``."""
 
     def __init__(self, spec: str, server_cpu: str | None = None, chatd_args: list[str] | None = None,
-                 logdir: Path | None = None) -> None:
+                 logdir: Path | None = None, redis: bool = False) -> None:
         self.name, _, target = spec.partition("=")
+        self.want_redis = redis
+        self.redis: Redis | None = None
         self.server_cpu = server_cpu
         self.chatd_args = chatd_args or []
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix="bench-logs-"))
@@ -158,7 +200,8 @@ class Server:
                 "--web", f"tcp:{p['web']}:interface=127.0.0.1",
                 "--grpc", f"127.0.0.1:{p['grpc']}",
                 "--data-dir", self._data.name,
-                *LOAD_OPTIONS, *self.chatd_args,
+                *LOAD_OPTIONS, "--drain-timeout", "2",
+                *(a.replace("{REDIS}", self.redis.url) if self.redis else a for a in self.chatd_args),
             ]  # fmt: skip
         else:
             cmd = self.command.replace("{PORT}", str(self.ports["ws"]))  # type: ignore[union-attr]
@@ -178,6 +221,8 @@ class Server:
                     port = free_port()
                 self.ports[name] = port
         self.urls = {"ws": f"ws://127.0.0.1:{self.ports['ws']}/ws"}
+        if self.want_redis and self.redis is None:
+            self.redis = Redis(self.server_cpu)
         if self.is_chatd:
             self.urls["signalr"] = f"ws://127.0.0.1:{self.ports['signalr']}/signalr"
             self.urls["grpc"] = f"127.0.0.1:{self.ports['grpc']}"
@@ -228,6 +273,9 @@ class Server:
     def cpu(self) -> float:
         return cpu_seconds(self.pids()) if self.pid else float("nan")
 
+    def redis_cpu(self) -> float | None:
+        return self.redis.cpu() if self.redis else None
+
     def memory(self) -> tuple[int, int]:
         return memory_kb(self.pids()) if self.pid else (0, 0)
 
@@ -250,3 +298,6 @@ class Server:
                 self.proc.wait()
         self.proc = None
         self._tree = []
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
