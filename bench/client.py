@@ -94,7 +94,8 @@ class Worker:
         self.senders: list[Sender] = []
         self.conns: list[object] = []
         self.tasks: set[asyncio.Task] = set()
-        self.cpu_window = 0.0
+        self.cpu_window: float | None = 0.0
+        self.cpu_start: float | None = None
         self.senders_running = 0
         self.done = asyncio.get_running_loop().create_future()
         self.grpc_channels: list[object] = []
@@ -237,16 +238,20 @@ class Worker:
         offset = time.time_ns() - int(self.loop.time() * 1e9)  # unix ns = loop ns + offset
         for s in self.senders:
             s.start(msg["rate"], msg["t0"], msg["win_end"], rng.random(), offset)
+        self._step_base = (d0, e0)
+        self.cpu_window, self.cpu_start = None, None
         self.pipe.send({"started": len(self.senders)})
         await asyncio.sleep(max(0.0, (self.win_start - time.time_ns()) / 1e9))
-        c0 = _cpu()
+        self.cpu_start = _cpu()
         await asyncio.sleep(max(0.0, (self.win_end - time.time_ns()) / 1e9))
-        self.cpu_window = _cpu() - c0
-        self._step_base = (d0, e0)
+        if self.cpu_window is None:  # finish() may have come first: it measured already
+            self.cpu_window = _cpu() - self.cpu_start
 
     def finish(self) -> dict:
         """Close the window: nothing arriving from now on is counted."""
         self.win_start = self.win_end = 0
+        if self.cpu_window is None:
+            self.cpu_window = _cpu() - self.cpu_start if self.cpu_start is not None else 0.0
         for s in self.senders:
             s.stop()
         d0, e0 = getattr(self, "_step_base", (self.disconnects, self.write_errors))
