@@ -430,7 +430,7 @@ class SignalRClient:
             self.t.send(WSMsgType.TEXT, _dumps({"type": 1, "target": target, "arguments": args}) + RS)
 
     def _ping(self) -> None:
-        if self.t.is_disconnected():
+        if self.t.is_disconnected:
             return
         if self.msgpack:
             self.t.send(WSMsgType.BINARY, b"\x02\x91\x06")  # varint 2, msgpack [6]
