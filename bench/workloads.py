@@ -262,3 +262,18 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def _load_extra_workloads() -> None:
+    """Import the bench modules that add workloads of their own (``register`` at import), if present."""
+    import importlib
+    import importlib.util
+
+    for module in EXTRA_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+EXTRA_MODULES = ["bench.memory"]
+"""Modules whose import registers more workloads; a new workload module adds its name here."""
+_load_extra_workloads()
