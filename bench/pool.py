@@ -16,6 +16,7 @@ from array import array
 from dataclasses import asdict
 
 from bench.client import GRPC_KINDS, Conn, worker_main
+from bench.servers import machine_busy
 
 
 def percentile(sorted_values: list[int] | array, p: float) -> float:
@@ -103,6 +104,7 @@ class ClientPool:
         time.sleep(max(0.0, (win_start - time.time_ns()) / 1e9))
         s0 = server.cpu() if server else float("nan")
         r0 = server.redis_cpu() if server else None
+        m0 = machine_busy()
         peak = [0, 0]
 
         def sample() -> None:
@@ -115,6 +117,7 @@ class ClientPool:
             sample()
         s1 = server.cpu() if server else float("nan")
         r1 = server.redis_cpu() if server else None
+        m1 = machine_busy()
         deadline = time.monotonic() + drain
         while time.monotonic() < deadline:
             counts = self._all({"cmd": "counts"})
@@ -153,6 +156,9 @@ class ClientPool:
             "client_cpu_pct": round(100 * sum(client_cpu) / duration, 1),
             "client_max_proc_cpu_pct": round(100 * max(client_cpu) / duration, 1),
         }
+        # What else ran meanwhile (other processes, steal): a busy machine skews latency.
+        others = (m1 - m0) - sum(client_cpu) - (s1 - s0 if server and server.pid else 0) - ((r1 - r0) if r0 is not None else 0)
+        out["other_cpu_pct"] = round(max(0.0, 100 * others / duration), 1)
         if server and server.pid:
             out["server_cpu_s"] = round(s1 - s0, 3)
             out["server_cpu_pct"] = round(100 * (s1 - s0) / duration, 1)

@@ -18,7 +18,7 @@ def _steps(lines: list[dict], peer: str, tag: str, mode: str) -> list[dict]:
 def summary(lines: list[dict]) -> str:
     """One row per measured step: enough to see at a glance what happened."""
     cols = ["peer", "tag", "rate", "conns", "sent", "expected", "received", "lost", "p50", "p99", "p999", "max",
-            "deliv/s", "srv cpu s", "srv cpu %", "us/deliv", "srv hwm MB", "cli cpu %", "pass"]
+            "deliv/s", "srv cpu s", "srv cpu %", "us/deliv", "srv hwm MB", "cli cpu %", "other %", "pass"]
     rows = []
     for x in lines:
         if x.get("mode") in ("fanout", "chat"):
@@ -29,18 +29,19 @@ def summary(lines: list[dict]) -> str:
                          _f(x.get("server_cpu_pct"), 0), _f(x.get("server_cpu_us_per_delivery")),
                          _f((x.get("server_hwm_kb") or 0) / 1024, 0),
                          _f(x.get("client_cpu_pct"), 0) + ("!" if x.get("client_saturated") else ""),
-                         "yes" if x.get("pass") else f"no ({x.get('fail_reason', '')})"])
+                         _f(x.get("other_cpu_pct"), 0), "yes" if x.get("pass") else f"no ({x.get('fail_reason', '')})"])
         elif x.get("mode") == "idle":
             rows.append([x.get("peer"), x.get("tag"), "idle", x.get("conns_ok"), "", "", "", "", "", "", "", "", "",
                          _f(x.get("server_cpu_s"), 2), "", "", _f((x.get("server_hwm_kb") or 0) / 1024, 0),
-                         "", f"{x.get('server_rss_per_conn_kb')} KB/conn"])
+                         "", "", f"{x.get('server_rss_per_conn_kb')} KB/conn"])
         elif x.get("mode") == "error":
             rows.append([x.get("peer"), x.get("tag"), "error", "", "", "", "", "", "", "", "", "", "", "", "", "", "",
                          "", x.get("error")])
     widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     out = ["  ".join(str(c).rjust(w) for c, w in zip(cols, widths))]
     out += ["  ".join(str(c if c is not None else "").rjust(w) for c, w in zip(r, widths)) for r in rows]
-    out.append("(latencies in ms; '!' after client CPU: a client process was above 90 % of a core)")
+    out.append("(latencies in ms; '!' after client CPU: a client process was above 90 % of a core; "
+               "other %: CPU used by anything else on the machine during the window, steal included)")
     return "\n".join(out)
 
 

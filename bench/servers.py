@@ -100,6 +100,12 @@ def memory_kb(pids: list[int]) -> tuple[int, int]:
     return rss, hwm
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (all CPUs; not idle, not iowait; steal counts as busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
+
+
 def thread_count(pids: list[int]) -> int:
     n = 0
     for pid in pids:
