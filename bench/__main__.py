@@ -73,6 +73,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-id", default=time.strftime("%Y%m%dT%H%M%S"))
     p.add_argument("--table", nargs="+", metavar="JSONL", help="print the Markdown table of saved runs and exit")
     p.add_argument("--ref", default="go-gorilla", help="--table: the peer ratios are taken to")
+    p.add_argument("--only-run", action="append", metavar="RUN_ID",
+                   help="--table: only lines of these run ids (default: the newest run per server and workload)")
     args = p.parse_args(argv)
     if args.quick:
         args.rates, args.warmup, args.duration, args.drain, args.retries = "10,40", 1, 2, 2, 0
@@ -150,8 +152,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.table:
-        print(report.markdown([json.loads(x) for f in args.table for x in Path(f).read_text().splitlines()
-                               if x.startswith("{")], args.ref))
+        lines = [json.loads(x) for f in args.table for x in Path(f).read_text().splitlines() if x.startswith("{")]
+        if args.only_run:
+            lines = [x for x in lines if x.get("run_id") in args.only_run]
+        print(report.markdown(lines, args.ref))
         return 0
     args.run_id = args.run_id or uuid.uuid4().hex[:8]
     signal.signal(signal.SIGALRM, _watchdog)

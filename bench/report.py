@@ -115,7 +115,7 @@ def markdown(lines: list[dict], ref: str = "go-gorilla") -> str:
             (f"{us(c10):.1f} µs" + ratio(us(c10), us(r.get("w1_cpu10")))) if us(c10) else "",
             f"{c10.get('server_cpu_pct', 0):.0f} / {c20.get('server_cpu_pct', 0):.0f}" if c10 and c20 else
             (f"{c10.get('server_cpu_pct', 0):.0f} / –" if c10 else ""),
-            (f"{w2['p50_ms']:.1f} / {w2['p99_ms']:.1f}, {w2.get('server_cpu_pct', 0):.0f} %"
+            (f"{w2['p50_ms']:,.1f} / {w2['p99_ms']:,.1f}, {w2.get('server_cpu_pct', 0):.0f} %"
              + ("" if not w2.get("lost") else f", lost {w2['lost']}")) if w2 else "",
             f"{w2.get('server_hwm_kb', 0) / 1024:.0f} MB" if w2 and w2.get("server_hwm_kb") else "",
             (f"{w3['server_rss_per_conn_kb']:.1f} KB" + ratio(w3["server_rss_per_conn_kb"],
