@@ -63,6 +63,10 @@ def register(name: str, help: str, own_server: bool = False, chatd_only: bool = 
 
 
 def _pool(args: argparse.Namespace, server: Server, grpc_procs: int = 0) -> ClientPool:
+    from bench import client
+
+    if client.ws_connect is None:
+        raise RuntimeError("the load client needs picows and uvloop: pip install '.[bench]'")
     cpus = client_cpus(args.client_cpu)
     procs = args.client_procs or default_procs(cpus)
     return ClientPool(server.urls, procs, cpus, args.payload, grpc_procs=grpc_procs)
