@@ -157,8 +157,10 @@ class ClientPool:
             "client_max_proc_cpu_pct": round(100 * max(client_cpu) / duration, 1),
         }
         # What else ran meanwhile (other processes, steal): a busy machine skews latency.
-        others = (m1 - m0) - sum(client_cpu) - (s1 - s0 if server and server.pid else 0) - ((r1 - r0) if r0 is not None else 0)
+        others = (m1[0] - m0[0]) - sum(client_cpu) - (s1 - s0 if server and server.pid else 0)
+        others -= (r1 - r0) if r0 is not None else 0
         out["other_cpu_pct"] = round(max(0.0, 100 * others / duration), 1)
+        out["softirq_pct"] = round(100 * (m1[1] - m0[1]) / duration, 1)
         if server and server.pid:
             out["server_cpu_s"] = round(s1 - s0, 3)
             out["server_cpu_pct"] = round(100 * (s1 - s0) / duration, 1)

@@ -41,7 +41,7 @@ def summary(lines: list[dict]) -> str:
     out = ["  ".join(str(c).rjust(w) for c, w in zip(cols, widths))]
     out += ["  ".join(str(c if c is not None else "").rjust(w) for c, w in zip(r, widths)) for r in rows]
     out.append("(latencies in ms; '!' after client CPU: a client process was above 90 % of a core; "
-               "other %: CPU used by anything else on the machine during the window, steal included)")
+               "other %: CPU used by other processes during the window, steal included, softirq not)")
     return "\n".join(out)
 
 
