@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -147,6 +148,12 @@ async def run(args: argparse.Namespace) -> int:
                 f" {server_cpu:>8.2f} {client_cpu:>8.2f} {status['Threads']:>8} {rss:>8.0f}  "
                 + ("all received, in order" if ok else f"FAILED {errors[:3]} in_order={in_order}")
             )
+            if args.json:
+                print(json.dumps({"mode": "grpc_streams", "streams": step, "open_s": round(opened, 2),
+                                  "burst_ms": round(burst * 1000), "deliveries_per_s": round(step * args.messages / burst),
+                                  "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(client_cpu, 2),
+                                  "server_threads": int(status["Threads"]), "server_rss_kb": int(rss * 1024),
+                                  "pass": ok, "errors": errors[:3]}), flush=True)
             if not ok:
                 break
             best = step
@@ -164,6 +171,8 @@ async def run(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
     print(f"held {best} concurrent StreamMessages subscribers, each receiving every message")
+    if args.json:
+        print(json.dumps({"mode": "grpc_streams_summary", "held": best}), flush=True)
     return 0 if best else 1
 
 
@@ -201,6 +210,7 @@ def main() -> int:
     parser.add_argument("--steps", default="250,500,1000,1500,2000", help="subscriber counts to try, in order")
     parser.add_argument("--messages", type=int, default=20, help="messages per burst")
     parser.add_argument("--connections", type=int, default=8, help="HTTP/2 connections the streams share")
+    parser.add_argument("--json", action="store_true", help="also print one JSON line per step")
     parser.add_argument("--time-limit", type=float, default=240, help="seconds before no new step starts")
     return asyncio.run(run(parser.parse_args()))
 

@@ -1,0 +1,83 @@
+"""``python -m bench`` runs against a real ``twistd -n chatd`` and its JSON lines add up.
+
+A tiny run of W1, W2, W3 and W4 (the client's WebSocket, SignalR JSON and
+MessagePack, and gRPC stream paths all carry deliveries): every step must
+account for every message (expected = sent x room members, received =
+expected, nothing lost), report the server's CPU and memory and the client's
+own CPU; ``--table`` turns the saved lines into the README's table. No
+timing is asserted (the p99 pass rule is set out of reach): figures at this size mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STEP_FIELDS = {
+    "sent", "expected", "received", "lost", "loss_pct", "p50_ms", "p99_ms", "p999_ms", "max_ms",
+    "deliveries_per_s", "server_cpu_s", "server_hwm_kb", "client_cpu_pct", "client_saturated", "pass",
+}  # fmt: skip
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_bench_tiny_run_counts_add_up(tmp_path: Path) -> None:
+    require(_have("picows") and _have("uvloop"), "the bench extra (picows, uvloop) is not installed")
+    out = tmp_path / "run.jsonl"
+    rooms, size, rates, duration = 2, 11, [5, 10], 1.0
+    argv = [sys.executable, "-m", "bench", "W1", "W4", "W2", "W3", "--rooms", str(rooms), "--room-size", str(size),
+            "--rates", ",".join(map(str, rates)), "--warmup", "0.5", "--duration", str(duration), "--drain", "3",
+            "--retries", "0", "--w2-rooms", "20", "--w2-warmup", "1", "--w2-duration", "2", "--idle", "60",
+            "--idle-hold", "1", "--max-total", "100", "--out", str(out),
+            "--max-p99", "600000"]  # fmt: skip  (pass on counts alone: a busy machine must not fail this test)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    assert lines == [json.loads(x) for x in out.read_text().splitlines()]  # --out holds the same lines
+    assert not [x for x in lines if x["mode"] == "error"]
+
+    for tag in ("W1", "W4"):
+        steps = [x for x in lines if x["tag"] == tag and x["mode"] == "fanout"]
+        assert [x["rate"] for x in steps] == rates, steps
+        for x in steps:
+            assert STEP_FIELDS <= x.keys(), STEP_FIELDS - x.keys()
+            assert (x["conns_ok"], x["conns_failed"]) == (rooms * size, 0)
+            # one sender per room at `rate` for `duration`: every room member gets each message
+            assert abs(x["sent"] - rooms * x["rate"] * duration) <= rooms
+            assert x["expected"] == x["sent"] * size
+            assert x["received"] == x["expected"] and x["lost"] == 0 and x["loss_pct"] == 0
+            assert 0 < x["p50_ms"] <= x["p99_ms"] <= x["p999_ms"] <= x["max_ms"]
+            assert x["server_cpu_s"] >= 0 and x["server_hwm_kb"] > 0 and x["client_procs"] >= 1
+            assert x["pass"] is True, x
+        summary = next(x for x in lines if x["tag"] == tag and x["mode"] == "ladder_summary")
+        assert summary["sustained_rate"] == rates[-1]
+    mix = next(x for x in lines if x["tag"] == "W4" and x["mode"] == "mix")
+    assert all(mix[k] > 0 for k in ("ws", "signalr-json", "signalr-msgpack", "grpc-stream", "grpc-chat")), mix
+
+    w2 = next(x for x in lines if x["tag"] == "W2" and x["mode"] == "chat")
+    assert w2["conns_ok"] == 100 and w2["expected"] == w2["sent"] * 5 == w2["received"] and w2["lost"] == 0
+    w3 = next(x for x in lines if x["tag"] == "W3" and x["mode"] == "idle")
+    assert (w3["conns_ok"], w3["conns_failed"]) == (60, 0) and w3["server_rss_per_conn_kb"] is not None
+    assert {x["tag"] for x in lines if x["mode"] == "server_summary"} == {"W1", "W2", "W3", "W4"}
+    assert "us/deliv" in done.stderr  # the summary table
+
+    table = subprocess.run([sys.executable, "-m", "bench", "--table", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30)
+    assert table.returncode == 0, table.stderr
+    row = next(r for r in table.stdout.splitlines() if r.startswith("| **chatd**"))
+    assert row.split("|")[2].strip() == "10"  # W1 sustained: the highest passing rate
