@@ -581,6 +581,13 @@ class RedisBackplane(Store):
         for message, d in self._waiting.pop(room, []):
             d.callback(Stored(message, False))
 
+    def memory(self) -> dict[str, int]:
+        figures = super().memory()
+        figures["waiting"] = sum(len(w) for w in self._waiting.values())
+        figures["syncing"] = len(self._syncing_rooms)
+        figures["mirrored"] = len(self.mirror.rooms)
+        return figures
+
     # -- reading a room back ---------------------------------------------------------------
 
     def _read_room(self, room: str) -> defer.Deferred:
