@@ -26,6 +26,11 @@ delivers anything live, so a subscriber that missed messages while away
 delivers them, in order, before the next live one. A jump in ``seq`` on a
 live subscription (a lost publish) is filled the same way.
 
+Only the rooms someone here is in are in memory (``chatd.store``): catch-up
+covers those; any other room is read back from Redis (its ``seq`` counter
+and sorted set, its live events held meanwhile) when someone joins it or
+asks for its history, and its events are ignored until then.
+
 Presence: each process counts its own users per room in one hash
 (``chatd:presence``, field ``proc \\n room \\n user``) and says so on the
 channel; every process mirrors the other processes' entries, so members and
