@@ -240,8 +240,11 @@ async def fill_busy(port: int, rooms: int, per_room: int, size: int) -> WS:
     return ws
 
 
-async def abandon(port: int, first: int, last: int, window: int, size: int, deadline: float, done: list[int]) -> None:
-    """Rooms ``first``..``last - 1``: join and send (the seed form), then leave; ``window`` in flight."""
+async def abandon(port: int, first: int, last: int, window: int, size: int, deadline: float, done: list[int]) -> range:
+    """Rooms ``first``..``last - 1``: join and send (the seed form), then leave; ``window`` in flight.
+
+    Returns the rooms done (all acknowledged), fewer than asked if the deadline came first.
+    """
     ws = await connect(port)
     loop = asyncio.get_running_loop()
     acked = 0
@@ -258,13 +261,14 @@ async def abandon(port: int, first: int, last: int, window: int, size: int, dead
             room_free.set()
         elif kind == "error":
             errors.append(frame)
+            room_free.set()
 
     errors: list[dict] = []
     ws.on_frame = on_frame
     user = f"visitor{first}"
     i = first
     while i < last and loop.time() < deadline:
-        while inflight >= window:
+        while inflight >= window and not errors:
             room_free.clear()
             await room_free.wait()
         room = f"gone{i}"
@@ -275,13 +279,15 @@ async def abandon(port: int, first: int, last: int, window: int, size: int, dead
         if i % 64 == 0:
             await asyncio.sleep(0)  # let the acknowledgements in
         if errors:
-            raise SystemExit(f"chatd refused a request: {errors[0]}")
-    while inflight:
+            break  # reported by the caller, with what was done
+    while inflight and not errors:
         room_free.clear()
         await room_free.wait()
     assert ws.transport is not None
     ws.transport.close()
-    return None
+    if errors:
+        raise RuntimeError(f"chatd refused a request after {done[0]} rooms: {errors[0]}")
+    return range(first, i)
 
 
 async def check_history(port: int, rooms: list[str], busy: int, per_room: int, size: int) -> dict:
@@ -291,8 +297,9 @@ async def check_history(port: int, rooms: list[str], busy: int, per_room: int, s
     for room in rooms:
         ws.send({"type": "history", "room": room, "limit": 100})
         kept = (await ws.recv_type("history"))["messages"]
-        if [(m["seq"], m["message"]) for m in kept] != [(1, text(room, 0, size))]:
-            wrong.append(room)
+        got = [(m["seq"], m["message"][:24]) for m in kept]
+        if got != [(1, text(room, 0, size)[:24])]:
+            wrong.append(f"{room}: {got[:3]}")
     for r in range(busy):
         room = f"busy{r}"
         ws.send({"type": "history", "room": room, "limit": 100})
@@ -330,8 +337,10 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
         samples.append((round(loop.time() - started, 1), done[0], rss_kb(pid)))
         if len(samples) % 30 == 0:
             print(f"  {samples[-1][0]:7.1f} s  {done[0]:>9} rooms  rss {samples[-1][2] / 1024:.1f} MiB", file=sys.stderr)
-    for t in tasks:
-        t.result()
+    abandoned = [room for t in tasks if t.exception() is None for room in t.result()]
+    failures = [str(t.exception()) for t in tasks if t.exception() is not None]
+    if failures:
+        out["error"] = failures[0]
     elapsed = loop.time() - started
     out["rooms"] = done[0]
     out["rooms_asked"] = args.rooms
@@ -352,7 +361,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
     if not out["complete"]:
         # Honest extrapolation: the growth per room measured, times the rooms asked for.
         out["rss_after_extrapolated_mb"] = round(out["rss_per_abandoned_room_b"] * args.rooms / 2**20, 1)
-    sample = random.Random(args.seed).sample(range(done[0]), min(args.check, done[0]))
+    sample = random.Random(args.seed).sample(abandoned, min(args.check, len(abandoned)))
     out.update(await check_history(server.port, [f"gone{i}" for i in sample], args.busy, args.per_room, args.size))
     out["rss_end_kb"] = rss_kb(pid)
     assert busy_ws.transport is not None
@@ -403,7 +412,9 @@ def main() -> None:
         f"{out['history_checked']} rooms; /stats memory {out['stats_memory']}",
         file=sys.stderr,
     )
-    if out["history_wrong"]:
+    if out.get("error"):
+        print(f"error: {out['error']}", file=sys.stderr)
+    if out["history_wrong"] or out.get("error"):
         sys.exit(1)
 
 

@@ -26,6 +26,11 @@ delivers anything live, so a subscriber that missed messages while away
 delivers them, in order, before the next live one. A jump in ``seq`` on a
 live subscription (a lost publish) is filled the same way.
 
+Only the rooms someone here is in are in memory (``chatd.store``): catch-up
+covers those; any other room is read back from Redis (its ``seq`` counter
+and sorted set, its live events held meanwhile) when someone joins it or
+asks for its history, and its events are ignored until then.
+
 Presence: each process counts its own users per room in one hash
 (``chatd:presence``, field ``proc \\n room \\n user``) and says so on the
 channel; every process mirrors the other processes' entries, so members and
@@ -58,7 +63,6 @@ log = Logger()
 PREFIX = "chatd:"
 CHANNEL = PREFIX + "events"
 PRESENCE = PREFIX + "presence"
-ROOMS = PREFIX + "rooms"
 #: a process's heartbeat key lives this long; a crashed process's users go within it plus REAP_INTERVAL
 HEARTBEAT_TTL = 10
 HEARTBEAT_INTERVAL = 3.0
@@ -66,7 +70,7 @@ REAP_INTERVAL = 4.0
 CHECK_INTERVAL = 1.0
 REPLY_TIMEOUT = 5
 
-# KEYS: seq, hist, cid, rooms. ARGV: room, id, user, text, time, protocol, client_id,
+# KEYS: seq, hist, cid. ARGV: room, id, user, text, time, protocol, client_id,
 # limit, cutoff (0: no age limit), ttl (0: none), channel, floor (the last seq the
 # calling process has delivered: a counter behind it -- Redis lost its data -- is raised).
 _STORE = """
@@ -85,7 +89,6 @@ local payload = cjson.encode({k='m', id=ARGV[2], seq=seq, room=ARGV[1], user=ARG
   time=tonumber(ARGV[5]), protocol=ARGV[6], cid=cid})
 redis.call('ZADD', KEYS[2], seq, payload)
 if cid ~= '' then redis.call('HSET', KEYS[3], cid, payload) end
-redis.call('SADD', KEYS[4], ARGV[1])
 local function drop(items)
   for _, item in ipairs(items) do
     local m = cjson.decode(item)
@@ -535,7 +538,7 @@ class RedisBackplane(Store):
         cutoff = self.clock.seconds() - self.max_age if self.max_age else 0
         args = [room, message.id, message.user, message.text, repr(message.time), message.protocol,
                 client_id or "", self.limit, repr(cutoff), int(self.max_age), CHANNEL, self.last_seq(room)]
-        d = self._script(_STORE, [_key("seq", room), _key("hist", room), _key("cid", room), ROOMS], args)
+        d = self._script(_STORE, [_key("seq", room), _key("hist", room), _key("cid", room)], args)
 
         def stored(reply: list) -> Any:
             duplicate, payload = int(reply[0]), orjson.loads(reply[1])
@@ -580,6 +583,13 @@ class RedisBackplane(Store):
         # Nobody here follows the room any more: own messages waiting to come back are stored.
         for message, d in self._waiting.pop(room, []):
             d.callback(Stored(message, False))
+
+    def memory(self) -> dict[str, int]:
+        figures = super().memory()
+        figures["waiting"] = sum(len(w) for w in self._waiting.values())
+        figures["syncing"] = len(self._syncing_rooms)
+        figures["mirrored"] = len(self.mirror.rooms)
+        return figures
 
     # -- reading a room back ---------------------------------------------------------------
 

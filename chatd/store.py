@@ -455,6 +455,7 @@ class Store:
             "bytes": self._bytes,
             "budget": self.budget,
             "held": len(self._holds),
+            "loading": len(self._loading),
             "evictions": self.evictions,
         }
 
