@@ -77,6 +77,7 @@ from chatd.http import DeadlineChannel, OriginPolicy
 from chatd.hub import Hub, Joined, SendBudget, ServerFull, Session
 from chatd.limits import IdleTimer
 from chatd.logs import printable
+from chatd.ordered import InOrder
 from chatd.validate import ChatError
 
 _log = Logger()  # Autobahn claims ``self.log`` on protocols.
@@ -133,9 +134,9 @@ class WebSocketSession(Session):
         #: when the hub took the connection (its one log line, at the close, says how long it was open)
         self.opened = 0.0
         #: set by a request whose answer is being read from the store (a resume, a history)
-        self.reading = False
-        #: frames that came while such an answer was read, handled in order once it is sent
-        self.backlog: list[tuple[bytes, bool]] | None = None
+        self.reading: defer.Deferred | None = None
+        #: frames wait here while such an answer is read, and are handled in order once it is sent
+        self.in_order: InOrder[tuple[bytes, bool]] = InOrder(proto._handle, MAX_BACKLOG, proto._too_many)
 
     def deliver(self, event: Event) -> None:
         frame = event.encoded(PROTOCOL, _prepare)
@@ -379,33 +380,25 @@ class ChatServerProtocol(DirectSend, ServerProtocol):
         session = self.session
         if session is None or session.id not in self.factory.hub.sessions:
             return
-        if session.backlog is not None:
-            # A join or history is being read from the store: later frames wait
-            # for its answer, so replies (and a resume's replay) stay in order.
-            if len(session.backlog) >= MAX_BACKLOG:
-                session.send(_error(f"too many requests while one is being answered (at most {MAX_BACKLOG})", None))
-                return
-            session.backlog.append((payload, isBinary))
-            return
-        reply = dispatch(self.factory.hub, session, payload, isBinary)
+        session.in_order.submit((payload, isBinary))
+
+    def _handle(self, frame: tuple[bytes, bool]) -> defer.Deferred | None:
+        """Answer one frame; the Deferred of a read from the store it started, if any (see :mod:`chatd.ordered`)."""
+        session = self.session
+        if session is None or session.id not in self.factory.hub.sessions:
+            return None
+        session.reading = None
+        reply = dispatch(self.factory.hub, session, *frame)
         if isinstance(reply, defer.Deferred):
             reply.addCallback(self._reply_later, session)
-            if session.reading:
-                session.reading = False
-                session.backlog = []
-                reply.addBoth(self._read_done, session)
         elif reply is not None:
             session.send(reply)
+        read, session.reading = session.reading, None
+        return read
 
-    def _read_done(self, _: Any, session: WebSocketSession) -> None:
-        """Handle, in order, the frames that waited for a read's answer."""
-        waiting, session.backlog = session.backlog or [], None
-        while waiting:
-            payload, is_binary = waiting.pop(0)
-            self.onMessage(payload, is_binary)
-            if session.backlog is not None:  # another read: the rest wait behind it
-                session.backlog.extend(waiting)
-                return
+    def _too_many(self, frame: tuple[bytes, bool]) -> None:
+        if self.session is not None:
+            self.session.send(_error(f"too many requests while one is being answered (at most {MAX_BACKLOG})", None))
 
     def _reply_later(self, reply: dict | None, session: WebSocketSession) -> None:
         """The reply of a request that waited (a message being stored), if the client is still here."""
@@ -611,7 +604,7 @@ def _history(hub: Hub, session: Session, request: dict) -> defer.Deferred:
 def _reading(session: Session, answer: defer.Deferred) -> None:
     """Mark a request whose answer is read from the store: the connection's next frames wait for it."""
     if not answer.called and isinstance(session, WebSocketSession):
-        session.reading = True
+        session.reading = answer
 
 
 def _ping(hub: Hub, session: Session, request: dict) -> dict:

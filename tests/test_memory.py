@@ -332,6 +332,9 @@ async def test_with_redis_live_rooms_past_the_budget_are_read_back_exactly(redis
             member = FakeSession(f"m{n}")
             hub.connect(member)
             hub.join(member, f"live{n}")
+            # The room is read back from Redis as it is joined; this test is about
+            # the budget, so the burst starts once that read has answered.
+            await store.read_recent(f"live{n}", 1)
             members.append(member)
             await defer.gatherResults([hub.publish(f"live{n}", f"m{n}", f"{n}:{i}", "fake") for i in range(110)])
         figures = memory(hub)
@@ -360,3 +363,35 @@ async def test_a_budget_smaller_than_one_room_still_answers_exactly(db_path: str
     assert [m.seq for m in late.messages()] == [46, 47, 48, 49, 50]
     assert memory(hub)["bytes"] <= 1_000 + 50 * (MESSAGE_OVERHEAD + 10) + 1_000
     await hub.stopService()
+
+
+def test_signalr_calls_pipelined_behind_a_resume_wait_for_its_replay() -> None:
+    # JoinRoom with since into an evicted room, then SendToRoom at once, not
+    # waiting for the join's completion: the replay comes first, then the new
+    # message, each once, in seq order; and the completions come in order too.
+    from tests.test_cross_protocol import SignalRClient
+
+    with Daemon("--max-message-rate", "0", "--max-connection-rate", "0") as d:
+        d.wait_healthy()
+        with Client(d.ws_url) as ws:
+            ws.join("b", "writer")
+            for n in range(3):
+                ws.send(type="message", room="b", message=f"b{n}", ref=n)
+                ws.recv_type("sent")
+            ws.send(type="leave", room="b")
+            ws.recv_type("left")
+        assert _get(d, "/stats")["memory"]["rooms"] == 0
+        with SignalRClient(d.url("signalr", "ws", "/signalr?user=ada")) as sr:
+            join = sr.invoke("JoinRoom", "b", "ada", 1)
+            send = sr.invoke("SendToRoom", "b", "ada", "mine")
+            texts: list[str] = []
+            completions: list[str] = []
+            while len(completions) < 2 or "mine" not in texts:
+                record = sr.next()
+                if record.get("type") == 1 and record.get("target") == "ReceiveMessage":
+                    texts.append(record["arguments"][1])
+                elif record.get("type") == 3:
+                    assert "error" not in record, record
+                    completions.append(record["invocationId"])
+            assert texts == ["b1", "b2", "mine"]
+            assert completions == [join, send]

@@ -61,6 +61,7 @@ from chatd import validate
 from chatd.events import Event
 from chatd.hub import Hub, Joined, Session
 from chatd.logs import printable
+from chatd.ordered import InOrder
 from chatd.signalr import protocol as p
 from chatd.signalr.connection import CLOSED, HubConnection
 from chatd.validate import ChatError
@@ -72,6 +73,8 @@ DEFAULT_ROOM = "general"
 #: open StreamRooms, and open uploads, one connection may have: each holds an
 #: entry until the client ends it, so without a bound a client grows them forever
 MAX_OPEN_STREAMS = 100
+#: records a connection may send while a read from history is answered (see :mod:`chatd.ordered`)
+MAX_WAITING = 1000
 
 _JSON = p.JsonCodec()
 _MSGPACK = p.MessagePackCodec()
@@ -154,6 +157,9 @@ class ChatHub:
         self.connection = connection
         self.default_room = default_room
         self.session = SignalRSession(connection, self)
+        #: records wait here while a join or history is read from the store
+        self._in_order: InOrder[dict] = InOrder(self._handle, MAX_WAITING, self._too_many)
+        self._read: defer.Deferred | None = None
         #: invocation id -> room of each running StreamRoom
         self.streams: dict[str, str] = {}
         #: rooms joined only on behalf of a StreamRoom (left again when it ends)
@@ -181,6 +187,27 @@ class ChatHub:
         self.hub.metrics.too_slow(PROTOCOL)
 
     def on_message(self, message: dict) -> None:
+        self._in_order.submit(message)
+
+    def _too_many(self, message: dict) -> None:
+        self.connection.close(
+            error=f"Too many messages while a read from history is answered: at most {MAX_WAITING}."
+        )
+
+    def _handle(self, message: dict) -> defer.Deferred | None:
+        """Handle one record; the Deferred of a read from the store it started, if any (see :mod:`chatd.ordered`)."""
+        self._read = None
+        self._dispatch(message)
+        read, self._read = self._read, None
+        return read
+
+    def _reading(self, answer: defer.Deferred) -> defer.Deferred:
+        """Mark ``answer`` as read from the store: this connection's next records wait for it."""
+        if not answer.called:
+            self._read = answer
+        return answer
+
+    def _dispatch(self, message: dict) -> None:
         kind = message["type"]
         if kind in (p.INVOCATION, p.STREAM_INVOCATION):
             self._invoke(message)
@@ -329,7 +356,7 @@ class ChatHub:
             }
 
         # A Deferred: the room's history may have to be read back from the store first.
-        return self.hub.join(self.session, room, since_seq=resume).addCallback(reply)
+        return self._reading(self.hub.join(self.session, room, since_seq=resume).addCallback(reply))
 
     def leave_room(self, room: Any) -> object:
         self.hub.leave(self.session, room)
@@ -340,7 +367,7 @@ class ChatHub:
         return _VOID
 
     def get_history(self, room: Any, limit: Any = None) -> defer.Deferred:
-        messages = self.hub.history(room, limit, self.session.identity)
+        messages = self._reading(self.hub.history(room, limit, self.session.identity))
         return messages.addCallback(lambda kept: [m.as_dict() for m in kept])
 
     def get_users(self, room: Any) -> list[str]:
@@ -385,7 +412,7 @@ class ChatHub:
             reason = failure.value.reason if failure.check(ChatError) else "history not available"
             self.connection.send(p.completion(invocation_id, error=reason))
 
-        self.hub.store.using(room, replay).addErrback(failed)
+        self._reading(self.hub.store.using(room, replay).addErrback(failed))
 
     def stream_event(self, event: Event) -> None:
         item = None
