@@ -656,12 +656,21 @@ class RedisBackplane(Store):
             window.complete = False
         held = self._syncing_rooms.pop(room, []) if owner else []
         # What the read found newer than the window, and what came live meanwhile
-        # (Redis may have trimmed some of it before the read), in seq order, once each.
+        # (Redis may have trimmed some of it before the read), in seq order, once each,
+        # up to the first gap: every message past the window was published on the
+        # channel after it was stored, so one missing here is still on its way and
+        # the subscription delivers it, and what follows it, in order. (Delivered
+        # from the read past a gap, the later ones would have been taken for
+        # duplicates when the missing ones came, and the member would never get them.)
         newer = {m.seq: m for m in rest}
         for event in held:  # messages only (presence is never held)
             newer.setdefault(int(event["seq"]), _message(event))
+        last = self.last_seq(room)
         for seq in sorted(newer):
+            if seq > last + 1 and self._events.proto is not None:
+                break
             self._deliver_stored(newer[seq])
+            last = max(last, seq)
 
     def _release(self, room: str) -> None:
         waiting = self._waiting.get(room)
