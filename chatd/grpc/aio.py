@@ -118,7 +118,7 @@ class Outbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._ready: collections.deque[_AioQueue] = collections.deque()
         self._scheduled = False
 
@@ -129,7 +129,7 @@ class Outbox:
         self._ready.append(q)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon_threadsafe(self._flush)
+            self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
