@@ -9,12 +9,15 @@ Stops at the first step that fails, at the last step, or at the time limit.
 
     .venv/bin/python bench/grpc_streams.py                 # steps up to 2000
     .venv/bin/python bench/grpc_streams.py --steps 250,500,1000 --messages 20
+    .venv/bin/python bench/grpc_streams.py --grpc-server aio --steps 1000,10000 --json bench/results/x.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import os
 import signal
 import socket
@@ -54,7 +57,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(port: int, streams: int) -> subprocess.Popen:
+def start_server(port: int, streams: int, kind: str = "threaded") -> subprocess.Popen:
     twistd = Path(sys.executable).with_name("twistd")
     argv = [
         str(twistd), "--nodaemon", "--pidfile=", "chatd",
@@ -62,7 +65,9 @@ def start_server(port: int, streams: int) -> subprocess.Popen:
         "--signalr", "tcp:0:interface=127.0.0.1",
         "--web", "tcp:0:interface=127.0.0.1",
         "--grpc", f"127.0.0.1:{port}",
+        "--grpc-server", kind,
         "--grpc-max-streams", str(streams),
+        # (aio: workers are not used; threaded: one per stream, and some for unary calls)
         "--grpc-workers", str(streams + 64),
         "--max-connections", str(streams + 100),
         "--max-connections-per-ip", "0",  # every subscriber comes from 127.0.0.1
@@ -102,7 +107,7 @@ async def wait_for(predicate, timeout: float, what: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     steps = [int(s) for s in args.steps.split(",")]
     port = free_port()
-    server = start_server(port, max(steps))
+    server = start_server(port, max(steps), args.grpc_server)
     started = time.monotonic()
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
@@ -114,6 +119,7 @@ async def run(args: argparse.Namespace) -> int:
     best = 0
     try:
         await wait_for(_ready(control), 30, "server did not start")
+        idle_rss = int(proc_status(server.pid)["VmRSS"].split()[0])
         print(
             f"{'streams':>8} {'open s':>7} {'burst ms':>9} {'deliv/s':>8} {'srv cpu':>8} {'cli cpu':>8}"
             f" {'threads':>8} {'RSS MiB':>8}  result"
@@ -139,6 +145,27 @@ async def run(args: argparse.Namespace) -> int:
             client_cpu = time.process_time() - client_cpu
             status = proc_status(server.pid)
             rss = int(status["VmRSS"].split()[0]) / 1024
+            if args.json:
+                deliveries = step * args.messages
+                record = {
+                    "bench": "grpc_streams",
+                    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "grpc_server": args.grpc_server,
+                    "streams": step,
+                    "messages": args.messages,
+                    "deliveries": deliveries,
+                    "open_s": round(opened, 2),
+                    "burst_s": round(burst, 3),
+                    "deliveries_per_s": round(deliveries / burst),
+                    "server_cpu_s": round(server_cpu, 2),
+                    "cpu_us_per_delivery": round(server_cpu / deliveries * 1e6, 1),
+                    "client_cpu_s": round(client_cpu, 2),
+                    "threads": int(status["Threads"]),
+                    "rss_mib": round(rss),
+                    "rss_kib_per_stream": round((rss * 1024 - idle_rss) / step, 1),
+                }
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             errors = [s.error for s in subscribers if s.error]
             in_order = all(s.seqs == sorted(s.seqs) and len(set(s.seqs)) == len(s.seqs) for s in subscribers)
             ok = not errors and in_order
@@ -201,6 +228,8 @@ def main() -> int:
     parser.add_argument("--steps", default="250,500,1000,1500,2000", help="subscriber counts to try, in order")
     parser.add_argument("--messages", type=int, default=20, help="messages per burst")
     parser.add_argument("--connections", type=int, default=8, help="HTTP/2 connections the streams share")
+    parser.add_argument("--grpc-server", default="threaded", choices=("threaded", "aio"), help="chatd's --grpc-server")
+    parser.add_argument("--json", default="", help="append one JSON line per step to this file")
     parser.add_argument("--time-limit", type=float, default=240, help="seconds before no new step starts")
     return asyncio.run(run(parser.parse_args()))
 
