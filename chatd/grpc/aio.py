@@ -194,8 +194,11 @@ class AioGrpcSession(GrpcSession):
 class AioChatServicer(ChatServicer):
     """``chat.ChatService`` as coroutines on the aio loop; the hub work is :class:`ChatServicer`'s."""
 
-    def __init__(self, hub: Any, reactor: Any, loop: asyncio.AbstractEventLoop, queue_size: int = 1000) -> None:
-        super().__init__(hub, reactor, queue_size)
+    loop: asyncio.AbstractEventLoop
+    outbox: Outbox
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve on ``loop``: given at start, not when made (``twistd`` may fork in between)."""
         self.loop = loop
         self.outbox = Outbox(loop)
 
@@ -391,12 +394,11 @@ class AioGrpcService(GrpcService):
     stream_limit = AioStreamLimit
     token_check = AioTokenCheck
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.loop = _Loop.get()
-        super().__init__(*args, **kwargs)
+    loop: asyncio.AbstractEventLoop
+    servicer: AioChatServicer
 
     def _new_servicer(self, queue_size: int) -> ChatServicer:
-        return AioChatServicer(self.hub, self.reactor, self.loop, queue_size=queue_size)
+        return AioChatServicer(self.hub, self.reactor, queue_size=queue_size)
 
     def _new_health(self) -> Any:
         return HealthServicer()
@@ -405,7 +407,12 @@ class AioGrpcService(GrpcService):
         """Built on the loop (``grpc.aio`` binds a server to the loop it is made on).
 
         The reactor waits for it: this runs once, at start, before any client.
+        The loop's thread starts here, not earlier: ``twistd`` makes the
+        service before it forks into the background, and a thread does not
+        survive a fork.
         """
+        self.loop = _Loop.get()
+        self.servicer.use_loop(self.loop)
 
         async def build() -> Any:
             return grpc.aio.server(interceptors=interceptors, options=options)
