@@ -20,6 +20,10 @@ round trip. A stream holds one worker for its lifetime; ``Chat`` also holds a
 reader thread that feeds client events to the reactor one at a time. How many
 streams may be open is not counted here but in
 :class:`chatd.grpc.streams.StreamLimit`, which sees every service's streams.
+
+``--grpc-server aio`` (:mod:`chatd.grpc.aio`) keeps these rules with
+coroutines on one asyncio loop in place of worker threads, reusing the
+session, the hub work and the error mapping defined here.
 """
 
 from __future__ import annotations
