@@ -57,7 +57,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(port: int, streams: int, kind: str = "threaded") -> subprocess.Popen:
+def start_server(port: int, streams: int, kind: str = "threaded", log: str = "") -> subprocess.Popen:
     twistd = Path(sys.executable).with_name("twistd")
     argv = [
         str(twistd), "--nodaemon", "--pidfile=", "chatd",
@@ -74,7 +74,8 @@ def start_server(port: int, streams: int, kind: str = "threaded") -> subprocess.
         "--history-limit", "1000",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the server keeps it)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 class Subscriber:
@@ -92,7 +93,8 @@ class Subscriber:
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:
-            if e.code() is not grpc.StatusCode.CANCELLED:
+            # CANCELLED is this client's own cancel at the end, unless it comes before
+            if e.code() is not grpc.StatusCode.CANCELLED or not self.call.cancelled():
                 self.error = f"{e.code().name}: {e.details()}"
 
 
@@ -107,7 +109,7 @@ async def wait_for(predicate, timeout: float, what: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     steps = [int(s) for s in args.steps.split(",")]
     port = free_port()
-    server = start_server(port, max(steps), args.grpc_server)
+    server = start_server(port, max(steps), args.grpc_server, args.server_log)
     started = time.monotonic()
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
@@ -229,6 +231,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20, help="messages per burst")
     parser.add_argument("--connections", type=int, default=8, help="HTTP/2 connections the streams share")
     parser.add_argument("--grpc-server", default="threaded", choices=("threaded", "aio"), help="chatd's --grpc-server")
+    parser.add_argument("--server-log", default="", help="chatd's log goes to this file (default: nowhere)")
     parser.add_argument("--json", default="", help="append one JSON line per step to this file")
     parser.add_argument("--time-limit", type=float, default=240, help="seconds before no new step starts")
     return asyncio.run(run(parser.parse_args()))
