@@ -71,8 +71,8 @@ def test_grpc_options_default_and_fall_back_to_the_environment() -> None:
     assert (options["grpc-workers"], options["grpc-max-streams"]) == (1100, 1000)
     assert parse(GRPC_PORT="6000")["grpc"] == "[::]:6000"
     assert parse("--grpc", "127.0.0.1:7000", GRPC_PORT="6000")["grpc"] == "127.0.0.1:7000"
-    assert parse()["grpc-server"] == "threaded"
-    assert parse(GRPC_SERVER="aio")["grpc-server"] == "aio"
+    assert parse()["grpc-server"] == "aio"
+    assert parse(GRPC_SERVER="threaded")["grpc-server"] == "threaded"
 
 
 def test_the_aio_server_holds_no_worker_per_stream_so_streams_may_pass_grpc_workers() -> None:
@@ -88,8 +88,8 @@ def test_the_aio_server_holds_no_worker_per_stream_so_streams_may_pass_grpc_work
         (["--grpc", "no-port"], "--grpc: expected host:port"),
         (["--grpc-tls-cert", "/etc/hostname"], "go together"),
         (["--grpc-tls-cert", "/nonexistent.pem", "--grpc-tls-key", "/nonexistent.key"], "no such file"),
-        (["--grpc-workers", "10", "--grpc-max-streams", "10"], "must be less than --grpc-workers"),
-        (["--grpc-server", "uvloop"], "--grpc-server: expected one of threaded, aio"),
+        (["--grpc-server", "threaded", "--grpc-workers", "10", "--grpc-max-streams", "10"], "less than --grpc-workers"),
+        (["--grpc-server", "uvloop"], "--grpc-server: expected one of aio, threaded"),
     ],
 )
 def test_bad_grpc_options_fail_at_start_with_one_line(argv: list[str], message: str) -> None:
