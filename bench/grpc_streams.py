@@ -9,12 +9,14 @@ Stops at the first step that fails, at the last step, or at the time limit.
 
     .venv/bin/python bench/grpc_streams.py                 # steps up to 2000
     .venv/bin/python bench/grpc_streams.py --steps 250,500,1000 --messages 20
+    .venv/bin/python bench/grpc_streams.py --grpc-server aio --steps 1000,10000 --json-out bench/results/x.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -55,7 +57,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(port: int, streams: int) -> subprocess.Popen:
+def start_server(port: int, streams: int, kind: str = "threaded", log: str = "") -> subprocess.Popen:
     twistd = Path(sys.executable).with_name("twistd")
     argv = [
         str(twistd), "--nodaemon", "--pidfile=", "chatd",
@@ -63,14 +65,17 @@ def start_server(port: int, streams: int) -> subprocess.Popen:
         "--signalr", "tcp:0:interface=127.0.0.1",
         "--web", "tcp:0:interface=127.0.0.1",
         "--grpc", f"127.0.0.1:{port}",
+        "--grpc-server", kind,
         "--grpc-max-streams", str(streams),
+        # (aio: workers are not used; threaded: one per stream, and some for unary calls)
         "--grpc-workers", str(streams + 64),
         "--max-connections", str(streams + 100),
         "--max-connections-per-ip", "0",  # every subscriber comes from 127.0.0.1
         "--history-limit", "1000",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the server keeps it)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 class Subscriber:
@@ -88,7 +93,8 @@ class Subscriber:
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:
-            if e.code() is not grpc.StatusCode.CANCELLED:
+            # CANCELLED is this client's own cancel at the end, unless it comes before
+            if e.code() is not grpc.StatusCode.CANCELLED or not self.call.cancelled():
                 self.error = f"{e.code().name}: {e.details()}"
 
 
@@ -103,7 +109,7 @@ async def wait_for(predicate, timeout: float, what: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     steps = [int(s) for s in args.steps.split(",")]
     port = free_port()
-    server = start_server(port, max(steps))
+    server = start_server(port, max(steps), args.grpc_server, args.server_log)
     started = time.monotonic()
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
@@ -115,6 +121,7 @@ async def run(args: argparse.Namespace) -> int:
     best = 0
     try:
         await wait_for(_ready(control), 30, "server did not start")
+        idle_rss = int(proc_status(server.pid)["VmRSS"].split()[0])
         print(
             f"{'streams':>8} {'open s':>7} {'burst ms':>9} {'deliv/s':>8} {'srv cpu':>8} {'cli cpu':>8}"
             f" {'threads':>8} {'RSS MiB':>8}  result"
@@ -140,6 +147,27 @@ async def run(args: argparse.Namespace) -> int:
             client_cpu = time.process_time() - client_cpu
             status = proc_status(server.pid)
             rss = int(status["VmRSS"].split()[0]) / 1024
+            if args.json_out:
+                deliveries = step * args.messages
+                record = {
+                    "bench": "grpc_streams",
+                    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "grpc_server": args.grpc_server,
+                    "streams": step,
+                    "messages": args.messages,
+                    "deliveries": deliveries,
+                    "open_s": round(opened, 2),
+                    "burst_s": round(burst, 3),
+                    "deliveries_per_s": round(deliveries / burst),
+                    "server_cpu_s": round(server_cpu, 2),
+                    "cpu_us_per_delivery": round(server_cpu / deliveries * 1e6, 1),
+                    "client_cpu_s": round(client_cpu, 2),
+                    "threads": int(status["Threads"]),
+                    "rss_mib": round(rss),
+                    "rss_kib_per_stream": round((rss * 1024 - idle_rss) / step, 1),
+                }
+                with open(args.json_out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             errors = [s.error for s in subscribers if s.error]
             in_order = all(s.seqs == sorted(s.seqs) and len(set(s.seqs)) == len(s.seqs) for s in subscribers)
             ok = not errors and in_order
@@ -211,6 +239,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20, help="messages per burst")
     parser.add_argument("--connections", type=int, default=8, help="HTTP/2 connections the streams share")
     parser.add_argument("--json", action="store_true", help="also print one JSON line per step")
+    parser.add_argument("--grpc-server", default="aio", choices=("threaded", "aio"), help="chatd's --grpc-server")
+    parser.add_argument("--server-log", default="", help="chatd's log goes to this file (default: nowhere)")
+    parser.add_argument("--json-out", default="", help="append one JSON line per step to this file")
     parser.add_argument("--time-limit", type=float, default=240, help="seconds before no new step starts")
     return asyncio.run(run(parser.parse_args()))
 

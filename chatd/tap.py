@@ -186,6 +186,7 @@ STRINGS: dict[str, tuple[str, str, str]] = {
         "PEM file of the CA that signed the Redis server's certificate (rediss://); empty trusts the system's CAs",
     ),
     "grpc": ("GRPC_PORT", "[::]:50051", "gRPC listener as host:port (not an endpoint); a bare number means [::]:N"),
+    "grpc-server": ("GRPC_SERVER", "aio", "gRPC server: aio (one asyncio loop) or threaded (a worker thread per call)"),
     "grpc-tls-cert": ("GRPC_TLS_CERT", "", "PEM certificate chain for gRPC over TLS (with --grpc-tls-key)"),
     "grpc-tls-key": ("GRPC_TLS_KEY", "", "PEM private key for gRPC over TLS"),
     **{name: (env, "", text) for name, (env, text) in auth.OPTIONS.items()},

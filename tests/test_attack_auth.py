@@ -24,9 +24,12 @@ from websockets.sync.client import connect
 from chatd import tap
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+from tests import grpcservers
 from tests.daemon import Daemon
 from tests.test_cross_protocol import SignalRClient
 from tests.wsclient import Client
+
+grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
 
 SECRET = "correct horse battery staple, twice over"
 TIMEOUT = 10
@@ -119,8 +122,9 @@ def test_a_request_dropped_by_the_handshake_timeout_is_counted_in_metrics() -> N
 # take slots of --grpc-max-streams, but are not counted against --max-connections-per-ip.
 # One unauthenticated client on one address holds every stream slot and every
 # authenticated StreamMessages/Chat gets RESOURCE_EXHAUSTED "server full".
-def test_unauthenticated_grpc_health_streams_are_held_to_the_per_address_limit(secret_file) -> None:
+def test_unauthenticated_grpc_health_streams_are_held_to_the_per_address_limit(secret_file, grpc_server) -> None:
     with Daemon(
+        "--grpc-server", grpc_server,
         "--auth-secret-file", secret_file,
         "--grpc-max-streams", "3", "--grpc-workers", "10", "--max-connections-per-ip", "2",
     ) as daemon:

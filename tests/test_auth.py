@@ -31,10 +31,13 @@ from chatd.auth import Authenticator, Forbidden, Identity, Unauthenticated
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.hub import Hub, Session
+from tests import grpcservers
 from tests.conftest import require, require_tool
 from tests.daemon import ROOT
 from tests.test_signalr_interop import NodeClient, hub_url, node
 from tests.wsclient import Client
+
+grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
 
 SECRET = "correct horse battery staple, twice over"
 OTHER_SECRET = "a different secret of the same good length"
@@ -538,8 +541,8 @@ def _bearer(token: str) -> list[tuple[str, str]]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_grpc_needs_authorization_metadata_for_every_chat_method(start) -> None:
-    running = await start("--auth-secret", SECRET)
+async def test_grpc_needs_authorization_metadata_for_every_chat_method(start, grpc_server) -> None:
+    running = await start("--auth-secret", SECRET, "--grpc-server", grpc_server)
 
     def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -596,8 +599,8 @@ async def test_grpc_needs_authorization_metadata_for_every_chat_method(start) ->
 
 
 @pytest_twisted.ensureDeferred
-async def test_grpc_rooms_claim_and_a_stream_ends_unauthenticated_when_its_token_expires(start) -> None:
-    running = await start("--auth-secret", SECRET)
+async def test_grpc_rooms_claim_and_a_stream_ends_unauthenticated_when_its_token_expires(start, grpc_server) -> None:
+    running = await start("--auth-secret", SECRET, "--grpc-server", grpc_server)
 
     def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}

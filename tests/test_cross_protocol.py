@@ -21,7 +21,10 @@ from websockets.sync.client import connect
 
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+from tests import grpcservers
 from tests.wsclient import Client
+
+grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
 
 ROOM = "mix"
 PER_SENDER = 40
@@ -83,8 +86,8 @@ def _key(m: dict) -> tuple:
 
 
 @pytest_twisted.ensureDeferred
-async def test_concurrent_senders_on_three_protocols_are_seen_in_one_seq_order_everywhere(start) -> None:
-    running = await start("--max-message-rate", "0", "--history-limit", "500")
+async def test_concurrent_senders_on_three_protocols_are_seen_in_one_seq_order_everywhere(start, grpc_server) -> None:
+    running = await start("--max-message-rate", "0", "--history-limit", "500", "--grpc-server", grpc_server)
     signalr_url = running.url("signalr", "ws", "/signalr")
 
     def scenario() -> None:

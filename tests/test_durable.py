@@ -12,8 +12,11 @@ import signal
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
+from tests import grpcservers
 from tests.daemon import Daemon
 from tests.wsclient import Client
+
+grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
 
 
 def send_acked(ws: Client, room: str, text: str, **extra) -> dict:
@@ -202,13 +205,13 @@ async def test_grpc_client_id_retry_answers_the_original_and_is_delivered_once(c
 
 
 @pytest_twisted.ensureDeferred
-async def test_grpc_resume_past_retention_is_told_in_metadata_and_in_joined(start) -> None:
+async def test_grpc_resume_past_retention_is_told_in_metadata_and_in_joined(start, grpc_server) -> None:
     import grpc
 
     from chatd.grpc.generated import chat_pb2 as pb
     from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 
-    running = await start("--history-limit", "3", "--max-message-rate", "0")
+    running = await start("--history-limit", "3", "--max-message-rate", "0", "--grpc-server", grpc_server)
 
     def scenario() -> tuple[dict, list[int], object]:
         with grpc.insecure_channel(running.grpc_target) as channel:

@@ -23,8 +23,11 @@ from twisted.internet.threads import deferToThread
 
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
-from tests.conftest import start_chatd
+from tests import grpcservers
 from tests.wsclient import Client
+
+# Every test runs on both gRPC servers (--grpc-server threaded and aio).
+chatd, start, grpc_server = grpcservers.chatd, grpcservers.start, grpcservers.grpc_server
 
 TIMEOUT = 15
 
@@ -360,8 +363,8 @@ async def test_reflection_lists_the_chat_service(chatd) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_health_is_serving_then_not_serving_and_streams_end_unavailable_on_shutdown() -> None:
-    running = await start_chatd()
+async def test_health_is_serving_then_not_serving_and_streams_end_unavailable_on_shutdown(grpc_server) -> None:
+    running = await grpcservers.start_with(grpc_server)
     watching: defer.Deferred = defer.Deferred()
     from twisted.internet import reactor
 

@@ -8,6 +8,7 @@ The test's own thread plays the reactor thread. The hub every test gets is a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import queue
 import threading
@@ -239,9 +240,48 @@ def stream_session(hub: Hub, reactor: Any, user: str, limit: int = 5, chat: bool
     return session
 
 
+@pytest.fixture(params=["threaded", "aio"])
+def new_stream(request: Any) -> Iterator[Callable[..., GrpcSession]]:
+    """``stream_session`` for each server: a queue drained by a worker thread, or by a coroutine."""
+    if request.param == "threaded":
+        yield stream_session
+        return
+    from chatd.grpc.aio import AioGrpcSession, Outbox
+
+    loop = asyncio.new_event_loop()
+    outbox = Outbox(loop)
+
+    def aio_stream(hub: Hub, reactor: Any, user: str, limit: int = 5, chat: bool = False) -> GrpcSession:
+        session = AioGrpcSession(outbox, hub, reactor, "peer", limit, chat)
+        hub.connect(session)
+        hub.identify(session, user)
+        hub.join(session, "lobby")
+        return session
+
+    yield aio_stream
+    loop.close()
+
+
+class AioFakeContext(FakeContext):
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:  # type: ignore[override]
+        raise Aborted(code, details)
+
+
 def drain(session: GrpcSession, context: FakeContext | None = None) -> tuple[list[bytes], Aborted | None]:
-    """Everything the worker would send, and how the call ended."""
+    """Everything the worker (or the coroutine) would send, and how the call ended."""
     out: list[bytes] = []
+    outbox = getattr(session, "_outbox", None)
+    if outbox is not None:
+
+        async def collect() -> None:
+            async for data in session.drain(AioFakeContext()):  # type: ignore[attr-defined]
+                out.append(data)
+
+        try:
+            outbox.loop.run_until_complete(collect())
+        except Aborted as e:
+            return out, e
+        return out, None
     try:
         for data in session.drain(context or FakeContext()):
             out.append(data)
@@ -250,9 +290,9 @@ def drain(session: GrpcSession, context: FakeContext | None = None) -> tuple[lis
     return out, None
 
 
-def test_a_full_queue_ends_only_that_stream_with_resource_exhausted(hub, reactor) -> None:
+def test_a_full_queue_ends_only_that_stream_with_resource_exhausted(hub, reactor, new_stream) -> None:
     other = member(hub, "bob")
-    slow = stream_session(hub, reactor, "slow", limit=3)
+    slow = new_stream(hub, reactor, "slow", limit=3)
     for i in range(6):
         hub.publish("lobby", "bob", f"m{i}", "websocket")
 
@@ -270,9 +310,9 @@ def test_a_full_queue_ends_only_that_stream_with_resource_exhausted(hub, reactor
     assert "lobby since_seq=3" in ended.details
 
 
-def test_cancel_leaves_the_hub_only_when_the_reactor_runs(hub, reactor) -> None:
+def test_cancel_leaves_the_hub_only_when_the_reactor_runs(hub, reactor, new_stream) -> None:
     other = member(hub, "bob")
-    session = stream_session(hub, reactor, "carol")
+    session = new_stream(hub, reactor, "carol")
     context = FakeContext()
     session.cancelled()  # as grpcio's thread does when the client goes
 
@@ -285,8 +325,8 @@ def test_cancel_leaves_the_hub_only_when_the_reactor_runs(hub, reactor) -> None:
     assert drain(session, context) == ([], None)
 
 
-def test_going_away_ends_the_stream_with_unavailable_after_what_was_queued(hub, reactor) -> None:
-    session = stream_session(hub, reactor, "dave")
+def test_going_away_ends_the_stream_with_unavailable_after_what_was_queued(hub, reactor, new_stream) -> None:
+    session = new_stream(hub, reactor, "dave")
     hub.publish("lobby", "bob", "before", "websocket")
     session.going_away("server shutting down")
     hub.publish("lobby", "bob", "after", "websocket")
@@ -297,17 +337,17 @@ def test_going_away_ends_the_stream_with_unavailable_after_what_was_queued(hub, 
     assert session.id not in hub.sessions
 
 
-def test_close_ends_the_stream_with_aborted_and_the_reason(hub, reactor) -> None:
-    session = stream_session(hub, reactor, "erin")
+def test_close_ends_the_stream_with_aborted_and_the_reason(hub, reactor, new_stream) -> None:
+    session = new_stream(hub, reactor, "erin")
     session.close("closed by an operator")
     sent, ended = drain(session)
     assert sent == []
     assert ended is not None and (ended.code, ended.details) == (grpc.StatusCode.ABORTED, "closed by an operator")
 
 
-def test_each_event_is_encoded_once_for_every_grpc_recipient(hub, reactor) -> None:
-    a = stream_session(hub, reactor, "a")
-    b = stream_session(hub, reactor, "b")
+def test_each_event_is_encoded_once_for_every_grpc_recipient(hub, reactor, new_stream) -> None:
+    a = new_stream(hub, reactor, "a")
+    b = new_stream(hub, reactor, "b")
     hub.publish("lobby", "bob", "hello", "websocket")
     a.going_away("x")
     b.going_away("x")
@@ -711,11 +751,11 @@ def test_stop_service_completes_while_a_health_update_is_stuck(hub, reactor) -> 
     assert health.calls == [("set", False), ("set", False), ("enter_graceful_shutdown", False)]
 
 
-def test_messages_gone_before_delivery_end_a_stream_with_data_loss_and_tell_a_chat(hub, reactor) -> None:
+def test_messages_gone_before_delivery_end_a_stream_with_data_loss_and_tell_a_chat(hub, reactor, new_stream) -> None:
     from chatd.events import Truncated
 
-    stream = stream_session(hub, reactor, "sam")
-    chat = stream_session(hub, reactor, "cat", chat=True)
+    stream = new_stream(hub, reactor, "sam")
+    chat = new_stream(hub, reactor, "cat", chat=True)
     hub.join(chat, "lobby")
     hub.deliver(Truncated("lobby", 40))
     chat.going_away("bye")

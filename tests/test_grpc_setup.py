@@ -19,8 +19,11 @@ from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.grpc.service import grpc_address
 from chatd.startup import StartupError
+from tests import grpcservers
 from tests.conftest import listener_args, start_chatd
 from tests.tlscert import make_certificate
+
+grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "chatd" / "grpc" / "generated"
@@ -68,6 +71,13 @@ def test_grpc_options_default_and_fall_back_to_the_environment() -> None:
     assert (options["grpc-workers"], options["grpc-max-streams"]) == (1100, 1000)
     assert parse(GRPC_PORT="6000")["grpc"] == "[::]:6000"
     assert parse("--grpc", "127.0.0.1:7000", GRPC_PORT="6000")["grpc"] == "127.0.0.1:7000"
+    assert parse()["grpc-server"] == "aio"
+    assert parse(GRPC_SERVER="threaded")["grpc-server"] == "threaded"
+
+
+def test_the_aio_server_holds_no_worker_per_stream_so_streams_may_pass_grpc_workers() -> None:
+    options = parse("--grpc-server", "aio", "--grpc-workers", "10", "--grpc-max-streams", "10000")
+    assert options["grpc-max-streams"] == 10000
 
 
 @pytest.mark.parametrize(
@@ -78,7 +88,8 @@ def test_grpc_options_default_and_fall_back_to_the_environment() -> None:
         (["--grpc", "no-port"], "--grpc: expected host:port"),
         (["--grpc-tls-cert", "/etc/hostname"], "go together"),
         (["--grpc-tls-cert", "/nonexistent.pem", "--grpc-tls-key", "/nonexistent.key"], "no such file"),
-        (["--grpc-workers", "10", "--grpc-max-streams", "10"], "must be less than --grpc-workers"),
+        (["--grpc-server", "threaded", "--grpc-workers", "10", "--grpc-max-streams", "10"], "less than --grpc-workers"),
+        (["--grpc-server", "uvloop"], "--grpc-server: expected one of aio, threaded"),
     ],
 )
 def test_bad_grpc_options_fail_at_start_with_one_line(argv: list[str], message: str) -> None:
@@ -98,10 +109,12 @@ def test_the_service_tree_has_a_grpc_service() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_serves_clients_that_trust_the_certificate_and_only_them(tmp_path: Path) -> None:
+async def test_tls_serves_clients_that_trust_the_certificate_and_only_them(tmp_path: Path, grpc_server: str) -> None:
     key_path, cert_path = make_certificate(tmp_path)
     cert_pem = cert_path.read_bytes()
-    running = await start_chatd("--grpc-tls-cert", str(cert_path), "--grpc-tls-key", str(key_path))
+    running = await start_chatd(
+        "--grpc-tls-cert", str(cert_path), "--grpc-tls-key", str(key_path), "--grpc-server", grpc_server
+    )
     try:
 
         def scenario() -> tuple[pb.MessageResponse, grpc.RpcError]:
@@ -123,11 +136,11 @@ async def test_tls_serves_clients_that_trust_the_certificate_and_only_them(tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_busy_grpc_port_fails_the_start_loudly() -> None:
+async def test_a_busy_grpc_port_fails_the_start_loudly(grpc_server: str) -> None:
     first = await start_chatd()
     try:
         options = tap.Options(environ={})
-        options.parseOptions([*listener_args(), "--grpc", first.grpc_target])
+        options.parseOptions([*listener_args(), "--grpc", first.grpc_target, "--grpc-server", grpc_server])
         from twisted.internet import reactor
 
         service = tap.makeService(options, reactor=reactor)

@@ -28,8 +28,11 @@ from chatd.limits import IdleTimer, address
 from chatd.signalr.connection import CLOSED, Options
 from chatd.signalr.transports import ConnectionManager
 from chatd.validate import ConnectionRateLimited, Limits, RateLimited, TooManyRooms
+from tests import grpcservers
 from tests.test_hub import FakeSession, publish
 from tests.wsclient import Client
+
+grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
 
 TIMEOUT = 15
 
@@ -310,8 +313,8 @@ def _closed_with(url: str) -> tuple[int, str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_connections_per_address_hold_over_websocket_signalr_and_grpc(start) -> None:
-    running = await start("--max-connections-per-ip", "2")
+async def test_connections_per_address_hold_over_websocket_signalr_and_grpc(start, grpc_server) -> None:
+    running = await start("--max-connections-per-ip", "2", "--grpc-server", grpc_server)
     signalr = running.ports["signalr"]
 
     def scenario() -> None:
@@ -365,8 +368,10 @@ async def test_a_websocket_join_past_the_room_limit_gets_an_error_and_the_connec
 
 
 @pytest_twisted.ensureDeferred
-async def test_grpc_send_message_is_rate_limited_per_address_whatever_the_user(start) -> None:
-    running = await start("--max-message-rate", "100", "--max-connection-rate", "1", "--connection-burst", "2")
+async def test_grpc_send_message_is_rate_limited_per_address_whatever_the_user(start, grpc_server) -> None:
+    running = await start(
+        "--max-message-rate", "100", "--max-connection-rate", "1", "--connection-burst", "2", "--grpc-server", grpc_server
+    )
 
     def scenario() -> None:
         with grpc.insecure_channel(running.grpc_target) as channel:

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from chatd import tap
+from tests import grpcservers
 from tests.daemon import TWISTD, free_ports, listener_args, source_env
 from tests.tlscert import make_certificate
+
+grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
 
 
 def any_ports(**fixed: int) -> list[str]:
@@ -69,8 +72,8 @@ def test_a_busy_listener_port_is_one_line(busy_port, listener) -> None:
     one_line(output, f"chatd: --{listener}: cannot listen on 127.0.0.1:{busy_port}: Address already in use")
 
 
-def test_a_busy_grpc_port_is_one_line(busy_port) -> None:
-    output = run_chatd(*any_ports(grpc=busy_port))
+def test_a_busy_grpc_port_is_one_line(busy_port, grpc_server) -> None:
+    output = run_chatd(*any_ports(grpc=busy_port), "--grpc-server", grpc_server)
     one_line(output, f"chatd: --grpc: cannot listen on 127.0.0.1:{busy_port}: Address already in use")
     assert "Failed to add port" not in output  # grpcio's own complaint is not printed
 

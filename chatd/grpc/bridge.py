@@ -20,6 +20,10 @@ round trip. A stream holds one worker for its lifetime; ``Chat`` also holds a
 reader thread that feeds client events to the reactor one at a time. How many
 streams may be open is not counted here but in
 :class:`chatd.grpc.streams.StreamLimit`, which sees every service's streams.
+
+``--grpc-server aio`` (:mod:`chatd.grpc.aio`) keeps these rules with
+coroutines on one asyncio loop in place of worker threads, reusing the
+session, the hub work and the error mapping defined here.
 """
 
 from __future__ import annotations
@@ -99,8 +103,8 @@ class ShuttingDown(ChatError):
     """A new stream refused because the server is draining."""
 
 
-def abort(context: grpc.ServicerContext, error: ChatError, hub: Hub) -> None:
-    """End the call with the status that fits a refused request (raises)."""
+def status_for(error: ChatError, hub: Hub) -> tuple[grpc.StatusCode, str]:
+    """The status that fits a refused request, counted once; both servers end the call with it."""
     if isinstance(error, Forbidden):
         code, kind = Code.PERMISSION_DENIED, "forbidden"
     elif isinstance(error, Unauthenticated):
@@ -118,7 +122,12 @@ def abort(context: grpc.ServicerContext, error: ChatError, hub: Hub) -> None:
     else:
         code, kind = Code.INVALID_ARGUMENT, "bad_request"
     hub.metrics.error(kind, PROTOCOL)
-    context.abort(code, error.reason)
+    return code, error.reason
+
+
+def abort(context: grpc.ServicerContext, error: ChatError, hub: Hub) -> None:
+    """End the call with the status that fits a refused request (raises)."""
+    context.abort(*status_for(error, hub))
 
 
 class GrpcSession(Session):
@@ -142,10 +151,14 @@ class GrpcSession(Session):
         self.close_reason: str | None = None
         self._hub = hub
         self._reactor = reactor
-        self._queue: queue.Queue[bytes | _End] = queue.Queue(limit + 1)
+        self._queue: Any = self._new_queue(limit)
         self._lock = threading.Lock()
         self._ended = False
         self._replaying = False
+
+    def _new_queue(self, limit: int) -> Any:
+        """Where the reactor leaves responses for the call; needs ``qsize`` and ``put_nowait``."""
+        return queue.Queue(limit + 1)
 
     @property
     def ended(self) -> bool:
@@ -255,6 +268,11 @@ class GrpcSession(Session):
             if item.code is not Code.OK:
                 context.abort(item.code, item.details)
             return
+
+
+def truncated_metadata(joined: Joined) -> tuple[tuple[str, str], ...]:
+    """Initial metadata telling a ``StreamMessages`` client its ``since_seq`` asked for lost messages."""
+    return (("chatd-truncated", "true"), ("chatd-first-seq", str(joined.first_seq)))
 
 
 # -- Chat client events: run on the reactor, return the reply or None ----------
@@ -374,7 +392,7 @@ class ChatServicer:
         setup: Callable[[GrpcSession], defer.Deferred | None] | None,
         identity: Identity | None = None,
     ) -> GrpcSession:
-        session = GrpcSession(self.hub, self.reactor, peer, self.queue_size, chat, identity)
+        session = self._new_session(peer, chat, identity)
         try:
             self.hub.connect(session)
         except ServerFull as e:
@@ -403,8 +421,11 @@ class ChatServicer:
         failure.raiseException()
         raise AssertionError("not reached")
 
-    def StreamMessages(self, request: pb.StreamRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        joined: list[Joined] = []
+    def _new_session(self, peer: str, chat: bool, identity: Identity | None) -> GrpcSession:
+        return GrpcSession(self.hub, self.reactor, peer, self.queue_size, chat, identity)
+
+    def _stream_join(self, request: pb.StreamRequest, joined: list[Joined]) -> Callable[[GrpcSession], None]:
+        """``StreamMessages``' setup, run on the reactor: the join goes into ``joined``."""
 
         def join(session: GrpcSession) -> defer.Deferred | None:
             room = validate.room(request.room)
@@ -416,9 +437,13 @@ class ChatServicer:
             joined.append(result)
             return None
 
-        session = self._open(context, False, join)
+        return join
+
+    def StreamMessages(self, request: pb.StreamRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        joined: list[Joined] = []
+        session = self._open(context, False, self._stream_join(request, joined))
         if joined and joined[0].truncated:
-            context.send_initial_metadata((("chatd-truncated", "true"), ("chatd-first-seq", str(joined[0].first_seq))))
+            context.send_initial_metadata(truncated_metadata(joined[0]))
         yield from session.drain(context)
 
     def Chat(self, requests: Iterable[pb.ChatEvent], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -566,23 +591,30 @@ class TokenCheck(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefix):
             return handler
-        header = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                header = value
-                break
         field = _behavior_field(handler)
-        try:
-            identity = self._auth.verify(bearer(header))
-        except Unauthenticated as e:
-            self._hub.metrics.error("unauthenticated", PROTOCOL)
-            return handler._replace(**{field: _refuse(e.reason)})
+        identity = self.verify(handler_call_details)
+        if isinstance(identity, str):
+            return handler._replace(**{field: _refuse(identity)})
         inner = getattr(handler, field)
 
         def verified(request: Any, context: grpc.ServicerContext) -> Any:
             return inner(request, _VerifiedContext(context, identity))
 
         return handler._replace(**{field: verified})
+
+
+    def verify(self, handler_call_details: grpc.HandlerCallDetails) -> Identity | str:
+        """The caller's verified identity, or why the call is refused (counted)."""
+        header = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                header = value
+                break
+        try:
+            return self._auth.verify(bearer(header))
+        except Unauthenticated as e:
+            self._hub.metrics.error("unauthenticated", PROTOCOL)
+            return e.reason
 
 
 def _refuse(reason: str) -> Callable[[Any, grpc.ServicerContext], Any]:

@@ -62,9 +62,8 @@ class StreamLimit(grpc.ServerInterceptor):
 
     # -- slots: any grpcio thread ---------------------------------------------
 
-    def _take(self, context: grpc.ServicerContext) -> Callable[[], None]:
-        """Take a slot (returns what gives it back), or end the call with ``RESOURCE_EXHAUSTED`` (raises)."""
-        peer = context.peer()
+    def claim(self, peer: str) -> Callable[[], None] | str:
+        """Take a slot for ``peer`` (returns what gives it back), or say why not (counted)."""
         with self._lock:
             reason = self._addresses.refusal(peer)
             if reason is None and self.open >= self.limit:
@@ -75,8 +74,15 @@ class StreamLimit(grpc.ServerInterceptor):
         if reason is not None:
             if self._on_refused is not None:
                 self._on_refused()
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+            return reason
         return lambda: self._release(key)
+
+    def _take(self, context: grpc.ServicerContext) -> Callable[[], None]:
+        """Take a slot (returns what gives it back), or end the call with ``RESOURCE_EXHAUSTED`` (raises)."""
+        release = self.claim(context.peer())
+        if isinstance(release, str):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, release)
+        return release  # type: ignore[return-value]
 
     def _release(self, key: str | None) -> None:
         with self._lock:

@@ -1,0 +1,443 @@
+"""``--grpc-server aio``: the gRPC service on ``grpc.aio``, one asyncio loop on a thread of its own.
+
+grpcio's threaded server holds one worker thread per open stream, and the
+cost of every delivery grows with the number of threads. Here every call is
+a coroutine on one asyncio loop, so an open stream costs a coroutine and its
+queue, not a thread. The split of ownership is the threaded bridge's:
+
+- The reactor owns the hub; the aio loop owns every grpcio object. Calls reach
+  the hub through ``reactor.callFromThread`` and their answers come back
+  through ``loop.call_soon_threadsafe`` (:meth:`AioChatServicer._on_reactor`):
+  neither thread ever waits on the other.
+- A stream is an :class:`AioGrpcSession`: the shared :class:`GrpcSession`
+  logic (encoding once, the slow-stream bound, resume hints, how a stream
+  ends) over a queue the reactor appends to without a lock. Waking the
+  streams' coroutines goes through one :class:`Outbox` per loop: however
+  many streams a fan-out reaches, it costs one ``call_soon_threadsafe``
+  (one wake-up of the loop), not one per stream.
+- Token checks and stream slots are the threaded server's
+  (:class:`~chatd.grpc.bridge.TokenCheck`, :class:`~chatd.grpc.streams.StreamLimit`),
+  as ``grpc.aio`` interceptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import grpc
+from grpc_health.v1._async import HealthServicer
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from chatd.auth import Identity
+from chatd.grpc.bridge import (
+    SERVICE_NAME,
+    ChatServicer,
+    GrpcSession,
+    TokenCheck,
+    _behavior_field,
+    _End,
+    _identity,
+    _VerifiedContext,
+    stats_response,
+    status_for,
+    truncated_metadata,
+)
+from chatd.grpc.generated import chat_pb2 as pb
+from chatd.grpc.service import GrpcService
+from chatd.grpc.streams import StreamLimit
+from chatd.hub import Joined
+from chatd.validate import ChatError
+
+log = Logger()
+
+Code = grpc.StatusCode
+
+
+# -- the loop -----------------------------------------------------------------------
+
+
+class _Loop:
+    """The process's one asyncio loop for ``grpc.aio``, on a daemon thread, started on first use.
+
+    One loop for every aio server of the process (``grpc.aio`` binds its
+    completion queue to a loop); a daemon thread cannot hold up the exit.
+    """
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                threading.Thread(target=run, name="grpc-aio", daemon=True).start()
+                ready.wait()
+                cls._loop = loop
+            return cls._loop
+
+
+def _to_deferred(reactor: Any, future: Any) -> defer.Deferred:
+    """A Deferred on the reactor for a ``concurrent.futures.Future`` completed on the loop."""
+    d: defer.Deferred = defer.Deferred()
+
+    def done(f: Any) -> None:
+        error = f.exception()
+        if error is None:
+            reactor.callFromThread(d.callback, f.result())
+        else:
+            reactor.callFromThread(d.errback, error)
+
+    future.add_done_callback(done)
+    return d
+
+
+# -- streams --------------------------------------------------------------------------
+
+
+class Outbox:
+    """Wakes the coroutines of streams that have something new, one loop wake-up per batch.
+
+    :meth:`wake` runs on the reactor (or the loop); :meth:`_flush` on the
+    loop. No lock: a queue is flagged before it is listed, and unflagged
+    before its coroutine is woken, so a wake that sees the flag set is
+    always followed by a wake-up that sees its item.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._ready: collections.deque[_AioQueue] = collections.deque()
+        self._scheduled = False
+
+    def wake(self, q: _AioQueue) -> None:
+        if q.flagged:
+            return
+        q.flagged = True
+        self._ready.append(q)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        ready = self._ready
+        while ready:
+            q = ready.popleft()
+            q.flagged = False
+            q.event.set()
+
+
+class _AioQueue:
+    """A stream's responses: appended by the reactor, taken by the call's coroutine.
+
+    ``GrpcSession`` bounds it (``qsize``) and ends it with an ``_End``.
+    """
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.items: collections.deque[bytes | _End] = collections.deque()
+        self.event = asyncio.Event()  # set on the loop only
+        self.flagged = False
+        self._outbox = outbox
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+    def put_nowait(self, item: bytes | _End) -> None:
+        self.items.append(item)
+        self._outbox.wake(self)
+
+
+class AioGrpcSession(GrpcSession):
+    """A :class:`GrpcSession` whose call is a coroutine on the aio loop (``drain`` is async)."""
+
+    def __init__(self, outbox: Outbox, *args: Any, **kwargs: Any) -> None:
+        self._outbox = outbox
+        super().__init__(*args, **kwargs)
+
+    def _new_queue(self, limit: int) -> _AioQueue:
+        return _AioQueue(self._outbox)
+
+    async def drain(self, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[override]
+        """The call's responses, as the reactor queues them, until the stream ends."""
+        q: _AioQueue = self._queue
+        items = q.items
+        while True:
+            while items:
+                item = items.popleft()
+                if isinstance(item, bytes):
+                    yield item
+                    continue
+                if item.code is not Code.OK:
+                    await context.abort(item.code, item.details)
+                return
+            q.event.clear()
+            if not items:
+                await q.event.wait()
+
+
+# -- the servicer ---------------------------------------------------------------------
+
+
+class AioChatServicer(ChatServicer):
+    """``chat.ChatService`` as coroutines on the aio loop; the hub work is :class:`ChatServicer`'s."""
+
+    loop: asyncio.AbstractEventLoop
+    outbox: Outbox
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve on ``loop``: given at start, not when made (``twistd`` may fork in between)."""
+        self.loop = loop
+        self.outbox = Outbox(loop)
+
+    def _on_reactor(self, f: Callable[..., Any], *args: Any) -> asyncio.Future:  # type: ignore[override]
+        """Run ``f(*args)`` on the reactor; the future (on the loop) gets its result or error."""
+        loop = self.loop
+        future = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return  # the call was cancelled meanwhile
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        def run() -> None:
+            d = defer.maybeDeferred(f, *args)
+            d.addCallbacks(
+                lambda result: loop.call_soon_threadsafe(settle, result, None),
+                lambda failure: loop.call_soon_threadsafe(settle, None, failure.value),
+            )
+
+        self.reactor.callFromThread(run)
+        return future
+
+    def _new_session(self, peer: str, chat: bool, identity: Identity | None) -> GrpcSession:
+        return AioGrpcSession(self.outbox, self.hub, self.reactor, peer, self.queue_size, chat, identity)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, error: ChatError) -> None:
+        await context.abort(*status_for(error, self.hub))
+
+    # -- unary ---------------------------------------------------------------
+
+    async def SendMessage(self, request: pb.MessageRequest, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[override]
+        try:
+            return await self._on_reactor(self._publish, request, _identity(context), context.peer())
+        except ChatError as e:
+            await self._abort(context, e)
+            raise  # not reached: abort raises
+
+    async def GetStats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:  # type: ignore[override]
+        return stats_response(await self._on_reactor(self.hub.stats))
+
+    # -- streams -------------------------------------------------------------
+
+    async def _open_aio(
+        self, context: grpc.aio.ServicerContext, chat: bool, setup: Callable[[GrpcSession], None] | None = None
+    ) -> AioGrpcSession:
+        connected = self._on_reactor(self._connect, context.peer(), chat, setup, _identity(context))
+        try:
+            return await asyncio.shield(connected)
+        except asyncio.CancelledError:
+            # The call ended while the reactor connected it: the session leaves once made.
+            connected.add_done_callback(_leave_when_made)
+            raise
+        except ChatError as e:
+            await self._abort(context, e)
+            raise  # not reached
+
+    async def StreamMessages(  # type: ignore[override]
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        joined: list[Joined] = []
+        session = await self._open_aio(context, False, self._stream_join(request, joined))
+        try:
+            if joined and joined[0].truncated:
+                await context.send_initial_metadata(truncated_metadata(joined[0]))
+            async for data in session.drain(context):
+                yield data
+        finally:
+            session.cancelled()
+
+    async def Chat(  # type: ignore[override]
+        self, requests: AsyncIterator[pb.ChatEvent], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        session = await self._open_aio(context, True)
+        reader = asyncio.ensure_future(self._read_chat_aio(session, requests))
+        try:
+            async for data in session.drain(context):
+                yield data
+        finally:
+            reader.cancel()
+            session.cancelled()
+
+    async def _read_chat_aio(self, session: GrpcSession, requests: AsyncIterator[pb.ChatEvent]) -> None:
+        """Feed the client's events to the reactor in order, one at a time."""
+        try:
+            async for event in requests:
+                if session.ended:
+                    return
+                await self._on_reactor(self._chat_event, session, event)
+        except (grpc.RpcError, asyncio.CancelledError):
+            return  # cancelled or broken: the handler tidies up
+        except Exception:
+            log.failure("gRPC Chat request failed on {session}", session=session)
+            self.reactor.callFromThread(session.end, Code.INTERNAL, "internal error")
+            return
+        # The client closed its side: the call is complete.
+        self.reactor.callFromThread(session.end, Code.OK, "client finished")
+
+
+def _leave_when_made(connected: asyncio.Future) -> None:
+    if not connected.cancelled() and connected.exception() is None:
+        connected.result().cancelled()
+
+
+# -- interceptors ---------------------------------------------------------------------
+
+
+def _wrapped(behavior: Any, before: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    """``behavior`` run after ``await before(context)``, which returns the context to pass on
+    and what to call once the call is over (or None).
+
+    ``grpc.aio`` tells a coroutine handler from an async generator (and runs
+    plain functions on threads), so the wrapper is of the same kind.
+    """
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
+            context, after = await before(context)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                if after is not None:
+                    after()
+
+        return generator
+
+    async def coroutine(request: Any, context: Any) -> Any:
+        context, after = await before(context)
+        try:
+            return await behavior(request, context)
+        finally:
+            if after is not None:
+                after()
+
+    return coroutine
+
+
+class AioTokenCheck(TokenCheck, grpc.aio.ServerInterceptor):
+    """:class:`TokenCheck` for ``grpc.aio``: the same rule, the same refusal."""
+
+    async def intercept_service(  # type: ignore[override]
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
+        field = _behavior_field(handler)
+        identity = self.verify(handler_call_details)
+
+        async def before(context: Any) -> tuple[Any, None]:
+            if isinstance(identity, str):
+                await context.abort(Code.UNAUTHENTICATED, identity)
+            return _VerifiedContext(context, identity), None  # type: ignore[arg-type]
+
+        return handler._replace(**{field: _wrapped(getattr(handler, field), before)})
+
+
+class AioStreamLimit(StreamLimit, grpc.aio.ServerInterceptor):
+    """:class:`StreamLimit` for ``grpc.aio``: a slot is held while a streaming call's coroutine runs."""
+
+    async def intercept_service(  # type: ignore[override]
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        field = _behavior_field(handler)
+
+        async def before(context: Any) -> tuple[Any, Callable[[], None]]:
+            release = self.claim(context.peer())
+            if isinstance(release, str):
+                await context.abort(Code.RESOURCE_EXHAUSTED, release)
+            return context, release  # type: ignore[return-value]
+
+        return handler._replace(**{field: _wrapped(getattr(handler, field), before)})
+
+
+# -- the service ----------------------------------------------------------------------
+
+
+class AioGrpcService(GrpcService):
+    """:class:`GrpcService` on ``grpc.aio``: same services, options, health and shutdown."""
+
+    kind = "aio"
+    stream_limit = AioStreamLimit
+    token_check = AioTokenCheck
+
+    loop: asyncio.AbstractEventLoop
+    servicer: AioChatServicer
+
+    def _new_servicer(self, queue_size: int) -> ChatServicer:
+        return AioChatServicer(self.hub, self.reactor, queue_size=queue_size)
+
+    def _new_health(self) -> Any:
+        return HealthServicer()
+
+    def _new_server(self, interceptors: tuple[Any, ...], options: list[tuple[str, int]]) -> Any:
+        """Built on the loop (``grpc.aio`` binds a server to the loop it is made on).
+
+        The reactor waits for it: this runs once, at start, before any client.
+        The loop's thread starts here, not earlier: ``twistd`` makes the
+        service before it forks into the background, and a thread does not
+        survive a fork.
+        """
+        self.loop = _Loop.get()
+        self.servicer.use_loop(self.loop)
+
+        async def build() -> Any:
+            return grpc.aio.server(interceptors=interceptors, options=options)
+
+        return asyncio.run_coroutine_threadsafe(build(), self.loop).result()
+
+    def _start_server(self, server: Any) -> None:
+        started = asyncio.run_coroutine_threadsafe(server.start(), self.loop)
+        _to_deferred(self.reactor, started).addErrback(lambda f: log.failure("gRPC aio server failed to start", f))
+
+    def _set_status(self, status: int) -> None:
+        async def set_all() -> None:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
+
+        done = asyncio.run_coroutine_threadsafe(set_all(), self.loop)
+        _to_deferred(self.reactor, done).addErrback(lambda f: log.failure("gRPC health update failed", f))
+
+    def _enter_shutdown(self) -> None:
+        done = asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), self.loop)
+        _to_deferred(self.reactor, done).addErrback(lambda f: log.failure("gRPC health shutdown failed", f))
+
+    def _stop(self, server: Any) -> defer.Deferred:
+        """``server.stop(grace)`` on the loop: the streams' ends queued just before go out first."""
+        return _to_deferred(self.reactor, asyncio.run_coroutine_threadsafe(server.stop(self.grace), self.loop))
+
+
+__all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "Outbox"]

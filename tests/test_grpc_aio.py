@@ -1,0 +1,176 @@
+"""The gRPC stream path on both servers, and what only ``--grpc-server aio`` promises.
+
+The slow-stream bound and a drain are checked over real sockets on both
+servers; the aio server's own claims (a stream holds no thread, a fan-out
+wakes its loop once, a ``twistd`` drain ends its streams ``UNAVAILABLE``)
+are checked on it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest_twisted
+from twisted.internet import reactor as global_reactor
+from twisted.internet.task import Clock
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+
+from chatd.grpc.aio import AioGrpcSession, Outbox
+from chatd.grpc.generated import chat_pb2 as pb
+from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
+from chatd.hub import Hub
+from chatd.validate import Limits
+from tests import grpcservers
+from tests.daemon import Daemon
+from tests.wsclient import Client
+
+start, grpc_server = grpcservers.start, grpcservers.grpc_server
+
+TIMEOUT = 30
+
+
+def grpc_sessions(hub: Hub) -> int:
+    return sum(1 for s in hub.sessions.values() if s.protocol == "grpc")
+
+
+def joined(ws: Client, user: str) -> None:
+    """Wait for ``user``'s join in ``ws``'s room: the server has taken the stream in."""
+    ws.recv_until(lambda f: (f.get("type"), f.get("action"), f.get("user")) == ("presence", "join", user))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_does_not_read_is_ended_resource_exhausted_with_a_resume_hint(start) -> None:
+    running = await start("--grpc-stream-queue", "5", "--max-message-rate", "0", "--history-limit", "10")
+    text = "x" * 4000
+
+    def scenario() -> tuple[int, list[int], grpc.RpcError, int]:
+        with grpc.insecure_channel(running.grpc_target) as channel, Client(running.ws_url) as ws:
+            stub = ChatServiceStub(channel)
+            ws.join("lobby", "wendy")
+            call = stub.StreamMessages(pb.StreamRequest(room="lobby", user="slow"), timeout=TIMEOUT)
+            joined(ws, "slow")
+            ws.close()  # the watcher is done: only the stream does not read
+            # Send until the server gives up on the reader (bounded: 8,000 x 4 KB
+            # is far past any flow-control window and socket buffer).
+            sent = 0
+            while sent < 8000 and blockingCallFromThread(global_reactor, grpc_sessions, running.hub):
+                for _ in range(50):
+                    stub.SendMessage(pb.MessageRequest(user="fast", message=text, room="lobby"), timeout=TIMEOUT)
+                    sent += 1
+            received: list[int] = []
+            try:
+                for response in call:
+                    received.append(response.seq)
+            except grpc.RpcError as e:
+                error = e
+            # The room went on without the slow reader.
+            after = stub.SendMessage(pb.MessageRequest(user="fast", message="still here", room="lobby"), timeout=10)
+            return sent, received, error, after.seq
+
+    sent, received, error, last = await deferToThread(scenario)
+    assert grpc_sessions(running.hub) == 0
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too slow: more than 5 events waiting" in error.details()
+    # What was delivered is in order, without a gap, and the hint resumes after it.
+    assert received == list(range(1, len(received) + 1))
+    assert f"lobby since_seq={received[-1]}" in error.details()
+    assert len(received) < sent < last
+
+
+@pytest_twisted.ensureDeferred
+async def test_aio_streams_hold_no_thread_each_and_all_get_the_fan_out(start) -> None:
+    running = await start("--grpc-server", "aio", "--grpc-max-streams", "500", "--max-connections-per-ip", "0")
+    streams = 200
+
+    def scenario() -> tuple[int, int, list[str]]:
+        before = threading.active_count()
+        with grpc.insecure_channel(running.grpc_target) as channel, Client(running.ws_url) as ws:
+            ws.join("fan", "watcher")
+            stub = ChatServiceStub(channel)
+            calls = []
+            for i in range(streams):
+                calls.append(stub.StreamMessages(pb.StreamRequest(room="fan", user=f"u{i}"), timeout=TIMEOUT))
+                joined(ws, f"u{i}")
+            members = blockingCallFromThread(global_reactor, lambda: len(running.hub.members("fan")))
+            during = threading.active_count()
+            stub.SendMessage(pb.MessageRequest(user="sender", message="to all", room="fan"), timeout=TIMEOUT)
+            got = [next(call).message for call in calls]
+            for call in calls:
+                call.cancel()
+        return members, during - before, got
+
+    members, more_threads, got = await deferToThread(scenario)
+    assert members == streams + 1
+    assert got == ["to all"] * streams
+    # The threaded server would hold one more thread per stream here.
+    assert more_threads < 20, f"{more_threads} threads for {streams} aio streams"
+
+
+def test_a_fan_out_to_many_aio_streams_wakes_their_loop_once() -> None:
+    class CountingLoop:
+        def __init__(self) -> None:
+            self.calls: list[Any] = []
+
+        def call_soon_threadsafe(self, f: Any, *args: Any) -> None:
+            self.calls.append((f, args))
+
+    hub = Hub(Clock(), limits=Limits(history_limit=10))
+    hub.startService()
+    loop = CountingLoop()
+    outbox = Outbox(loop)  # type: ignore[arg-type]
+    real = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(real)  # the sessions' queues make their asyncio.Event here
+        sessions = []
+        for i in range(50):
+            session = AioGrpcSession(outbox, hub, Clock(), "peer", 10, False)
+            hub.connect(session)
+            hub.identify(session, f"u{i}")
+            hub.join(session, "lobby")
+            sessions.append(session)
+        loop.calls.clear()  # the joins' presence events went out already
+
+        hub.publish("lobby", "bob", "one", "websocket")
+        hub.publish("lobby", "bob", "two", "websocket")
+        assert len(loop.calls) == 1  # one wake-up for two fan-outs to 50 streams
+        assert all(s._queue.qsize() == 2 for s in sessions)
+
+        (flush, args), = loop.calls
+        flush(*args)  # the loop runs the batch
+        assert all(s._queue.event.is_set() for s in sessions)
+        hub.publish("lobby", "bob", "three", "websocket")
+        assert len(loop.calls) == 2  # the next fan-out wakes the loop again
+    finally:
+        asyncio.set_event_loop(None)
+        real.close()
+
+
+def test_twistd_with_the_aio_server_drains_streams_with_unavailable_and_exits_cleanly() -> None:
+    with Daemon("--grpc-server", "aio", "--drain-timeout", "5") as daemon:
+        daemon.wait_healthy()
+        target = f"127.0.0.1:{daemon.ports['grpc']}"
+        with grpc.insecure_channel(target) as channel, Client(daemon.ws_url) as ws:
+            ws.join("lobby", "wendy")
+            stub = ChatServiceStub(channel)
+            call = stub.StreamMessages(pb.StreamRequest(room="lobby", user="sam"), timeout=TIMEOUT)
+            joined(ws, "sam")
+            reply = stub.SendMessage(pb.MessageRequest(user="ann", message="hi", room="lobby"), timeout=TIMEOUT)
+            assert next(call).seq == reply.seq
+            with urllib.request.urlopen(daemon.url(path="/stats"), timeout=10) as r:
+                assert json.loads(r.read())["connections"]["grpc"] == 1
+            ws.close()
+            output = daemon.stop(signal.SIGTERM)
+            try:
+                next(call)
+                raise AssertionError("the stream outlived the server")
+            except grpc.RpcError as e:
+                assert e.code() is grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in e.details()
+        assert daemon.proc.returncode == 0, output
+        assert "aio server" in output
