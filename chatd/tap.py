@@ -100,8 +100,8 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         "processes serving the same ports, each with its own core, joined through --redis (required past 1)",
     ),
     "drain-timeout": ("DRAIN_TIMEOUT", 10, "seconds a shutdown waits for clients to leave before closing the rest"),
-    "grpc-workers": ("GRPC_WORKERS", 1100, "gRPC worker threads; each open stream holds one"),
-    "grpc-max-streams": ("GRPC_MAX_STREAMS", 1000, "most gRPC streams open at once (below --grpc-workers)"),
+    "grpc-workers": ("GRPC_WORKERS", 1100, "gRPC worker threads of the threaded server (each open stream holds one); unused by aio"),
+    "grpc-max-streams": ("GRPC_MAX_STREAMS", 1000, "most gRPC streams open at once (threaded: below --grpc-workers)"),
     "grpc-stream-queue": ("GRPC_STREAM_QUEUE", 1000, "events a gRPC stream may have waiting before it is ended"),
     "signalr-keep-alive": ("SIGNALR_KEEP_ALIVE", 15, "seconds of silence after which the server pings a SignalR client"),
     "signalr-client-timeout": (
