@@ -135,8 +135,6 @@ class WebSocketSession(Session):
         self.opened = 0.0
         #: set by a request whose answer is being read from the store (a resume, a history)
         self.reading: defer.Deferred | None = None
-        #: frames wait here while such an answer is read, and are handled in order once it is sent
-        self.in_order: InOrder[tuple[bytes, bool]] = InOrder(proto._handle, MAX_BACKLOG, proto._too_many)
 
     def deliver(self, event: Event) -> None:
         frame = event.encoded(PROTOCOL, _prepare)
@@ -309,6 +307,8 @@ class ChatServerProtocol(DirectSend, ServerProtocol):
     factory: ChatWebSocketFactory
     session: WebSocketSession | None = None
     identity: Identity | None = None
+    #: frames wait here while an answer is read from the store (made at the first frame)
+    _in_order: InOrder[tuple[bytes, bool]] | None = None
     _idle: IdleTimer | None = None
 
     def onConnect(self, request):
@@ -380,7 +380,10 @@ class ChatServerProtocol(DirectSend, ServerProtocol):
         session = self.session
         if session is None or session.id not in self.factory.hub.sessions:
             return
-        session.in_order.submit((payload, isBinary))
+        gate = self._in_order
+        if gate is None:
+            gate = self._in_order = InOrder(self._handle, MAX_BACKLOG, self._too_many)
+        gate.submit((payload, isBinary))
 
     def _handle(self, frame: tuple[bytes, bool]) -> defer.Deferred | None:
         """Answer one frame; the Deferred of a read from the store it started, if any (see :mod:`chatd.ordered`)."""
