@@ -8,6 +8,8 @@ recipients share that format.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -44,6 +46,38 @@ def rfc3339(seconds: float) -> str:
     if cached[0] != whole:
         cached = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
     return f"{cached[1]}{micros // 1000:03d}Z"
+
+
+#: random ids made per refill of :func:`new_id`'s pool (one ``getrandom`` call)
+_IDS_PER_REFILL = 256
+_ids: list[str] = []
+_ids_lock = threading.Lock()
+
+
+def new_id() -> str:
+    """A new message id: 32 hex digits, a random (version 4) UUID as ``uuid4().hex`` writes it.
+
+    ``uuid.uuid4()`` asks the kernel for 16 random bytes (a system call) and
+    builds a ``UUID`` object for every message: 4 % of the server's CPU in
+    the chat workload. The same randomness is taken 256 ids at a time.
+    The pool is emptied in a forked child so that no two processes share ids.
+    """
+    try:
+        return _ids.pop()
+    except IndexError:
+        pass
+    raw = bytearray(os.urandom(16 * _IDS_PER_REFILL))
+    for i in range(0, len(raw), 16):
+        raw[i + 6] = (raw[i + 6] & 0x0F) | 0x40  # version 4
+        raw[i + 8] = (raw[i + 8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = raw.hex()
+    fresh = [text[i : i + 32] for i in range(0, len(text), 32)]
+    with _ids_lock:  # the store's threads may make ids too
+        _ids.extend(fresh)
+        return _ids.pop()
+
+
+os.register_at_fork(after_in_child=_ids.clear)
 
 
 class Event:

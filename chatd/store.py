@@ -41,7 +41,6 @@ import queue
 import sqlite3
 import tempfile
 import threading
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -50,7 +49,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from chatd.events import Message
+from chatd.events import Message, new_id
 from chatd.validate import ChatError
 
 log = Logger()
@@ -188,7 +187,7 @@ class Store:
                 retry: defer.Deferred = defer.Deferred()
                 waiting.append(retry)
                 return retry
-        message = Message(uuid.uuid4().hex, 0, room, user, text, time, protocol)
+        message = Message(new_id(), 0, room, user, text, time, protocol)
         key = (room, client_id) if client_id else None
         retries: list[defer.Deferred] = []
         if key is not None:

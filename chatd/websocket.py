@@ -79,6 +79,7 @@ from chatd.limits import IdleTimer
 from chatd.logs import printable
 from chatd.ordered import InOrder
 from chatd.validate import ChatError
+from chatd.wsframes import FastReceive
 
 _log = Logger()  # Autobahn claims ``self.log`` on protocols.
 
@@ -301,7 +302,7 @@ class DirectSend:
             super().sendPreparedMessage(preparedMsg)
 
 
-class ChatServerProtocol(DirectSend, ServerProtocol):
+class ChatServerProtocol(FastReceive, DirectSend, ServerProtocol):
     """One WebSocket connection: parse, validate, call the hub, reply."""
 
     factory: ChatWebSocketFactory

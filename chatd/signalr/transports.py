@@ -60,6 +60,7 @@ from chatd.signalr.chat import ChatHub
 from chatd.signalr.connection import CLOSED, HubConnection, Options
 from chatd.validate import ChatError
 from chatd.websocket import DirectSend, ServerProtocol, frame, server_options
+from chatd.wsframes import FastReceive
 
 log = Logger()
 
@@ -199,7 +200,7 @@ class ConnectionManager:
 # -- WebSockets ----------------------------------------------------------------
 
 
-class SignalRWebSocketProtocol(DirectSend, ServerProtocol):
+class SignalRWebSocketProtocol(FastReceive, DirectSend, ServerProtocol):
     """A WebSocket carrying one SignalR connection (text frames for json, binary for messagepack)."""
 
     factory: SignalRWebSocketFactory
