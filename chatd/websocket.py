@@ -139,10 +139,13 @@ class WebSocketSession(Session):
 
     def deliver(self, event: Event) -> None:
         frame = event.encoded(PROTOCOL, _prepare)
-        if self.budget.charge(len(frame.payloadHybi)):
-            self._proto.sendPreparedMessage(frame)
-            if isinstance(event, Message):
-                self.delivered(event)
+        budget = self.budget
+        # The budget counts only while the transport is backed up (paused): skip the call otherwise.
+        if (budget.paused or budget.overflowed) and not budget.charge(len(frame.payloadHybi)):
+            return
+        self._proto.sendPreparedMessage(frame)
+        if isinstance(event, Message):
+            self.delivered(event)
 
     def send(self, body: dict) -> None:
         """A reply to this client only."""
