@@ -53,6 +53,7 @@ name gets an error reply, as does a room outside the token's ``rooms``.
 from __future__ import annotations
 
 import operator
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -215,37 +216,61 @@ _options_of = operator.attrgetter(*_OPTIONS)
 
 
 class ServerProtocol(WebSocketServerProtocol):
-    """Autobahn's server protocol without its per-connection debug dump.
+    """Autobahn's server protocol, lighter per connection.
 
-    Autobahn's ``_connectionMade`` copies the factory's options onto the
-    connection and, for a debug line nobody reads, pretty-prints all of them
-    (``pprint.pformat`` of some 30 tuples) on every connection, log level
-    or not: about a fifth of the server's CPU in a reconnect storm. The copy
-    is done here in one step (an attribute already set on the connection
-    wins), and Autobahn is left an empty list to print.
+    **Options.** Autobahn's ``_connectionMade`` copies the factory's some 30
+    options onto every connection and, for a debug line nobody reads,
+    pretty-prints them all (``pprint.pformat``), log level or not: about a
+    fifth of the server's CPU in a reconnect storm. Here the options are
+    class attributes of one subclass per factory (made at its first
+    connection, made again if its options change), and each connection
+    only switches its class to it: nothing is copied or printed, and a
+    connection's ``__dict__`` holds its own state alone. That matters more
+    than it looks: at 88 attributes an instance dict had outgrown its
+    128-slot table (3.3 KB); at under 60 it stays in it (1.7 KB), a fifth
+    of an idle connection's memory (W3). An attribute already set on the
+    connection still wins, as it did.
 
-    Autobahn also starts its opening-handshake timer (``openHandshakeTimeout``)
-    as the connection is made. Behind twisted.web's ``WebSocketResource``,
-    and on the short way in (:class:`UpgradeChannel`), the protocol is made
-    only once the whole request is in, and the handshake ends (accepted or
-    refused) within the same call unless ``onConnect`` waits: the timer was
-    created and cancelled at once, for every connection. It is started only
-    if the handshake is still pending when :meth:`processHandshake` returns.
+    **What the handshake leaves behind.** The request's bytes, its parsed
+    headers and extension offers, and the 101 response are kept by Autobahn
+    for the connection's life; they are dropped once it is open. The send
+    queue (a ``deque``, 600 bytes) is used only for Autobahn's ``sync`` or
+    chopped writes, which chatd never asks for: a connection gets one only
+    if it does (:class:`DirectSend`).
+
+    **The handshake timer.** Autobahn starts its opening-handshake timer
+    (``openHandshakeTimeout``) as the connection is made. Behind
+    twisted.web's ``WebSocketResource``, and on the short way in
+    (:class:`UpgradeChannel`), the protocol is made only once the whole
+    request is in, and the handshake ends (accepted or refused) within the
+    same call unless ``onConnect`` waits: the timer was created and
+    cancelled at once, for every connection. It is started only if the
+    handshake is still pending when :meth:`processHandshake` returns.
     """
 
     CONFIG_ATTRS: tuple[str, ...] = ()
+    #: empty until a queued write needs a real one (see :class:`DirectSend`)
+    send_queue: Any = ()
 
     def _connectionMade(self) -> None:
-        options = dict(zip(_OPTIONS, _options_of(self.factory)))
-        options.update(self.__dict__)  # an attribute already set on the connection wins
-        self.__dict__.update(options)
-        timeout, self.openHandshakeTimeout = self.openHandshakeTimeout, 0
+        self.__class__ = _with_options(type(self), self.factory)
+        own = self.__dict__.get("openHandshakeTimeout")
+        self.openHandshakeTimeout = 0  # no timer yet: see processHandshake
         super()._connectionMade()
-        self.openHandshakeTimeout = timeout
+        if own is None:
+            del self.openHandshakeTimeout
+        else:
+            self.openHandshakeTimeout = own
+        del self.send_queue
 
     def processHandshake(self) -> None:
         super().processHandshake()
-        if (
+        if self.state == self.STATE_OPEN:
+            # Read by nothing once open (see the class docstring).
+            self.http_request_data = self.http_response_data = None
+            self.http_headers = {}
+            self.websocket_extensions = []
+        elif (
             self.state == self.STATE_CONNECTING
             and self.openHandshakeTimeout > 0
             and self.openHandshakeTimeoutCall is None
@@ -253,6 +278,22 @@ class ServerProtocol(WebSocketServerProtocol):
             self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
+
+
+def _with_options(cls: type, factory: Any) -> type:
+    """``cls``, or the subclass of it carrying ``factory``'s current options as class attributes."""
+    if "_chatd_options" in cls.__dict__:
+        return cls  # already switched (a connection made twice)
+    values = _options_of(factory)
+    made = factory.__dict__.get("_chatd_protocol")
+    if made is None or made.__bases__[0] is not cls or made._chatd_options != values:
+        # A function option (perMessageCompressionAccept) must not become a method.
+        attrs = {k: staticmethod(v) if hasattr(type(v), "__get__") else v for k, v in zip(_OPTIONS, values)}
+        made = type(cls.__name__, (cls,), {**attrs, "_chatd_options": values})
+        made.__module__ = cls.__module__
+        made.__qualname__ = cls.__qualname__
+        factory._chatd_protocol = made
+    return made
 
 
 class DirectSend:
@@ -272,6 +313,8 @@ class DirectSend:
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
+            if type(self.send_queue) is not deque:
+                self.send_queue = deque()  # the connection's own, made when first needed (see ServerProtocol)
             super().sendData(data, sync, chopsize)
         else:
             self.transport.write(data)

@@ -811,6 +811,48 @@ def test_the_handshake_timer_runs_only_while_a_handshake_waits(monkeypatch, comp
     assert proto.openHandshakeTimeoutCall is None
 
 
+def test_an_open_connection_keeps_only_its_own_state(monkeypatch) -> None:
+    """Options live on the class, handshake leftovers are dropped, and no send queue exists until one is needed."""
+    from collections import deque
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    hub = Hub(Clock())
+    hub.startService()
+    factory = ChatWebSocketFactory(hub, read_limit=4321)
+    first = factory.buildProtocol(None)
+    first.makeConnection(StringTransport())
+    first.dataReceived(_UPGRADE)
+    assert first.state == first.STATE_OPEN and first.session is not None
+    assert isinstance(first, websocket.ChatServerProtocol)
+    assert first.maxFramePayloadSize == 4321 and "maxFramePayloadSize" not in first.__dict__
+    assert not any(option in first.__dict__ for option in websocket._OPTIONS)
+    # a function option stays a plain function (chatd refuses every compression offer)
+    assert first.perMessageCompressionAccept([object()]) is None
+    assert first.http_request_data is None and first.http_response_data is None and first.http_headers == {}
+    assert not isinstance(first.send_queue, deque)
+    # options changed on the factory reach the next connection, not the open one
+    factory.setProtocolOptions(maxFramePayloadSize=999)
+    second = factory.buildProtocol(None)
+    second.makeConnection(StringTransport())
+    assert (second.maxFramePayloadSize, first.maxFramePayloadSize) == (999, 4321)
+    # Autobahn's chopped writes get a queue of the connection's own, and still send everything
+    import txaio
+
+    monkeypatch.setattr(txaio.config, "loop", hub.clock)  # Autobahn's queued writes wait on txaio's clock
+    sent = first.transport.value()
+    first.sendData(b"abcdefgh", chopsize=3)
+    assert isinstance(first.send_queue, deque) and not isinstance(second.send_queue, deque)
+    assert first.transport.value()[len(sent) :] == b"abc"
+    for _ in range(3):
+        hub.clock.advance(1)  # Autobahn writes the rest a chunk a turn
+    assert first.transport.value()[len(sent) :] == b"abcdefgh"
+    for proto in (first, second):
+        proto.connectionLost(Failure(ConnectionDone()))
+
+
 @settings(max_examples=2000, deadline=None)
 @given(
     st.one_of(
