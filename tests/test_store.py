@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
+from chatd.events import Message
 from chatd.hub import Hub
 from chatd.store import MemoryStore, SQLiteStore, Stored, StoreUnavailable
 from chatd.validate import ChatError, Limits
@@ -230,3 +231,102 @@ def test_memory_store_numbers_rooms_independently() -> None:
         store.add(room, "u", "t", 0.0, "test").addCallback(results.append)
     assert [(s.message.room, s.message.seq) for s in results] == [("a", 1), ("a", 2), ("b", 1), ("a", 3)]
     assert [m.seq for m in store.recent("a", 10)] == [2, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_id_sent_twice_in_one_transaction_is_stored_once(db_path: str) -> None:
+    """The writer itself finds a retry batched with its original (the hub's in-flight check aside)."""
+    store = opened(db_path)
+    entered, gate = threading.Event(), threading.Event()
+    real_write = store._write
+    batches: list[list[str]] = []
+
+    def held_write(db, seqs, writes, prunes):
+        entered.set()
+        gate.wait(10)
+        batches.append([message.id for message, _, _ in writes])
+        return real_write(db, seqs, writes, prunes)
+
+    store._write = held_write
+    blocker = store._persist(Message("id-block", 0, "r", "u", "first", _now(), "test"), None)
+    assert entered.wait(10)  # the writer holds the blocker's batch: what follows makes one batch
+    waiting = [store._persist(Message(f"id{i}", 0, "r", "u", f"t{i}", _now(), "test"), "same") for i in range(2)]
+    others = store._persist(Message("id2", 0, "r", "u", "other", _now(), "test"), None)
+    gate.set()
+    await blocker
+    original, retry, other = await defer.gatherResults([*waiting, others])
+    assert batches[-1] == ["id0", "id1", "id2"], "the three writes were not in one transaction"
+    assert (original.duplicate, retry.duplicate, other.duplicate) == (False, True, False)
+    assert (retry.message.id, retry.message.seq) == ("id0", 2)
+    assert other.message.seq == 3
+    await store.close()
+    rows = sqlite3.connect(db_path).execute("SELECT seq, client_id FROM messages ORDER BY seq").fetchall()
+    assert rows == [(1, None), (2, "same"), (3, None)]
+
+
+def _rows(path: str, room: str) -> list[int]:
+    query = "SELECT seq FROM messages WHERE room = ? ORDER BY seq"
+    return [seq for (seq,) in sqlite3.connect(path).execute(query, (room,)).fetchall()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_bounds_the_file_to_limit_plus_slack_and_reads_see_only_limit(db_path: str) -> None:
+    store = opened(db_path, limit=20)
+    slack = store._slack()
+    assert slack > 1
+    most = 0
+    for i in range(1, 80):
+        await add(store, "r", f"m{i}")
+        seqs = _rows(db_path, "r")
+        assert seqs == list(range(seqs[0], i + 1)), "a kept row is missing"
+        assert seqs[0] <= max(1, i - 20 + 1), "a row of the last limit messages was deleted"
+        assert len(seqs) < 20 + slack
+        most = max(most, len(seqs))
+    assert most > 20, "never more than limit rows: nothing is saved"
+    await store.close()
+
+    again = opened(db_path, limit=20)
+    assert [m.seq for m in await again.read_recent("r", 100)] == list(range(60, 80))
+    resume = await again.read_since("r", 0)
+    assert ([m.seq for m in resume.messages], resume.first_kept, resume.truncated) == (list(range(60, 80)), 60, True)
+    assert (await add(again, "r", "after a restart")).message.seq == 80
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_id_past_the_limit_is_not_a_duplicate_even_while_its_row_waits_to_be_trimmed(
+    db_path: str,
+) -> None:
+    store = opened(db_path, limit=20)
+    first = await add(store, "r", "old", client_id="k")
+    for i in range(20):
+        await add(store, "r", f"m{i}")
+    assert 1 in _rows(db_path, "r"), "the old row is already gone: this tests nothing"
+    await store.close()
+
+    again = opened(db_path, limit=20)  # the room is not in memory: the writer looks the client id up
+    retry = await add(again, "r", "old", client_id="k")
+    assert not retry.duplicate and retry.message.id != first.message.id and retry.message.seq == 22
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_seq_survives_a_restart_after_trimming_and_age_pruning(db_path: str) -> None:
+    clock = Clock()
+    clock.advance(_now())
+    store = SQLiteStore(reactor, db_path, limit=20, max_age=60)
+    store.clock = clock
+    store.open()
+    for i in range(35):
+        await store.add("r", "u", f"m{i}", clock.seconds(), "test", None)
+    clock.advance(61)
+    store.prune()
+    await store.close()
+    assert _rows(db_path, "r") == []
+
+    again = SQLiteStore(reactor, db_path, limit=20, max_age=60)
+    again.clock = clock
+    again.open()
+    assert (await again.read_since("r", 0)).last_seq == 35
+    assert (await again.add("r", "u", "later", clock.seconds(), "test", None)).message.seq == 36
+    await again.close()
