@@ -69,6 +69,8 @@ HEARTBEAT_INTERVAL = 3.0
 REAP_INTERVAL = 4.0
 CHECK_INTERVAL = 1.0
 REPLY_TIMEOUT = 5
+#: seconds a read waits for its own marker to come back on the subscription (see RedisBackplane._barrier)
+BARRIER_TIMEOUT = 2.0
 
 # KEYS: seq, hist, cid. ARGV: room, id, user, text, time, protocol, client_id,
 # limit, cutoff (0: no age limit), ttl (0: none), channel, floor (the last seq the
@@ -409,6 +411,9 @@ class RedisBackplane(Store):
         #: room -> (messages newer than the window read back, whether that read holds the room's events)
         self._read_rest: dict[str, tuple[list[Message], bool]] = {}
         self._sync_generation = 0
+        #: marker id -> the read waiting for it to come back on the subscription
+        self._markers: dict[str, tuple[defer.Deferred, Any]] = {}
+        self._marker_count = 0
         self.synced = defer.Deferred()
         self._commands = _Link(reactor, self.settings, _Factory(txredisapi.RedisProtocol, self.settings),
                                "command", self._commands_ready, self._down)
@@ -614,6 +619,7 @@ class RedisBackplane(Store):
         def read() -> Any:
             seq = yield proto.execute_command("GET", _key("seq", room))
             items = yield proto.execute_command("ZRANGEBYSCORE", _key("hist", room), "-inf", "+inf")
+            yield self._barrier(proto)
             return int(seq) if seq is not None else 0, [_message(orjson.loads(item)) for item in items or []]
 
         def got(result: tuple[int, list[Message]]) -> _Window:
@@ -647,6 +653,36 @@ class RedisBackplane(Store):
             return failure
 
         return read().addCallbacks(got, failed)
+
+    def _barrier(self, proto: Any) -> defer.Deferred:
+        """Fires once every event Redis published before now has come through the subscription.
+
+        A message stored just before a read's ``GET`` is counted by it, but
+        its event may still be on its way to this process: taken for history,
+        it was then dropped as a duplicate when it came, and a member who
+        joined while the room was being read never got it live. So the read
+        publishes a marker of its own on the channel and waits for it: Redis
+        delivers one channel's events in the order it published them, so
+        every message the read counted has come (and is held for the room)
+        by then. After :data:`BARRIER_TIMEOUT`, or with the subscription
+        down, the read goes on without it, as before.
+        """
+        if self._events.proto is None:
+            return defer.succeed(None)
+        self._marker_count += 1
+        token = f"{self.proc}:{self._marker_count}"
+        waiting: defer.Deferred = defer.Deferred()
+        self._markers[token] = (waiting, self.reactor.callLater(BARRIER_TIMEOUT, self._marker_back, token))
+        sent = proto.execute_command("PUBLISH", CHANNEL, orjson.dumps({"k": "r", "id": token}))
+        sent.addErrback(lambda _: self._marker_back(token))
+        return waiting
+
+    def _marker_back(self, token: str) -> None:
+        waiting, timer = self._markers.pop(token, (None, None))
+        if waiting is not None:
+            if timer.active():
+                timer.cancel()
+            waiting.callback(None)
 
     def _after_read(self, room: str) -> None:
         rest, owner = self._read_rest.pop(room, ([], False))
@@ -792,6 +828,8 @@ class RedisBackplane(Store):
             self._deliver_stored(message)
         elif kind == "p":
             self._remote_presence(event)
+        elif kind == "r":  # a read's marker (another process's are not waited for here)
+            self._marker_back(str(event.get("id")))
 
     def _fill_gap(self, room: str, first: int, event: dict) -> None:
         """A live message skipped some seqs (a publish lost): fetch them, then go on."""
