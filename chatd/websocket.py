@@ -778,6 +778,14 @@ class UpgradeChannel(DeadlineChannel):
     upgrades: ChatWebSocketFactory
     _first = True
 
+    def connectionMade(self) -> None:
+        # The direct write path from the accept, not from the session's open:
+        # the 101 (and any HTTP answer on this port) is sent at once, where
+        # Twisted's buffered write cost two epoll_ctl and a reactor event.
+        # A TLS or UNIX listener's transports are left as they are (see chatd.fastwrite).
+        fastwrite.install(self.transport)
+        super().connectionMade()
+
     def dataReceived(self, data: bytes) -> None:
         if self._first:
             self._first = False
