@@ -189,6 +189,38 @@ def test_autobahns_debug_type_names_are_formatted_only_when_used() -> None:
     assert f"{name}!" == hltype(websocket.ServerProtocol.processHandshake) + "!"
 
 
+def test_autobahns_debug_values_are_formatted_only_when_used() -> None:
+    """A lost connection's reason (a Failure: its traceback) is not turned into text for a dropped debug line."""
+    from autobahn.twisted import websocket as autobahn_twisted
+    from autobahn.util import hlval
+    from autobahn.websocket import protocol
+
+    formatted: list[int] = []
+
+    class Reason:
+        def __str__(self) -> str:
+            formatted.append(1)
+            return "reason"
+
+    for module in (protocol, autobahn_twisted):
+        formatted.clear()
+        value = module.hlval(Reason())
+        assert formatted == []
+        assert str(value) == hlval("reason") and f"{value}" == hlval("reason")
+
+
+def test_autobahns_empty_option_dump_is_not_pretty_printed(monkeypatch) -> None:
+    """Its per-connection debug dump is always an empty list (see ServerProtocol): "[]" without a PrettyPrinter."""
+    import pprint
+
+    from autobahn.websocket import protocol
+
+    printers: list = []
+    monkeypatch.setattr(pprint, "PrettyPrinter", lambda *a, **k: printers.append(a))
+    assert protocol.pformat([]) == "[]"
+    assert printers == []
+
+
 def test_sites_with_a_deadline_still_offer_tls_clients_http_2() -> None:
     # The deadline channel sits behind twisted.web's ALPN switch, so h2 is spoken when chosen.
     server = Server()
