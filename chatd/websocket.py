@@ -140,8 +140,16 @@ class WebSocketSession(Session):
         self.opened = 0.0
         #: set by a request whose answer is being read from the store (a resume, a history)
         self.reading: defer.Deferred | None = None
+        #: a close frame has been sent: nothing more is (see :meth:`deliver`)
+        self.closing = False
 
     def deliver(self, event: Event) -> None:
+        # Once a close frame has been sent (the server's, or its answer to the
+        # peer's), no data frame may follow (RFC 6455 5.5.1). The session stays
+        # in its rooms until the TCP connection ends, a reactor turn or more
+        # later: in a wave of closes, each one's leave reached the others.
+        if self.closing:
+            return
         frame = event.encoded(PROTOCOL, _prepare)
         if self.budget.charge(len(frame.payloadHybi)):
             self._proto.sendPreparedMessage(frame)
@@ -149,7 +157,9 @@ class WebSocketSession(Session):
                 self.delivered(event)
 
     def send(self, body: dict) -> None:
-        """A reply to this client only."""
+        """A reply to this client only (none once the connection is closing, see :meth:`deliver`)."""
+        if self.closing:
+            return
         payload = orjson.dumps(body)
         if self.budget.charge(len(payload)):
             self._proto.sendMessage(payload)
@@ -459,6 +469,17 @@ class ChatServerProtocol(DirectSend, ServerProtocol):
         if self._idle is not None:
             self._idle.touch()
         super().onPing(payload)
+
+    def sendCloseFrame(
+        self,
+        code: int | None = None,
+        reasonUtf8: bytes | None = None,  # noqa: N803 (Autobahn's names)
+        isReply: bool = False,  # noqa: N803
+    ) -> None:
+        # Every close frame leaves this way: the server's own and its answer to the peer's.
+        if self.session is not None:
+            self.session.closing = True
+        super().sendCloseFrame(code, reasonUtf8, isReply)
 
     def onOpenHandshakeTimeout(self) -> None:
         self.factory.hub.metrics.limited("handshake_timeout", PROTOCOL)

@@ -241,3 +241,27 @@ async def test_over_real_sockets_a_client_library_takes_the_short_way_and_a_body
     answer = await deferToThread(scenario)
     assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert rendered == [b"/ws"]
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One whole masked client frame (a short payload)."""
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_no_data_frame_follows_the_close_frame_while_the_connection_closes() -> None:
+    """RFC 6455 5.5.1: once the server has answered the peer's close, a presence or reply for it goes nowhere."""
+    server = Server()
+    transports = {}
+    for user in ("alice", "bob"):
+        transports[user] = server.send(upgrade())
+        transports[user].protocol.dataReceived(client_frame(1, b'{"type":"join","room":"r","user":"%s"}' % user.encode()))
+    bob = transports["bob"]
+    (session,) = [s for s in server.hub.sessions.values() if s.user == "bob"]
+    bob.protocol.dataReceived(client_frame(8, b"\x03\xe8"))
+    assert bob.value().endswith(b"\x88\x02\x03\xe8") and bob.disconnecting  # the close answered; the TCP end pending
+    bob.clear()
+    transports["alice"].protocol.dataReceived(client_frame(1, b'{"type":"leave","room":"r"}'))
+    session.send({"type": "pong"})
+    assert bob.value() == b""
+    assert session.id in server.hub.sessions  # gone only when the connection is
