@@ -302,43 +302,11 @@ class DirectSend:
     refusal to send more than the inbound limit).
     """
 
-    #: frames held back while one request is answered (see :meth:`hold`); None: written at once
-    _held: list[bytes] | None = None
-
-    def hold(self) -> None:
-        """Hold this connection's frames until :meth:`release`: what one request brings
-        (a join's own presence and its reply) goes out in one ``send``, not one each."""
-        self._held = []
-
-    def release(self) -> None:
-        """Write what was held, in one write, and write at once again."""
-        self._flush()
-        self._held = None
-
-    def _flush(self) -> None:
-        held = self._held
-        if held:
-            data = b"".join(held)
-            held.clear()
-            self.transport.write(data)
-
-    def _write(self, data: bytes) -> None:
-        held = self._held
-        if held is None:
-            self.transport.write(data)
-        else:
-            held.append(data)
-
-    def _closeConnection(self, abort: bool = False) -> None:  # noqa: N802 (Autobahn's name)
-        self._flush()  # what was held goes before the end, as it would have
-        super()._closeConnection(abort)
-
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
-            self._flush()  # Autobahn's own path writes to the transport itself
             super().sendData(data, sync, chopsize)
         else:
-            self._write(data)
+            self.transport.write(data)
 
     def sendMessage(  # noqa: N802 (Autobahn's names)
         self,
@@ -358,17 +326,13 @@ class DirectSend:
             and not self.logOctets
             and not self.trackedTimings
         ):
-            self._write(frame(payload, isBinary).payloadHybi)
+            self.transport.write(frame(payload, isBinary).payloadHybi)
         else:
             super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
 
     def sendPreparedMessage(self, preparedMsg: PreparedMessage) -> None:  # noqa: N803 (Autobahn's name)
         if self._perMessageCompress is None and not self.send_queue and not self.logOctets:
-            held = self._held  # _write inlined: every fan-out delivery comes this way
-            if held is None:
-                self.transport.write(preparedMsg.payloadHybi)
-            else:
-                held.append(preparedMsg.payloadHybi)
+            self.transport.write(preparedMsg.payloadHybi)
         else:
             super().sendPreparedMessage(preparedMsg)
 
@@ -539,15 +503,11 @@ class ChatServerProtocol(DirectSend, ServerProtocol):
         if session is None or session.id not in self.factory.hub.sessions:
             return None
         session.reading = None
-        self.hold()
-        try:
-            reply = dispatch(self.factory.hub, session, *frame)
-            if isinstance(reply, defer.Deferred):
-                reply.addCallback(self._reply_later, session)
-            elif reply is not None:
-                session.send(reply)
-        finally:
-            self.release()
+        reply = dispatch(self.factory.hub, session, *frame)
+        if isinstance(reply, defer.Deferred):
+            reply.addCallback(self._reply_later, session)
+        elif reply is not None:
+            session.send(reply)
         read, session.reading = session.reading, None
         return read
 

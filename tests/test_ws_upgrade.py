@@ -265,19 +265,3 @@ def test_no_data_frame_follows_the_close_frame_while_the_connection_closes() -> 
     session.send({"type": "pong"})
     assert bob.value() == b""
     assert session.id in server.hub.sessions  # gone only when the connection is
-
-
-def test_what_one_frame_brings_its_own_connection_is_written_at_once(monkeypatch) -> None:
-    """A join's own presence and its reply: one write (one send), in that order, after them the rest direct."""
-    server = Server()
-    alice = server.send(upgrade())
-    writes: list[bytes] = []
-    monkeypatch.setattr(alice, "write", lambda data: writes.append(data) or StringTransport.write(alice, data))
-    alice.protocol.dataReceived(client_frame(1, b'{"type":"join","room":"r","user":"alice"}'))
-    assert len(writes) == 1 and writes[0].count(b'{"type":') == 2
-    assert 0 < writes[0].index(b'"action":"join"') < writes[0].index(b'"type":"joined"')
-    bob = server.send(upgrade())
-    bob.protocol.dataReceived(client_frame(1, b'{"type":"join","room":"r","user":"bob"}'))
-    assert len(writes) == 2 and b'"user":"bob"' in writes[1]  # another's frame: written as it comes
-    alice.protocol.dataReceived(client_frame(8, b"\x03\xe8"))
-    assert writes[-1] == b"\x88\x02\x03\xe8" and alice.disconnecting  # held writes go out before the close
