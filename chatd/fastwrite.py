@@ -36,7 +36,9 @@ Twisted connection in the process (the Redis client, the manhole).
 Swapping ``__class__`` of exactly ``tcp.Server`` instances to a subclass,
 at the point where a chat protocol takes the connection, touches only
 those connections, costs no memory per connection (no bound methods in the
-instance dict) and keeps ``isinstance`` checks true.
+instance dict) and keeps ``isinstance`` checks true. The ``--ws`` port's
+connections take it as they are accepted (``chatd.websocket.UpgradeChannel``),
+so their HTTP answers and the WebSocket 101 are direct too.
 """
 
 from __future__ import annotations

@@ -459,6 +459,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         idle_timeout=options["idle-timeout"],
         handshake_timeout=options["handshake-timeout"],
     )
+    ws_factory.closes.setServiceParent(top)  # after the hub: stops once the listeners and the drain have
     ws = Listener(endpoint("ws"), _timed(ws_site(hub, ws_factory, options["metrics-token"]), options, hub, "websocket"))
     ws.setName("ws")
     ws.setServiceParent(top)

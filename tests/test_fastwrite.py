@@ -274,6 +274,25 @@ async def test_a_ws_connection_writes_deliveries_and_replies_at_once(chatd) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_ws_port_connection_has_the_fast_path_from_its_accept_so_the_101_is_sent_at_once(
+    chatd, monkeypatch
+) -> None:
+    registered: list = []
+    add_writer = reactor.addWriter
+    monkeypatch.setattr(reactor, "addWriter", lambda writer: registered.append(writer) or add_writer(writer))
+
+    def scenario():
+        with Client(chatd.ws_url) as alice:
+            alice.join("r", "alice")
+            transport = blockingCallFromThread(reactor, _transport_of, chatd, "alice")
+            assert type(transport) is fastwrite.FastServer
+            # Nothing this connection was sent (the 101, the join's reply) waited for the reactor.
+            assert blockingCallFromThread(reactor, lambda: transport not in registered)
+
+    await threads.deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_reply_larger_than_the_read_limit_is_sent(start) -> None:
     # The read limit bounds what a client may send, not what it is sent:
     # a history of long messages is far larger than one inbound frame.

@@ -870,3 +870,56 @@ def test_event_timestamps_format_like_datetime_does(seconds) -> None:
 
     assert events.rfc3339(seconds) == events._rfc3339_slow(seconds)
     assert events.rfc3339(seconds + 1.0005) == events._rfc3339_slow(seconds + 1.0005)
+
+
+class _Closed:
+    """What :class:`chatd.websocket.CloseLog` reads of a session."""
+
+    def __init__(self, i: int, opened: float, close_reason: str | None = None) -> None:
+        self.peer, self.user, self.opened, self.close_reason = f"tcp4:127.0.0.1:{i}", f"u{i}", opened, close_reason
+
+
+def test_closes_are_logged_one_by_one_and_past_the_rate_counted_in_one_line_a_second() -> None:
+    clock = Clock()
+    closes = websocket.CloseLog(clock)
+    closes.startService()
+    clock.advance(100)
+    with _LogLines() as log:
+        for i in range(closes.per_second):
+            closes.closed(_Closed(i, 90.0), True, 1000, None)
+        assert len(log.lines) == closes.per_second
+        assert log.lines[0] == "tcp4:127.0.0.1:0 (u0) disconnected after 10.0 s: closed (code 1000)"
+        clock.advance(0.5)
+        for i in range(3):
+            closes.closed(_Closed(100 + i, 90.0), True, 1000, "bye")
+        closes.closed(_Closed(200, 90.0), False, 1006, None)
+        closes.closed(_Closed(300, 90.0, "too slow"), True, 1008, None)
+        assert len(log.lines) == closes.per_second  # counted, not written yet
+        clock.advance(0.5)
+        assert log.lines[closes.per_second:] == [
+            "5 more connections closed in 1.0 s, not logged one by one: "
+            "3 with code 1000, 1 with code 1006, 1 with code 1008"
+        ]
+        clock.advance(5)
+        closes.closed(_Closed(400, 104.0, "idle"), True, 4008, None)  # a new second: one by one again
+        assert log.lines[-1] == "tcp4:127.0.0.1:400 (u400) disconnected after 2.0 s: idle (code 4008)"
+        for i in range(closes.per_second):
+            closes.closed(_Closed(500 + i, 104.0), True, 1000, None)
+        closes.stopService()  # a summary still due is written at stop, and not again
+        assert log.lines[-1] == "1 more connections closed in 0.0 s, not logged one by one: 1 with code 1000"
+        lines = len(log.lines)
+        clock.advance(2)
+        assert len(log.lines) == lines
+    assert not clock.getDelayedCalls()
+
+
+def test_the_close_log_stops_after_the_listeners_and_before_the_hub(tmp_path) -> None:
+    """So the drain's closes are in it, and its last summary is written before the process ends."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from chatd import tap
+
+    options = tap.Options(environ={})
+    options.parseOptions(["--data-dir", str(tmp_path)])
+    names = [s.name for s in tap.makeService(options, reactor=MemoryReactorClock())]
+    assert names.index("hub") < names.index("websocket-closes") < names.index("ws")

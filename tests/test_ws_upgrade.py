@@ -189,6 +189,38 @@ def test_autobahns_debug_type_names_are_formatted_only_when_used() -> None:
     assert f"{name}!" == hltype(websocket.ServerProtocol.processHandshake) + "!"
 
 
+def test_autobahns_debug_values_are_formatted_only_when_used() -> None:
+    """A lost connection's reason (a Failure: its traceback) is not turned into text for a dropped debug line."""
+    from autobahn.twisted import websocket as autobahn_twisted
+    from autobahn.util import hlval
+    from autobahn.websocket import protocol
+
+    formatted: list[int] = []
+
+    class Reason:
+        def __str__(self) -> str:
+            formatted.append(1)
+            return "reason"
+
+    for module in (protocol, autobahn_twisted):
+        formatted.clear()
+        value = module.hlval(Reason())
+        assert formatted == []
+        assert str(value) == hlval("reason") and f"{value}" == hlval("reason")
+
+
+def test_autobahns_empty_option_dump_is_not_pretty_printed(monkeypatch) -> None:
+    """Its per-connection debug dump is always an empty list (see ServerProtocol): "[]" without a PrettyPrinter."""
+    import pprint
+
+    from autobahn.websocket import protocol
+
+    printers: list = []
+    monkeypatch.setattr(pprint, "PrettyPrinter", lambda *a, **k: printers.append(a))
+    assert protocol.pformat([]) == "[]"
+    assert printers == []
+
+
 def test_sites_with_a_deadline_still_offer_tls_clients_http_2() -> None:
     # The deadline channel sits behind twisted.web's ALPN switch, so h2 is spoken when chosen.
     server = Server()
@@ -209,3 +241,27 @@ async def test_over_real_sockets_a_client_library_takes_the_short_way_and_a_body
     answer = await deferToThread(scenario)
     assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert rendered == [b"/ws"]
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One whole masked client frame (a short payload)."""
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_no_data_frame_follows_the_close_frame_while_the_connection_closes() -> None:
+    """RFC 6455 5.5.1: once the server has answered the peer's close, a presence or reply for it goes nowhere."""
+    server = Server()
+    transports = {}
+    for user in ("alice", "bob"):
+        transports[user] = server.send(upgrade())
+        transports[user].protocol.dataReceived(client_frame(1, b'{"type":"join","room":"r","user":"%s"}' % user.encode()))
+    bob = transports["bob"]
+    (session,) = [s for s in server.hub.sessions.values() if s.user == "bob"]
+    bob.protocol.dataReceived(client_frame(8, b"\x03\xe8"))
+    assert bob.value().endswith(b"\x88\x02\x03\xe8") and bob.disconnecting  # the close answered; the TCP end pending
+    bob.clear()
+    transports["alice"].protocol.dataReceived(client_frame(1, b'{"type":"leave","room":"r"}'))
+    session.send({"type": "pong"})
+    assert bob.value() == b""
+    assert session.id in server.hub.sessions  # gone only when the connection is
