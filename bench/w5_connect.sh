@@ -54,6 +54,8 @@ cpu() { # CPU seconds (user + system) of $PID so far
 }
 
 established() { ss -Htn state established "( sport = :$PORT )" | wc -l; }
+# every socket of the port but the listener (CLOSE-WAIT ones are still the server's work to do)
+remaining() { ss -Htan "( sport = :$PORT )" | grep -vc LISTEN || true; }
 
 read -r -a trees <<<"$TREES"
 servers=()
@@ -84,6 +86,8 @@ for r in $(seq "$ROUNDS"); do
       -out "$OUT" -max-total 3m >/dev/null 2>>"$DATA/loadgen.log" || echo "loadgen failed for $label" >&2
     for _ in $(seq 300); do [ "$(established)" -eq 0 ] && break; sleep 0.1; done
     left="$(established)"
+    # and until the server has finished its side of every close (counted too)
+    for _ in $(seq 300); do [ "$(remaining)" -eq 0 ] && break; sleep 0.1; done
     sleep 0.5  # the last closes' bookkeeping
     cpu1="$(cpu)"
     printf '{"run_id":"%s","peer":"%s","tag":"W5-connect-close","connect_rate":%s,"src":"%s","commit":"%s","conns":%d,"still_open":%d,"server_cpu_s":%s,"server_cpu_per_conn_ms":%s,"ts":"%s"}\n' \
