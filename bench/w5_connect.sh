@@ -54,8 +54,8 @@ cpu() { # CPU seconds (user + system) of $PID so far
 }
 
 established() { ss -Htn state established "( sport = :$PORT )" | wc -l; }
-# every socket of the port but the listener (CLOSE-WAIT ones are still the server's work to do)
-remaining() { ss -Htan "( sport = :$PORT )" | grep -vc LISTEN || true; }
+# every socket of the port but the listener and TIME-WAIT (CLOSE-WAIT ones are still the server's work to do)
+remaining() { ss -Htan "( sport = :$PORT )" | grep -vcE "LISTEN|TIME-WAIT" || true; }
 
 read -r -a trees <<<"$TREES"
 servers=()
