@@ -393,6 +393,9 @@ class CloseLog(Service):
     second are counted by close code and told in one line when the second
     is over (or when the service stops), so an operator still sees every
     close, and who, whenever the rate is one a human reads line by line.
+    Connections refused before they became sessions (server full, a bad
+    token, a foreign origin) share the same budget and get their own
+    summary line, counted by kind.
     """
 
     name = "websocket-closes"
@@ -405,15 +408,37 @@ class CloseLog(Service):
         self._lines = 0
         #: close code -> closes in this second not logged one by one
         self._skipped: Counter[int | None] = Counter()
+        #: refusal kind -> refusals in this second not logged one by one
+        self._refusals: Counter[str] = Counter()
         self._summary: IDelayedCall | None = None
 
-    def closed(self, session: WebSocketSession, clean: bool, code: int | None, reason: str | None) -> None:
-        """Log the close of ``session`` (its peer's ``code`` and ``reason``), or count it under load."""
+    def _line(self) -> bool:
+        """Whether this second may have one more line; counts it."""
         now = self.clock.seconds()
         if now >= self._window_end:
             self._window_end, self._lines = now + 1.0, 0
         if self._lines < self.per_second:
             self._lines += 1
+            return True
+        if self._summary is None:
+            self._summary = self.clock.callLater(self._window_end - now, self.summarise)
+        return False
+
+    def refused(self, kind: str, peer: str, reason: str) -> None:
+        """Log a connection refused before it became a session (``kind``: what the summary counts it as).
+
+        Refusals share the closes' budget of lines a second: a storm against
+        a full server, or of bad tokens, costs a line each otherwise.
+        """
+        if self._line():
+            _log.info("{peer} refused: {reason}", peer=peer, reason=reason)
+        else:
+            self._refusals[kind] += 1
+
+    def closed(self, session: WebSocketSession, clean: bool, code: int | None, reason: str | None) -> None:
+        """Log the close of ``session`` (its peer's ``code`` and ``reason``), or count it under load."""
+        now = self.clock.seconds()
+        if self._line():
             # A peer's close reason is its own text: escaped, it cannot forge a log line.
             why = session.close_reason or printable(reason or "") or ("closed" if clean else "connection lost")
             _log.info(
@@ -426,8 +451,6 @@ class CloseLog(Service):
             )
             return
         self._skipped[code] += 1
-        if self._summary is None:
-            self._summary = self.clock.callLater(self._window_end - now, self.summarise)
 
     def summarise(self) -> None:
         """Log the closes counted but not logged one by one, if any."""
@@ -435,6 +458,14 @@ class CloseLog(Service):
             self._summary.cancel()
         self._summary = None
         skipped, self._skipped = self._skipped, Counter()
+        refusals, self._refusals = self._refusals, Counter()
+        if refusals:
+            _log.info(
+                "{count} more connections refused in {span:.1f} s, not logged one by one: {kinds}",
+                count=sum(refusals.values()),
+                span=self.clock.seconds() - self._window_end + 1.0,
+                kinds=", ".join(f"{n} {kind}" for kind, n in refusals.most_common()),
+            )
         if skipped:
             _log.info(
                 "{count} more connections closed in {span:.1f} s, not logged one by one: {codes}",
@@ -466,13 +497,11 @@ class ChatServerProtocol(FastReceive, DirectSend, ServerProtocol):
                 self.identity = auth.from_request(request.headers.get("authorization"), token[0] if token else None)
             except Unauthenticated as e:
                 self.factory.hub.metrics.error("unauthenticated", PROTOCOL)
-                _log.info("{peer} refused: {reason}", peer=request.peer, reason=e.reason)
+                self.factory.closes.refused("unauthenticated", request.peer, e.reason)
                 raise ConnectionDeny(401, e.reason) from None
         origin = request.headers.get("origin")
         if not self.factory.origins.allows(origin, request.host):
-            _log.info(
-                "{peer} refused: origin {origin} not allowed", peer=request.peer, origin=printable(origin)
-            )
+            self.factory.closes.refused("origin not allowed", request.peer, f"origin {printable(origin)} not allowed")
             raise ConnectionDeny(403, "origin not allowed")
         return None
 
@@ -483,7 +512,7 @@ class ChatServerProtocol(FastReceive, DirectSend, ServerProtocol):
             hub.connect(session)
         except ServerFull as e:
             hub.metrics.error("server_full", PROTOCOL)
-            _log.info("{peer} refused: {reason}", peer=self.peer, reason=e.reason)
+            self.factory.closes.refused("server full", self.peer, e.reason)
             _send_close(self, CLOSE_TRY_AGAIN_LATER, e.reason)
             return
         except Unauthenticated as e:  # expired between the upgrade and now

@@ -913,6 +913,30 @@ def test_closes_are_logged_one_by_one_and_past_the_rate_counted_in_one_line_a_se
     assert not clock.getDelayedCalls()
 
 
+def test_refusals_share_the_line_budget_and_are_counted_by_kind_past_it() -> None:
+    clock = Clock()
+    closes = websocket.CloseLog(clock)
+    closes.startService()
+    clock.advance(100)
+    with _LogLines() as log:
+        closes.refused("server full", "tcp4:10.0.0.1:1", "server full (20000 connections)")
+        assert log.lines == ["tcp4:10.0.0.1:1 refused: server full (20000 connections)"]
+        for i in range(closes.per_second - 1):
+            closes.closed(_Closed(i, 90.0), True, 1000, None)
+        for i in range(3):
+            closes.refused("server full", f"tcp4:10.0.0.1:{i}", "server full (20000 connections)")
+        closes.refused("unauthenticated", "tcp4:10.0.0.2:1", "token expired")
+        closes.closed(_Closed(99, 90.0), True, 1001, None)
+        assert len(log.lines) == closes.per_second  # the rest counted, not written yet
+        clock.advance(1)
+        assert log.lines[closes.per_second :] == [
+            "4 more connections refused in 1.0 s, not logged one by one: 3 server full, 1 unauthenticated",
+            "1 more connections closed in 1.0 s, not logged one by one: 1 with code 1001",
+        ]
+    closes.stopService()
+    assert not clock.getDelayedCalls()
+
+
 def test_the_close_log_stops_after_the_listeners_and_before_the_hub(tmp_path) -> None:
     """So the drain's closes are in it, and its last summary is written before the process ends."""
     from twisted.internet.testing import MemoryReactorClock
