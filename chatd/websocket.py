@@ -457,22 +457,18 @@ class CloseLog(Service):
         if self._summary is not None and self._summary.active():
             self._summary.cancel()
         self._summary = None
-        skipped, self._skipped = self._skipped, Counter()
         refusals, self._refusals = self._refusals, Counter()
-        if refusals:
-            _log.info(
-                "{count} more connections refused in {span:.1f} s, not logged one by one: {kinds}",
-                count=sum(refusals.values()),
-                span=self.clock.seconds() - self._window_end + 1.0,
-                kinds=", ".join(f"{n} {kind}" for kind, n in refusals.most_common()),
-            )
-        if skipped:
-            _log.info(
-                "{count} more connections closed in {span:.1f} s, not logged one by one: {codes}",
-                count=sum(skipped.values()),
-                span=self.clock.seconds() - self._window_end + 1.0,
-                codes=", ".join(f"{n} with code {code}" for code, n in skipped.most_common()),
-            )
+        skipped, self._skipped = self._skipped, Counter()
+        span = self.clock.seconds() - self._window_end + 1.0
+        for counted, what, label in ((refusals, "refused", "{n} {key}"), (skipped, "closed", "{n} with code {key}")):
+            if counted:
+                _log.info(
+                    "{count} more connections {what} in {span:.1f} s, not logged one by one: {kinds}",
+                    count=sum(counted.values()),
+                    what=what,
+                    span=span,
+                    kinds=", ".join(label.format(n=n, key=key) for key, n in counted.most_common()),
+                )
 
     def stopService(self) -> None:
         super().stopService()
