@@ -565,11 +565,6 @@ class Storm:
         server.proc.send_signal(signal.SIGTERM)
         status = await asyncio.to_thread(server.proc.wait, args.drain_timeout + 60)
         t_exit = time.monotonic()
-        await asyncio.sleep(0)  # let the last readers hand over
-        drained = [c for c in self.clients if c.task is not None]
-        closes = [c.drain_at - t_term for c in drained if c.drain_at is not None]
-        codes = Counter(str(c.drain_code) for c in drained if c.drain_at is not None)
-        not_closed = sum(1 for c in drained if c.drain_at is None)
         # Restart on the same ports and data dir.
         self.reconnecting = True
         t_restart = time.monotonic()
@@ -581,6 +576,12 @@ class Storm:
         tasks = [c.task for c in self.clients if c.task is not None]
         await asyncio.gather(*tasks)
         await asyncio.gather(*self.away_tasks)
+        # Each task noted its drain close before its first reconnect; read them
+        # only now, as a busy client may still have been reading them at the exit.
+        drained = [c for c in self.clients if c.task is not None]
+        closes = [c.drain_at - t_term for c in drained if c.drain_at is not None]
+        codes = Counter(str(c.drain_code) for c in drained if c.drain_at is not None)
+        not_closed = sum(1 for c in drained if c.drain_at is None)
         # Wait until every client holds its room's last seq (or the deadline).
         while time.monotonic() < self.deadline:
             if all(c.seqs and c.seqs[-1] >= self.room_last[c.room] for c in self.clients if c.back_at):
@@ -768,7 +769,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--away-every", type=int, default=10, help="every Kth room gets messages while clients are away"
     )
     p.add_argument("--away-messages", type=int, default=2)
-    p.add_argument("--backoff", choices=["full-jitter", "browser", "signalr"], default="full-jitter")
+    p.add_argument(
+        "--backoff",
+        choices=["browser", "signalr", "full-jitter"],
+        default="browser",
+        help="reconnect schedule (default: the browser client's, web/app.js)",
+    )
     p.add_argument("--backoff-base", type=float, default=0.5, help="seconds (full-jitter)")
     p.add_argument("--backoff-cap", type=float, default=30.0, help="seconds")
     p.add_argument("--drain-timeout", type=int, default=10, help="the server's --drain-timeout")

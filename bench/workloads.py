@@ -238,9 +238,11 @@ def loadgen(args: argparse.Namespace, server: Server | None, flags: list) -> Ite
 
 @register("W5", "reconnect storm (bench/storm.py; starts chatd itself)", own_server=True, chatd_only=True)
 def w5(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
-    yield from _script(args, ["bench/storm.py", "-n", str(args.storm_clients)]
-                       + (["--server-cpu", args.server_cpu] if args.server_cpu else [])
-                       + (["--client-cpu", args.client_cpu.split(",")[0]] if args.client_cpu else []))
+    # One storm per reconnect schedule: the browser client's and the official SignalR client's.
+    for policy in args.storm_backoff.split(","):
+        yield from _script(args, ["bench/storm.py", "-n", str(args.storm_clients), "--backoff", policy]
+                           + (["--server-cpu", args.server_cpu] if args.server_cpu else [])
+                           + (["--client-cpu", args.client_cpu.split(",")[0]] if args.client_cpu else []))
 
 
 @register("grpc-streams", "gRPC StreamMessages subscribers one process holds (bench/grpc_streams.py)",
