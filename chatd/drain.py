@@ -6,7 +6,12 @@ order). Its ``stopService``:
 
 1. marks the hub as no longer accepting: ``/health`` answers 503 from now
    on, while the listeners are still up so load balancers can see it, and
-   new connections are refused;
+   new connections are refused (WebSocket close 1013). Listeners whose
+   socket outlives the process (socket activation: systemd holds it across
+   a restart) stop taking connections instead: the kernel queues them on
+   that socket for the next process, so a client that reconnects during a
+   restart waits for it rather than being refused, and its backoff does not
+   grow;
 2. tells every session, whatever its protocol, that the server is going
    away (``Session.going_away``: WebSocket close 1001, SignalR close with
    reconnect allowed, gRPC ``UNAVAILABLE``), in batches spread over a
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -51,8 +56,11 @@ class Drain(Service):
         spread: float | None = None,
         rng: Callable[[], float] = random.random,
         reactor: Any = None,
+        held: Sequence[Any] = (),
     ) -> None:
         self.hub = hub
+        #: listeners (``chatd.tap.Listener``) whose socket the next process inherits
+        self.held = list(held)
         self.clock = clock
         self.timeout = timeout
         self.batch_size = max(1, batch_size)
@@ -85,6 +93,7 @@ class Drain(Service):
         self.draining = True
         self.hub.accepting = False
         self.hub.closing = True
+        self._hold()
         sessions = list(self.hub.sessions.values())
         batches = [sessions[i : i + self.batch_size] for i in range(0, len(sessions), self.batch_size)]
         log.info(
@@ -101,6 +110,20 @@ class Drain(Service):
         self._deadline = self.clock.callLater(self.timeout, self._finish, True)
         self._check()
         return done
+
+    def _hold(self) -> None:
+        """Leave new connections in the inherited sockets' queues, for the next process."""
+        names = []
+        for listener in self.held:
+            port = getattr(listener, "port", None)
+            if port is not None:
+                port.stopReading()
+                names.append(listener.name)
+        if names:
+            log.info(
+                "not accepting on {names}: new connections wait in the inherited sockets for the next process",
+                names=", ".join(names),
+            )
 
     def _go(self, batch: list[Any]) -> None:
         for session in batch:

@@ -96,6 +96,24 @@ class _TokenRequired(Resource):
         return self._inner.render(request)
 
 
+def inherited_listeners(top: MultiService, options: Any) -> list[Any]:
+    """The listeners on sockets systemd passed in (``systemd:`` endpoints).
+
+    systemd keeps such a socket open across a restart, so connections that
+    arrive while this process drains can wait in its queue for the next one
+    (see :class:`chatd.drain.Drain`). A socket this process bound itself, or
+    one a ``--workers`` supervisor handed it, closes with its owner: those
+    keep answering (and refusing) until the end.
+    """
+    from chatd.tap import Listener
+
+    return [
+        service
+        for service in top
+        if isinstance(service, Listener) and str(options.get(service.name) or "").startswith("systemd:")
+    ]
+
+
 def add_operations(top: MultiService, hub: Any, options: Any, reactor: Any) -> None:
     """Append the manhole, the drain and the systemd notifier to ``top`` (keep this call last)."""
     if options["manhole"]:
@@ -111,6 +129,12 @@ def add_operations(top: MultiService, hub: Any, options: Any, reactor: Any) -> N
         console.setName("manhole")
         console.setServiceParent(top)
 
-    drain = Drain(hub, reactor, timeout=options["drain-timeout"], reactor=reactor)
+    drain = Drain(
+        hub,
+        reactor,
+        timeout=options["drain-timeout"],
+        reactor=reactor,
+        held=inherited_listeners(top, options),
+    )
     drain.setServiceParent(top)
     SystemdNotifier(reactor).setServiceParent(top)

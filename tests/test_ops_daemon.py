@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -72,13 +73,25 @@ def test_ready_watchdog_and_stopping_reach_systemd_and_sigterm_drains_to_exit_0(
         notify.close()
 
 
-def _spawn(twistd_args: list[str], chatd_args: list[str], env: dict[str, str] | None = None, prefix=()):
+def _spawn(
+    twistd_args: list[str],
+    chatd_args: list[str],
+    env: dict[str, str] | None = None,
+    prefix=(),
+    pass_fds: tuple[int, ...] = (),
+):
     environ = {k: v for k, v in os.environ.items() if not k.endswith("_PORT") and k != "MANHOLE"}
     environ["PYTHONPATH"] = str(ROOT)
     environ.update(env or {})
     argv = [*prefix, str(TWISTD), *twistd_args, "--nodaemon", "--pidfile=", "chatd", *chatd_args]
     return subprocess.Popen(
-        argv, cwd=str(ROOT), env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        cwd=str(ROOT),
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=pass_fds,
     )
 
 
@@ -212,3 +225,91 @@ def test_env_file_names_only_options_that_exist_and_socket_order_matches() -> No
     indexed = dict(re.findall(r"^([A-Z_]+)=systemd:domain=INET6:index=(\d+)$", text, re.M))
     assert streams == ["8080", "8081", "3000"]
     assert indexed == {"WS_PORT": "0", "SIGNALR_PORT": "1", "WEB_PORT": "2"}
+
+
+#: exec argv[2:] with fd argv[1] as systemd passes a socket: fd 3, LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID
+SD_EXEC = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="chatd", LISTEN_PID=str(os.getpid()))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_a_restart_on_an_inherited_socket_keeps_new_connections_for_the_next_process(tmp_path: Path) -> None:
+    """What ``systemctl restart chatd`` does with chatd.socket: systemd keeps the
+    listening socket across the restart. A client that connects while the old
+    process drains must wait in that socket's queue for the new process, not
+    be refused (a refusal grows every client's backoff in a reconnect storm)."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(64)
+    port = listening.getsockname()[1]
+    fd = listening.fileno()
+    # systemd's part: the socket as fd 3, LISTEN_PID the process's own (exec keeps the PID).
+    prefix = [sys.executable, "-c", SD_EXEC, str(fd)]
+    args = ["--ws", "systemd:domain=INET:index=0", *_other_listeners("ws"), "--data-dir", str(tmp_path)]
+    args += ["--drain-timeout", "3"]
+
+    def start(notify: NotifySocket) -> subprocess.Popen:
+        return _spawn([], args, {"NOTIFY_SOCKET": notify.name}, prefix=prefix, pass_fds=(fd,))
+
+    def upgrade(s: socket.socket) -> None:
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        s.sendall(
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+
+    first_notify, second_notify = NotifySocket(), NotifySocket()
+    first = second = None
+    waiting = socket.socket()
+    try:
+        first = start(first_notify)
+        first_notify.wait_for("READY=1")
+        with Client(f"ws://127.0.0.1:{port}/ws") as a:
+            a.join("restart", "alice")
+            a.send(type="message", room="restart", message="before the restart")
+            assert a.recv_type("message")["seq"] == 1
+            first.send_signal(signal.SIGTERM)
+            first_notify.wait_for("STOPPING=1")
+            # The old process is draining: it takes nothing new.
+            waiting.settimeout(1.0)
+            waiting.connect(("127.0.0.1", port))  # the kernel completes it: the socket still listens
+            upgrade(waiting)
+            with pytest.raises(TimeoutError):
+                waiting.recv(1)  # today's answer would be a 101 and then close 1013 "try again later"
+            with pytest.raises(ConnectionClosed) as closed:
+                a.recv_type("never")
+            assert closed.value.rcvd.code == 1001
+        out, err = first.communicate(timeout=30)
+        assert first.returncode == 0, out + err
+        assert "not accepting on ws" in out + err
+        # The next process inherits the same socket and answers the waiting client.
+        second = start(second_notify)
+        waiting.settimeout(60)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = waiting.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's sample key and its accept
+        second_notify.wait_for("READY=1")
+        with Client(f"ws://127.0.0.1:{port}/ws") as b:
+            b.join("restart", "bob")
+            b.send(type="history", room="restart", limit=10)
+            kept = b.recv_type("history")["messages"]
+            assert [(m["seq"], m["message"]) for m in kept] == [(1, "before the restart")]
+        second.send_signal(signal.SIGTERM)
+        out, err = second.communicate(timeout=30)
+        assert second.returncode == 0, out + err
+    finally:
+        waiting.close()
+        listening.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        first_notify.close()
+        second_notify.close()

@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
-from chatd import sdnotify, tap
+from chatd import ops, sdnotify, tap
 from chatd.drain import GOING_AWAY, Drain
 from chatd.events import Event
 from chatd.http import health
@@ -220,6 +220,39 @@ def test_drain_with_no_sessions_finishes_at_once_and_clears_the_sigterm_exit() -
     done = drain.stopService()
     assert done.called and FakeReactor._exitSignal is None
     assert not clock.getDelayedCalls()
+
+
+class FakePort:
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+
+def test_drain_stops_accepting_on_inherited_sockets_and_leaves_the_others_refusing() -> None:
+    clock, hub, sessions, drain = _drain_setup(2)
+    top = MultiService()
+    options = {"ws": "systemd:domain=INET:index=0", "signalr": "tcp:8081", "web": "systemd:domain=INET:index=1"}
+    ports = {}
+    for name in ("ws", "signalr", "web"):
+        listener = tap.Listener(None, None)
+        listener.setName(name)
+        listener.port = ports[name] = FakePort()
+        listener.setServiceParent(top)
+    unbound = tap.Listener(None, None)  # a socket-activated listener that never started
+    unbound.setName("manhole")
+    unbound.setServiceParent(top)
+    Service().setServiceParent(top)  # not a listener at all
+    options["manhole"] = "systemd:domain=INET:index=2"
+    drain.held = ops.inherited_listeners(top, options)
+    assert [listener.name for listener in drain.held] == ["ws", "web", "manhole"]
+    assert all(port.reading for port in ports.values())
+    drain.stopService()
+    # The kernel now queues new connections on those sockets for the next
+    # process; the socket this process bound itself still answers, with 1013.
+    assert {name: port.reading for name, port in ports.items()} == {"ws": False, "signalr": True, "web": False}
+    with pytest.raises(ServerFull):
+        hub.connect(LeavingSession(hub, clock))
 
 
 def test_drain_runs_before_listeners_stop_in_the_real_tree() -> None:
