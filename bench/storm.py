@@ -75,6 +75,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BROWSER_BACKOFF = [0.5, 1, 2, 4, 8, 15, 30]
+#: ``--socket-activation``: exec argv[2:] with fd argv[1] passed as systemd passes a socket
+SD_EXEC = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="chatd", LISTEN_PID=str(os.getpid()))
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 SIGNALR_BACKOFF = [0, 2, 10, 30]
 
 
@@ -134,14 +141,25 @@ class Server:
         self.other_ports = [free_port() for _ in range(3)]
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.inherited: socket.socket | None = None
+        if args.socket_activation:
+            # systemd's part (chatd.socket): one listening socket, bound once, kept across the restart.
+            self.inherited = socket.socket()
+            self.inherited.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.inherited.bind(("127.0.0.1", self.ws_port))
+            self.inherited.listen(4096)
 
     def argv(self) -> list[str]:
         log = self.workdir / f"chatd-{self.starts}.log"
         cmd = self.args.server_cmd or f"{TWISTD} -n --pidfile= -l {{log}} chatd"
         argv = shlex.split(cmd.replace("{log}", str(log)))
         signalr, web, grpc = self.other_ports
+        ws = f"tcp:{self.ws_port}:interface=127.0.0.1"
+        if self.inherited is not None:
+            ws = "systemd:domain=INET:index=0"
+            argv = [sys.executable, "-c", SD_EXEC, str(self.inherited.fileno()), *argv]
         argv += [
-            "--ws", f"tcp:{self.ws_port}:interface=127.0.0.1",
+            "--ws", ws,
             "--signalr", f"tcp:{signalr}:interface=127.0.0.1",
             "--web", f"tcp:{web}:interface=127.0.0.1",
             "--grpc", f"127.0.0.1:{grpc}",
@@ -161,7 +179,10 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         out = open(self.workdir / f"chatd-{self.starts}.out", "wb")  # noqa: SIM115
         with out:
-            self.proc = subprocess.Popen(self.argv(), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            fds = () if self.inherited is None else (self.inherited.fileno(),)
+            self.proc = subprocess.Popen(
+                self.argv(), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=fds
+            )
 
     @property
     def pid(self) -> int:
@@ -176,7 +197,11 @@ class Server:
                     f"chatd exited with {self.proc.returncode} during start; see {self.workdir}"
                 )
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.ws_port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.ws_port)
+                if self.inherited is not None:
+                    # The socket always listens: wait for the process to answer on it.
+                    writer.write(b"GET /health HTTP/1.0\r\n\r\n")
+                    await asyncio.wait_for(reader.read(1), timeout)
                 writer.close()
                 return time.monotonic() - t0
             except OSError:
@@ -679,6 +704,7 @@ async def run(args: argparse.Namespace) -> dict:
         "messages_per_room": args.messages,
         "backoff": f"{args.backoff} base={args.backoff_base}s cap={args.backoff_cap}s",
         "drain_timeout": args.drain_timeout,
+        "socket_activation": args.socket_activation,
         "server_cpu": args.server_cpu,
         "client_cpu": args.client_cpu,
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
@@ -778,6 +804,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backoff-base", type=float, default=0.5, help="seconds (full-jitter)")
     p.add_argument("--backoff-cap", type=float, default=30.0, help="seconds")
     p.add_argument("--drain-timeout", type=int, default=10, help="the server's --drain-timeout")
+    p.add_argument(
+        "--socket-activation",
+        action="store_true",
+        help="pass the WebSocket port as systemd does (chatd.socket): one socket kept across the restart",
+    )
     p.add_argument("--timeout", type=float, default=120, help="seconds allowed for everyone to come back")
     p.add_argument("--open-timeout", type=float, default=30, help="seconds per handshake + join")
     p.add_argument("--server-cmd", help="server command before chatd's options; {log} is replaced by a log path "
