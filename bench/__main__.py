@@ -66,8 +66,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, default=5000, help="W3 connections")
     p.add_argument("--idle-hold", type=float, default=10, help="W3 hold, s")
     p.add_argument("--storm-clients", type=int, default=10_000, help="W5 clients")
-    p.add_argument("--storm-backoff", default="browser,signalr",
-                   help="W5: one storm per reconnect schedule (browser, signalr, full-jitter)")
+    p.add_argument("--storm-backoff", default="browser,signalr,full-jitter+socket",
+                   help="W5: one storm per reconnect schedule (browser, signalr, full-jitter); "
+                        "+socket: with the port socket-activated as chatd.socket does")
     p.add_argument("--grpc-steps", default="500,1000,2000,4000", help="grpc-streams steps")
     p.add_argument("--quick", action="store_true", help="small, short steps: a smoke run")
     p.add_argument("--max-total", type=float, default=900, help="watchdog for the whole run, s")

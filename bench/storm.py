@@ -759,7 +759,8 @@ def summary(r: dict) -> str:
     return "\n".join(
         [
             f"W5 storm: {f('n')} clients in {f('rooms')} rooms of {f('room_size')}, "
-            f"server CPU {f('server_cpu')}, client CPU {f('client_cpu')}, backoff {f('backoff')}",
+            f"server CPU {f('server_cpu')}, client CPU {f('client_cpu')}, backoff {f('backoff')}"
+            + (", WebSocket port socket-activated" if r.get("socket_activation") else ""),
             f"connect: {f('conns_ok')} ok, {f('conns_failed')} failed in {f('connect_time_s')} s = "
             f"{f('accept_rate')} conn/s; handshake p50/p99/max {f('handshake_p50_ms')}/{f('handshake_p99_ms')}/"
             f"{f('handshake_max_ms')} ms; join p50/p99 {f('join_p50_ms')}/{f('join_p99_ms')} ms; "

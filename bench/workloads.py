@@ -238,9 +238,12 @@ def loadgen(args: argparse.Namespace, server: Server | None, flags: list) -> Ite
 
 @register("W5", "reconnect storm (bench/storm.py; starts chatd itself)", own_server=True, chatd_only=True)
 def w5(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
-    # One storm per reconnect schedule: the browser client's and the official SignalR client's.
-    for policy in args.storm_backoff.split(","):
+    # One storm per reconnect schedule (the browser client's, the official SignalR
+    # client's, ...); "+socket": the port passed in and kept as systemd's chatd.socket does.
+    for spec in args.storm_backoff.split(","):
+        policy, _, socket = spec.partition("+")
         yield from _script(args, ["bench/storm.py", "-n", str(args.storm_clients), "--backoff", policy]
+                           + (["--socket-activation"] if socket else [])
                            + (["--server-cpu", args.server_cpu] if args.server_cpu else [])
                            + (["--client-cpu", args.client_cpu.split(",")[0]] if args.client_cpu else []))
 
