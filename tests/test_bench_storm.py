@@ -35,3 +35,18 @@ def test_storm_200_clients_all_back_and_resumed(tmp_path: Path) -> None:
     assert line["away_rooms"] > 0 and line["resumed_msgs"] > 0  # resume had something to deliver
     assert line["server_cpu_ms_per_conn"] > 0
     assert "PASS" in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_storm_on_a_socket_activated_port_refuses_no_reconnect(tmp_path: Path) -> None:
+    """With the port held across the restart (chatd.socket), clients that come
+    back while chatd drains wait for the next process: one attempt each."""
+    argv = [sys.executable, str(ROOT / "bench" / "storm.py"), "-n", "200", "--socket-activation"]
+    argv += ["--backoff", "full-jitter", "--drain-timeout", "4", "--timeout", "40"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["socket_activation"] is True and line["pass"] is True, line
+    assert line["drain_close_codes"] == {"1001": 200} and line["not_back"] == 0
+    assert line["reconnect_refusals"] == {} and line["reconnect_attempts_max"] == 1, line
+    assert (line["resume_wrong"], line["resume_gaps"], line["resume_dups"]) == (0, 0, 0)
