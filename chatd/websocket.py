@@ -85,6 +85,7 @@ from chatd.logs import printable
 from chatd.ordered import InOrder
 from chatd.validate import ChatError
 from chatd.wsframes import FastReceive
+from chatd.wshandshake import FastHandshake
 
 _log = Logger()  # Autobahn claims ``self.log`` on protocols.
 
@@ -299,7 +300,7 @@ class ServerProtocol(WebSocketServerProtocol):
         del self.send_queue
 
     def processHandshake(self) -> None:
-        super().processHandshake()
+        self._read_handshake()
         if self.state == self.STATE_OPEN:
             # Read by nothing once open (see the class docstring).
             self.http_request_data = self.http_response_data = None
@@ -313,6 +314,10 @@ class ServerProtocol(WebSocketServerProtocol):
             self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
+
+    def _read_handshake(self) -> None:
+        """Autobahn's reading of the request (a subclass may take the plain case first: :mod:`chatd.wshandshake`)."""
+        super().processHandshake()
 
 
 def _with_options(cls: type, factory: Any) -> type:
@@ -475,7 +480,7 @@ class CloseLog(Service):
         self.summarise()
 
 
-class ChatServerProtocol(FastReceive, DirectSend, ServerProtocol):
+class ChatServerProtocol(FastHandshake, FastReceive, DirectSend, ServerProtocol):
     """One WebSocket connection: parse, validate, call the hub, reply."""
 
     factory: ChatWebSocketFactory
