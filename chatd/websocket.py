@@ -67,6 +67,7 @@ from autobahn.util import hltype as _hltype
 from autobahn.util import hlval as _hlval
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.utf8validator import Utf8Validator as _Utf8Validator
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -233,8 +234,36 @@ def _pformat(value: object) -> str:
     return pformat(value)
 
 
+class _LazyUtf8Validator:
+    """Autobahn's incremental UTF-8 validator, made only when first used.
+
+    Autobahn's ``_connectionMade`` makes one for every connection (a CFFI
+    object with a finaliser: about 1 % of the server's CPU per connection
+    in a reconnect storm, W5) for its own frame parser's text messages.
+    chatd's :class:`~chatd.wsframes.FastReceive` checks the plain frames
+    itself, so most connections never use it. Autobahn calls only
+    ``reset`` (a new validator is already reset) and ``validate``.
+    """
+
+    __slots__ = ("_validator",)
+    _make = staticmethod(_Utf8Validator)
+
+    def __init__(self) -> None:
+        self._validator: Any = None
+
+    def reset(self) -> None:
+        if self._validator is not None:
+            self._validator.reset()
+
+    def validate(self, payload: bytes) -> tuple[bool, bool, int, int]:
+        if self._validator is None:
+            self._validator = self._make()
+        return self._validator.validate(payload)
+
+
 def _defer_type_names() -> None:
-    """Make Autobahn's WebSocket modules build debug log arguments lazily (see :class:`_TypeName`)."""
+    """Make Autobahn's WebSocket modules build debug log arguments lazily (see :class:`_TypeName`),
+    and its UTF-8 validators when they are needed (:class:`_LazyUtf8Validator`)."""
     for module in (_autobahn_protocol, _autobahn_twisted):
         if module.hltype is _hltype:
             module.hltype = _TypeName
@@ -242,6 +271,8 @@ def _defer_type_names() -> None:
             module.hlval = _Value
     if _autobahn_protocol.pformat is pformat:
         _autobahn_protocol.pformat = _pformat
+    if _autobahn_protocol.Utf8Validator is _Utf8Validator:
+        _autobahn_protocol.Utf8Validator = _LazyUtf8Validator
 
 
 _defer_type_names()

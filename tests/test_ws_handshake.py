@@ -429,3 +429,34 @@ async def test_over_real_sockets_client_libraries_take_the_short_way(chatd, auto
     assert await done == 1000
     assert any(b'"type":"joined"' in frame for frame in received)
     assert autobahn_reads == []
+
+
+def fragment(opcode: int, payload: bytes, fin: bool) -> bytes:
+    """One masked client frame with or without FIN (a short payload)."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+def test_a_connection_makes_its_utf8_validator_only_when_autobahn_reads_text() -> None:
+    server = Server()
+    proto, transport = opened(server, upgrade())
+    proto.dataReceived(client_frame(1, b'{"type":"ping","ref":1}'))  # read the short way (chatd.wsframes)
+    assert b'"type":"pong"' in transport.value()
+    assert proto.utf8validator._validator is None  # none made for it
+    # A fragmented message is Autobahn's to read, and still checked as it comes in.
+    transport.clear()
+    proto.dataReceived(fragment(1, b'{"type":"ping",', fin=False) + fragment(0, b'"ref":2}', fin=True))
+    assert b'"ref":2' in transport.value()
+    proto.dataReceived(fragment(1, b'{"type":"ping","x":"\xc3', fin=False) + fragment(0, b'\x28"}', fin=True))
+    assert b"\x03\xefencountered invalid UTF-8" in transport.value()  # closed with 1007
+
+
+def test_a_close_reason_that_is_not_utf8_is_still_refused() -> None:
+    server = Server()
+    proto, transport = opened(server, upgrade())
+    transport.clear()
+    proto.dataReceived(client_frame(8, b"\x03\xe8\xff"))
+    closing = transport.value()
+    assert closing[:1] == b"\x88" and closing[2:4] == b"\x03\xef"  # 1007
+    assert b"invalid close reason" in closing
