@@ -24,6 +24,7 @@ from websockets.sync.client import connect
 
 from chatd.websocket import ChatServerProtocol
 from chatd.wshandshake import FastHandshake
+from tests.test_browser import chromium, in_browser  # noqa: F401 (chromium: a fixture)
 from tests.test_ws_upgrade import KEY, Server, client_frame, upgrade
 from tests.wsclient import Client
 
@@ -460,3 +461,27 @@ def test_a_close_reason_that_is_not_utf8_is_still_refused() -> None:
     closing = transport.value()
     assert closing[:1] == b"\x88" and closing[2:4] == b"\x03\xef"  # 1007
     assert b"invalid close reason" in closing
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_browser_takes_the_short_way(chatd, chromium, autobahn_reads) -> None:  # noqa: F811 (the fixture)
+    """Chromium's request (an Origin, a deflate offer, a dozen headers) is read the short way."""
+
+    def scenario(browser) -> list[str]:
+        page = browser.new_page()
+        page.goto(chatd.url("web", path="/"))
+        return page.evaluate(
+            """url => new Promise((resolve, reject) => {
+                const ws = new WebSocket(url);
+                ws.onopen = () => ws.send(JSON.stringify({type: "join", room: "lobby", user: "carol"}));
+                ws.onmessage = e => {
+                    const m = JSON.parse(e.data);
+                    if (m.type === "joined") { ws.close(1000); resolve(m.members); }
+                };
+                ws.onerror = () => reject(new Error("WebSocket error"));
+            })""",
+            chatd.ws_url,
+        )
+
+    assert await in_browser(chromium, scenario) == ["carol"]
+    assert autobahn_reads == []
