@@ -918,9 +918,10 @@ class UpgradeChannel(DeadlineChannel):
     second, going round it saves a tenth of the server's CPU per connection
     and two thirds of the handshake p99.
     When the first bytes of a connection are a whole ``GET /ws`` request
-    head, they go to Autobahn directly; it parses once and answers exactly
-    as behind the resource (same Origin and token checks in ``onConnect``,
-    same limits when the session opens). Every other request (``/health``,
+    head, they go to the WebSocket protocol directly; it parses once (a
+    plain request by :mod:`chatd.wshandshake`, any other by Autobahn) and
+    answers exactly as behind the resource (same Origin and token checks in
+    ``onConnect``, same limits when the session opens). Every other request (``/health``,
     ``/stats``, ``/metrics``, ``/``, a request that trickles in, a second
     request on a kept-alive connection) stays with twisted.web, with its
     access log line and its deadline.
