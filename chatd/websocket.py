@@ -67,6 +67,7 @@ from autobahn.util import hltype as _hltype
 from autobahn.util import hlval as _hlval
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.utf8validator import Utf8Validator as _Utf8Validator
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -85,6 +86,7 @@ from chatd.logs import printable
 from chatd.ordered import InOrder
 from chatd.validate import ChatError
 from chatd.wsframes import FastReceive
+from chatd.wshandshake import FastHandshake
 
 _log = Logger()  # Autobahn claims ``self.log`` on protocols.
 
@@ -232,8 +234,36 @@ def _pformat(value: object) -> str:
     return pformat(value)
 
 
+class _LazyUtf8Validator:
+    """Autobahn's incremental UTF-8 validator, made only when first used.
+
+    Autobahn's ``_connectionMade`` makes one for every connection (a CFFI
+    object with a finaliser: about 1 % of the server's CPU per connection
+    in a reconnect storm, W5) for its own frame parser's text messages.
+    chatd's :class:`~chatd.wsframes.FastReceive` checks the plain frames
+    itself, so most connections never use it. Autobahn calls only
+    ``reset`` (a new validator is already reset) and ``validate``.
+    """
+
+    __slots__ = ("_validator",)
+    _make = staticmethod(_Utf8Validator)
+
+    def __init__(self) -> None:
+        self._validator: Any = None
+
+    def reset(self) -> None:
+        if self._validator is not None:
+            self._validator.reset()
+
+    def validate(self, payload: bytes) -> tuple[bool, bool, int, int]:
+        if self._validator is None:
+            self._validator = self._make()
+        return self._validator.validate(payload)
+
+
 def _defer_type_names() -> None:
-    """Make Autobahn's WebSocket modules build debug log arguments lazily (see :class:`_TypeName`)."""
+    """Make Autobahn's WebSocket modules build debug log arguments lazily (see :class:`_TypeName`),
+    and its UTF-8 validators when they are needed (:class:`_LazyUtf8Validator`)."""
     for module in (_autobahn_protocol, _autobahn_twisted):
         if module.hltype is _hltype:
             module.hltype = _TypeName
@@ -241,6 +271,8 @@ def _defer_type_names() -> None:
             module.hlval = _Value
     if _autobahn_protocol.pformat is pformat:
         _autobahn_protocol.pformat = _pformat
+    if _autobahn_protocol.Utf8Validator is _Utf8Validator:
+        _autobahn_protocol.Utf8Validator = _LazyUtf8Validator
 
 
 _defer_type_names()
@@ -299,7 +331,7 @@ class ServerProtocol(WebSocketServerProtocol):
         del self.send_queue
 
     def processHandshake(self) -> None:
-        super().processHandshake()
+        self._read_handshake()
         if self.state == self.STATE_OPEN:
             # Read by nothing once open (see the class docstring).
             self.http_request_data = self.http_response_data = None
@@ -313,6 +345,10 @@ class ServerProtocol(WebSocketServerProtocol):
             self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
+
+    def _read_handshake(self) -> None:
+        """Autobahn's reading of the request (a subclass may take the plain case first: :mod:`chatd.wshandshake`)."""
+        super().processHandshake()
 
 
 def _with_options(cls: type, factory: Any) -> type:
@@ -475,7 +511,7 @@ class CloseLog(Service):
         self.summarise()
 
 
-class ChatServerProtocol(FastReceive, DirectSend, ServerProtocol):
+class ChatServerProtocol(FastHandshake, FastReceive, DirectSend, ServerProtocol):
     """One WebSocket connection: parse, validate, call the hub, reply."""
 
     factory: ChatWebSocketFactory
@@ -882,9 +918,10 @@ class UpgradeChannel(DeadlineChannel):
     second, going round it saves a tenth of the server's CPU per connection
     and two thirds of the handshake p99.
     When the first bytes of a connection are a whole ``GET /ws`` request
-    head, they go to Autobahn directly; it parses once and answers exactly
-    as behind the resource (same Origin and token checks in ``onConnect``,
-    same limits when the session opens). Every other request (``/health``,
+    head, they go to the WebSocket protocol directly; it parses once (a
+    plain request by :mod:`chatd.wshandshake`, any other by Autobahn) and
+    answers exactly as behind the resource (same Origin and token checks in
+    ``onConnect``, same limits when the session opens). Every other request (``/health``,
     ``/stats``, ``/metrics``, ``/``, a request that trickles in, a second
     request on a kept-alive connection) stays with twisted.web, with its
     access log line and its deadline.
