@@ -141,9 +141,12 @@ def test_a_fan_out_to_many_aio_streams_wakes_their_loop_once() -> None:
         assert len(loop.calls) == 1  # one wake-up for two fan-outs to 50 streams
         assert all(s._queue.qsize() == 2 for s in sessions)
 
+        waiters = [real.create_future() for _ in sessions]  # as each call's coroutine waits
+        for s, w in zip(sessions, waiters):
+            s._queue.waiter = w
         (flush, args), = loop.calls
         flush(*args)  # the loop runs the batch
-        assert all(s._queue.event.is_set() for s in sessions)
+        assert all(w.done() for w in waiters) and all(s._queue.waiter is None for s in sessions)
         hub.publish("lobby", "bob", "three", "websocket")
         assert len(loop.calls) == 2  # the next fan-out wakes the loop again
     finally:
