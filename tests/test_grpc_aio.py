@@ -25,7 +25,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
-from chatd.grpc.aio import AioGrpcSession, Outbox, _GrpcLoop, _Loop
+from chatd.grpc.aio import AioGrpcSession, GrpcLoop, Outbox, _Loop
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.hub import Hub
@@ -158,7 +158,7 @@ def test_grpcs_wakeup_socket_is_read_in_one_go_leaving_grpc_its_own_byte() -> No
             self.sock.recv(1)  # grpc's reader takes one byte (and raises if there is none)
             self.calls += 1
 
-    loop = _GrpcLoop()
+    loop = GrpcLoop()
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     poller = Poller(ours)

@@ -67,7 +67,7 @@ Code = grpc.StatusCode
 # -- the loop -----------------------------------------------------------------------
 
 
-def _handoffs_batched() -> None:
+def handoffs_batched() -> None:
     """Put the calling thread, and the threads it starts, in ``SCHED_BATCH`` (where Linux has it).
 
     The loop thread and ``grpc.aio``'s poller thread (started from it when the
@@ -114,7 +114,7 @@ def _is_grpc_wakeup(callback: Any) -> bool:
     )
 
 
-class _GrpcLoop(asyncio.SelectorEventLoop):
+class GrpcLoop(asyncio.SelectorEventLoop):
     """The aio loop; reads grpc's wake-up socket in one go (:func:`_drain_first`)."""
 
     def add_reader(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
@@ -137,11 +137,11 @@ class _Loop:
     def get(cls) -> asyncio.AbstractEventLoop:
         with cls._lock:
             if cls._loop is None:
-                loop = _GrpcLoop()
+                loop = GrpcLoop()
                 ready = threading.Event()
 
                 def run() -> None:
-                    _handoffs_batched()
+                    handoffs_batched()
                     asyncio.set_event_loop(loop)
                     loop.call_soon(ready.set)
                     loop.run_forever()
@@ -518,4 +518,4 @@ class AioGrpcService(GrpcService):
         return _to_deferred(self.reactor, asyncio.run_coroutine_threadsafe(server.stop(self.grace), self.loop))
 
 
-__all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "Outbox"]
+__all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "GrpcLoop", "Outbox", "handoffs_batched"]
