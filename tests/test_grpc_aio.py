@@ -118,7 +118,9 @@ async def test_aio_streams_hold_no_thread_each_and_all_get_the_fan_out(start) ->
 
 @pytest_twisted.ensureDeferred
 async def test_a_burst_to_many_streams_reaches_every_stream_whole_and_in_order(start) -> None:
-    running = await start("--max-message-rate", "0", "--max-connections-per-ip", "0", "--history-limit", "1000")
+    running = await start(
+        "--max-message-rate", "0", "--max-connections-per-ip", "0", "--history-limit", "1000"
+    )
     streams, messages = 20, 300
 
     def scenario() -> list[list[int]]:
@@ -127,16 +129,17 @@ async def test_a_burst_to_many_streams_reaches_every_stream_whole_and_in_order(s
             stub = ChatServiceStub(channel)
             calls = []
             for i in range(streams):
-                calls.append(stub.StreamMessages(pb.StreamRequest(room="burst", user=f"u{i}"), timeout=TIMEOUT))
+                request = pb.StreamRequest(room="burst", user=f"u{i}")
+                calls.append(stub.StreamMessages(request, timeout=TIMEOUT))
                 joined(ws, f"u{i}")
             # Sent from a thread of its own while the streams are read: writes
             # complete in batches, many queued per stream at a time.
-            sender = threading.Thread(
-                target=lambda: [
-                    stub.SendMessage(pb.MessageRequest(user="fast", message=f"m{n}", room="burst"), timeout=TIMEOUT)
-                    for n in range(messages)
-                ]
-            )
+            def send_all() -> None:
+                for n in range(messages):
+                    message = pb.MessageRequest(user="fast", message=f"m{n}", room="burst")
+                    stub.SendMessage(message, timeout=TIMEOUT)
+
+            sender = threading.Thread(target=send_all)
             sender.start()
             seqs = [[next(call).seq for _ in range(messages)] for call in calls]
             sender.join(TIMEOUT)
