@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import report
 from bench.servers import KIT, Server
-from bench.workloads import WORKLOADS
+from bench.workloads import W4_KINDS, WORKLOADS
 
 DEFAULT_RATES = "10,20,40,50,60,70,80,90,100,110,120,135,150,175,200,250,300,400"
 
@@ -58,6 +58,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=1)
     p.add_argument("--retries", type=int, default=1)
     p.add_argument("--max-p99", type=float, default=50, help="W1/W4 pass rule, ms")
+    p.add_argument("--w4-kinds", default=",".join(W4_KINDS),
+                   help="W4 receiver kinds, spread evenly over each room (one kind alone tells its cost)")
     p.add_argument("--payload", type=int, default=128)
     p.add_argument("--connect-rate", type=float, default=1000, help="new connections per second")
     p.add_argument("--w2-rooms", type=int, default=1000)
@@ -84,6 +86,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.w2_rooms, args.w2_warmup, args.w2_duration, args.idle, args.idle_hold = 200, 2, 4, 1000, 3
         args.storm_clients = 500
     args.rates = [float(r) for r in str(args.rates).split(",")]
+    args.w4_kinds = [k for k in args.w4_kinds.split(",") if k]
+    unknown = sorted(set(args.w4_kinds) - set(W4_KINDS))
+    if unknown or not args.w4_kinds:
+        p.error(f"--w4-kinds: expected some of {','.join(W4_KINDS)}, not {args.w4_kinds}")
     args.peers = args.peers or ["chatd"]
     args.workloads = args.workloads or ["W1", "W2", "W3", "W4"]
     for w in args.workloads:

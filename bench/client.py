@@ -578,4 +578,11 @@ def worker_main(pipe: multiprocessing.connection.Connection, urls: dict[str, str
             return
         except ImportError:  # pragma: no cover
             pass
-    asyncio.run(serve())
+    # gRPC workers: the loop and thread policy chatd's own grpc.aio server runs with
+    # (grpc's wake-ups read in one go, no preemption at each hand-off), so that the
+    # client's per-message cost does not cap W4 before the server does.
+    from chatd.grpc.aio import GrpcLoop, handoffs_batched
+
+    handoffs_batched()
+    with asyncio.Runner(loop_factory=GrpcLoop) as runner:
+        runner.run(serve())

@@ -150,7 +150,8 @@ W4_KINDS = ["ws", "signalr-json", "signalr-msgpack", "grpc-stream", "grpc-chat"]
 @register("W4", "W1 with gRPC Chat senders; receivers over WebSocket, SignalR JSON/MessagePack, gRPC streams",
           chatd_only=True)
 def w4(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
-    conns = _fanout_conns(args, W4_KINDS, sender_kind="grpc-chat")
+    kinds = getattr(args, "w4_kinds", None) or W4_KINDS
+    conns = _fanout_conns(args, kinds, sender_kind="grpc-chat")
     yield {"mode": "mix", **{k: sum(1 for c in conns if c.kind == k) for k in W4_KINDS}}
     yield from _ladder(args, server, conns, "W4", grpc_procs=1)
 

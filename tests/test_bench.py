@@ -81,3 +81,16 @@ def test_bench_tiny_run_counts_add_up(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     row = next(r for r in table.stdout.splitlines() if r.startswith("| **chatd**"))
     assert row.split("|")[2].strip() == "10"  # W1 sustained: the highest passing rate
+
+
+def test_w4_kinds_keeps_only_the_named_receiver_kinds_and_refuses_unknown_ones() -> None:
+    from bench.__main__ import parse
+    from bench.workloads import W4_KINDS, _fanout_conns
+
+    args = parse(["W4", "--rooms", "2", "--room-size", "6", "--w4-kinds", "grpc-stream"])
+    conns = _fanout_conns(args, args.w4_kinds, sender_kind="grpc-chat")
+    assert [c.kind for c in conns if c.sender >= 0] == ["grpc-chat", "grpc-chat"]
+    assert {c.kind for c in conns if c.sender < 0} == {"grpc-stream"}
+    assert parse(["W4"]).w4_kinds == W4_KINDS  # the default mix is all five kinds
+    with pytest.raises(SystemExit):
+        parse(["W4", "--w4-kinds", "grpc-stream,carrier-pigeon"])

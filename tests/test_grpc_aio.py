@@ -9,19 +9,23 @@ are checked on it alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
 import signal
+import socket
 import threading
 import urllib.request
 from typing import Any
 
 import grpc
+import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
-from chatd.grpc.aio import AioGrpcSession, Outbox
+from chatd.grpc.aio import AioGrpcSession, GrpcLoop, Outbox, _Loop
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.hub import Hub
@@ -112,6 +116,87 @@ async def test_aio_streams_hold_no_thread_each_and_all_get_the_fan_out(start) ->
     assert more_threads < 20, f"{more_threads} threads for {streams} aio streams"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_burst_to_many_streams_reaches_every_stream_whole_and_in_order(start) -> None:
+    running = await start(
+        "--max-message-rate", "0", "--max-connections-per-ip", "0", "--history-limit", "1000"
+    )
+    streams, messages = 20, 300
+
+    def scenario() -> list[list[int]]:
+        with grpc.insecure_channel(running.grpc_target) as channel, Client(running.ws_url) as ws:
+            ws.join("burst", "watcher")
+            stub = ChatServiceStub(channel)
+            calls = []
+            for i in range(streams):
+                request = pb.StreamRequest(room="burst", user=f"u{i}")
+                calls.append(stub.StreamMessages(request, timeout=TIMEOUT))
+                joined(ws, f"u{i}")
+            # Sent from a thread of its own while the streams are read: writes
+            # complete in batches, many queued per stream at a time.
+            def send_all() -> None:
+                for n in range(messages):
+                    message = pb.MessageRequest(user="fast", message=f"m{n}", room="burst")
+                    stub.SendMessage(message, timeout=TIMEOUT)
+
+            sender = threading.Thread(target=send_all)
+            sender.start()
+            seqs = [[next(call).seq for _ in range(messages)] for call in calls]
+            sender.join(TIMEOUT)
+            for call in calls:
+                call.cancel()
+        return seqs
+
+    seqs = await deferToThread(scenario)
+    assert seqs == [list(range(1, messages + 1))] * streams
+
+
+def test_grpcs_wakeup_socket_is_read_in_one_go_leaving_grpc_its_own_byte() -> None:
+    class Poller:  # grpc.aio's PollerCompletionQueue, as far as the loop sees it
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+            self.calls = 0
+
+        def _handle_events(self, loop: Any) -> None:
+            self.sock.recv(1)  # grpc's reader takes one byte (and raises if there is none)
+            self.calls += 1
+
+    loop = GrpcLoop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    poller = Poller(ours)
+    added: list[Any] = []
+    loop._add_reader = lambda fd, callback, *args: added.append(callback)  # type: ignore[method-assign]
+    try:
+        loop.add_reader(ours, functools.partial(poller._handle_events, loop))
+        loop.add_reader(theirs, print)  # anything else is left as it is
+        (read, other) = added
+        assert other is print
+
+        theirs.send(b"1" * 7)  # seven completions queued before the loop got round to them
+        read()
+        assert poller.calls == 1
+        with pytest.raises(BlockingIOError):
+            ours.recv(1)  # all seven bytes taken in one turn of the loop
+        theirs.send(b"1")
+        read()  # one byte: grpc's reader takes it itself
+        assert poller.calls == 2
+        with pytest.raises(BlockingIOError):
+            ours.recv(1)
+    finally:
+        loop.close()
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_the_aio_loop_thread_does_not_preempt_on_wake_up() -> None:
+    _Loop.get()
+    (loop_thread,) = [t for t in threading.enumerate() if t.name == "grpc-aio"]
+    assert os.sched_getscheduler(loop_thread.native_id) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the reactor's thread is left as it is
+
+
 def test_a_fan_out_to_many_aio_streams_wakes_their_loop_once() -> None:
     class CountingLoop:
         def __init__(self) -> None:
@@ -141,9 +226,12 @@ def test_a_fan_out_to_many_aio_streams_wakes_their_loop_once() -> None:
         assert len(loop.calls) == 1  # one wake-up for two fan-outs to 50 streams
         assert all(s._queue.qsize() == 2 for s in sessions)
 
+        waiters = [real.create_future() for _ in sessions]  # as each call's coroutine waits
+        for s, w in zip(sessions, waiters):
+            s._queue.waiter = w
         (flush, args), = loop.calls
         flush(*args)  # the loop runs the batch
-        assert all(s._queue.event.is_set() for s in sessions)
+        assert all(w.done() for w in waiters) and all(s._queue.waiter is None for s in sessions)
         hub.publish("lobby", "bob", "three", "websocket")
         assert len(loop.calls) == 2  # the next fan-out wakes the loop again
     finally:

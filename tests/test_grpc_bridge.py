@@ -273,9 +273,12 @@ def drain(session: GrpcSession, context: FakeContext | None = None) -> tuple[lis
     outbox = getattr(session, "_outbox", None)
     if outbox is not None:
 
-        async def collect() -> None:
-            async for data in session.drain(AioFakeContext()):  # type: ignore[attr-defined]
+        class Collecting(AioFakeContext):
+            async def write(self, data: bytes) -> None:
                 out.append(data)
+
+        async def collect() -> None:
+            await session.send_all(Collecting())  # type: ignore[attr-defined]
 
         try:
             outbox.loop.run_until_complete(collect())
