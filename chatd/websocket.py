@@ -929,6 +929,8 @@ class UpgradeChannel(DeadlineChannel):
 
     #: the factory of ``/ws`` connections (set by :func:`serve_upgrades`)
     upgrades: ChatWebSocketFactory
+    #: twisted.web's set-up waits for the first bytes: an upgrade taken the short way never needs it
+    defer_setup = True
     _first = True
 
     def connectionMade(self) -> None:
@@ -945,6 +947,7 @@ class UpgradeChannel(DeadlineChannel):
             if _whole_upgrade(data):
                 self._upgrade(data)
                 return
+            self.start_http()
         super().dataReceived(data)
 
     def _upgrade(self, data: bytes) -> None:
@@ -952,8 +955,8 @@ class UpgradeChannel(DeadlineChannel):
         self._disarm()  # the request is all in: the handshake has its own timeout
         self.setTimeout(None)
         transport = self.transport
-        # This channel stays the transport's producer, as behind WebSocketResource:
-        # Autobahn unregisters it if the handshake fails, the session replaces it if not.
+        # No producer is registered on the short way (this channel's set-up was put
+        # off, see DeadlineChannel.start_http): the session registers its own.
         protocol = self.upgrades.buildProtocol(transport.getPeer())
         self.transport = None
         # As WebSocketResource does it: TLS wraps either this protocol or the transport's.
