@@ -13,8 +13,10 @@ import pytest_twisted
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.util import hltype
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
+from zope.interface import implementer
 
 from chatd import tap, websocket
 from chatd.hub import SendBudget
@@ -351,3 +353,36 @@ def test_no_data_frame_follows_the_close_frame_while_the_connection_closes() -> 
     session.send({"type": "pong"})
     assert bob.value() == b""
     assert session.id in server.hub.sessions  # gone only when the connection is
+
+
+@implementer(ITCPTransport)
+class TcpTransport(SocketTransport):
+    """A fake TCP transport that records its ``TCP_NODELAY`` setting."""
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
+def test_tcp_nodelay_is_set_at_the_accept_for_either_way_in() -> None:
+    server = Server()
+    for first in (upgrade(), b"GET /health HTTP/1.1\r\n"):
+        transport = TcpTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        channel = server.site.buildProtocol(transport.getPeer())
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        assert transport.no_delay
+        transport.protocol.dataReceived(first)
+        assert transport.no_delay
+
+
+def test_a_connections_transport_details_are_autobahns() -> None:
+    from autobahn.twisted.util import create_transport_details
+
+    server = Server()
+    transport = server.send(upgrade())
+    expected = create_transport_details(transport, True)
+    expected.channel_framing = expected.CHANNEL_FRAMING_WEBSOCKET
+    assert transport.protocol.peer == "tcp4:127.0.0.1:40000"
+    assert transport.protocol._transport_details.marshal() == expected.marshal()
