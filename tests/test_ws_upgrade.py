@@ -386,3 +386,16 @@ def test_a_connections_transport_details_are_autobahns() -> None:
     expected.channel_framing = expected.CHANNEL_FRAMING_WEBSOCKET
     assert transport.protocol.peer == "tcp4:127.0.0.1:40000"
     assert transport.protocol._transport_details.marshal() == expected.marshal()
+
+
+def test_a_connection_closed_before_its_first_bytes_leaves_no_timer() -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    server = Server()
+    before = set(server.clock.getDelayedCalls())
+    channel, _ = server.connect()
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert set(server.clock.getDelayedCalls()) == before
+    server.clock.advance(60)
+    assert refusals(server, "handshake_timeout") == 0
