@@ -334,6 +334,11 @@ class ServerProtocol(WebSocketServerProtocol):
         details = self._transport_details = _transport_details(self.transport, self.is_server)
         self.peer = details.peer
         self._connectionMade()
+        self.log.debug(
+            '{func} connection established for peer="{peer}"',
+            func=_TypeName(self.connectionMade),
+            peer=_Value(self.peer),
+        )
 
     def _connectionMade(self) -> None:
         self.__class__ = _with_options(type(self), self.factory)
