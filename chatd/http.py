@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+from twisted.internet.interfaces import ITCPTransport
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -156,11 +157,36 @@ class DeadlineChannel(HTTPChannel):
     deadline: float = 15.0
     #: told when a connection is dropped for being too slow (a metric)
     on_expired: Callable[[], None] | None = None
+    #: put twisted.web's connection set-up off until the first bytes (see :meth:`start_http`)
+    defer_setup: bool = False
     _deadline_call: Any = None
+    #: whether ``HTTPChannel.connectionMade``'s set-up has run
+    _http_started = False
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        if self.defer_setup and self.deadline and (self.timeOut is None or self.timeOut >= self.deadline):
+            # Until the first bytes arrive the deadline is the only timer that can
+            # fire first (the idle one would not fire sooner: see _expired), and
+            # nothing is written, so producer registration can wait too.
+            if ITCPTransport.providedBy(self.transport):
+                self.transport.setTcpNoDelay(True)
+        else:
+            self.start_http()
         self._arm()
+
+    def start_http(self) -> None:
+        """Run twisted.web's connection set-up (idle timer, producer registration) if not yet done.
+
+        It costs a timer, an interface adaptation and a producer registration
+        per connection, all wasted on a connection that a subclass hands to
+        another protocol on its first bytes (:class:`chatd.websocket.UpgradeChannel`):
+        with ``defer_setup`` it runs only once the bytes show an HTTP request
+        (before twisted.web reads them), so HTTP requests are served, timed
+        and logged exactly as without it.
+        """
+        if not self._http_started:
+            self._http_started = True
+            super().connectionMade()
 
     def _arm(self) -> None:
         self._disarm()
@@ -190,6 +216,12 @@ class DeadlineChannel(HTTPChannel):
         transport = self.transport
         if transport is None:
             return  # handed over (WebSocketResource takes the transport): not ours to time any more
+        if not self._http_started and self.timeOut is not None and self.timeOut <= self.deadline:
+            # Nothing came, and twisted.web's idle timer, had it been started at
+            # the accept, would be firing now as well: do what it does too.
+            self.start_http()
+            self.setTimeout(None)
+            self.timeoutConnection()
         if self.on_expired is not None:
             self.on_expired()
         transport.loseConnection()
@@ -216,6 +248,7 @@ class _Negotiated(_GenericHTTPChannelProtocol):
         if self._negotiatedProtocol is None:
             transport = self._channel.transport
             if getattr(transport, "negotiatedProtocol", None) == b"h2":
+                self._channel.start_http()  # its producer registration is handed to HTTP/2's
                 self._channel._disarm()
                 self.timeOut = HTTP2_IDLE_TIMEOUT
         super().dataReceived(data)

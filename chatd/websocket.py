@@ -53,6 +53,8 @@ name gets an error reply, as does a room outside the token's ``rooms``.
 from __future__ import annotations
 
 import operator
+import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from pprint import pformat
@@ -62,15 +64,18 @@ import autobahn.twisted.websocket as _autobahn_twisted
 import autobahn.websocket.protocol as _autobahn_protocol
 import orjson
 from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.util import create_transport_details as _create_transport_details
+from autobahn.twisted.util import peer2str as _peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import hltype as _hltype
 from autobahn.util import hlval as _hlval
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.websocket.utf8validator import Utf8Validator as _Utf8Validator
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -319,6 +324,22 @@ class ServerProtocol(WebSocketServerProtocol):
     #: empty until a queued write needs a real one (see :class:`DirectSend`)
     send_queue: Any = ()
 
+    def connectionMade(self) -> None:
+        # Autobahn's Twisted adapter, less two things paid on every connection:
+        # its transport details ask the kernel for the process and thread ids
+        # (two syscalls), and its setTcpNoDelay(self.tcpNoDelay) only raised an
+        # AttributeError (the option is set on the connection later, in
+        # _connectionMade); the HTTP channel that accepted the connection has
+        # already set TCP_NODELAY (see chatd.http.DeadlineChannel).
+        details = self._transport_details = _transport_details(self.transport, self.is_server)
+        self.peer = details.peer
+        self._connectionMade()
+        self.log.debug(
+            '{func} connection established for peer="{peer}"',
+            func=_TypeName(self.connectionMade),
+            peer=_Value(self.peer),
+        )
+
     def _connectionMade(self) -> None:
         self.__class__ = _with_options(type(self), self.factory)
         own = self.__dict__.get("openHandshakeTimeout")
@@ -349,6 +370,45 @@ class ServerProtocol(WebSocketServerProtocol):
     def _read_handshake(self) -> None:
         """Autobahn's reading of the request (a subclass may take the plain case first: :mod:`chatd.wshandshake`)."""
         super().processHandshake()
+
+
+#: this process's and its reactor thread's ids, for :func:`_transport_details`
+_own_ids: tuple[int, int] | None = None
+
+
+def _forget_own_ids() -> None:
+    global _own_ids
+    _own_ids = None
+
+
+os.register_at_fork(after_in_child=_forget_own_ids)
+
+
+def _transport_details(transport: Any, is_server: bool | None) -> TransportDetails:
+    """What Autobahn's ``create_transport_details`` returns, the process and thread ids looked up once.
+
+    Autobahn calls ``os.getpid()`` and ``threading.get_native_id()`` (a
+    syscall each) for every connection, for fields chatd never reads; a
+    reactor runs in one thread of one process. TLS transports (their
+    channel id and certificate) are left to Autobahn.
+    """
+    global _own_ids
+    if ISSLTransport.providedBy(transport):
+        return _create_transport_details(transport, is_server)
+    if _own_ids is None:
+        _own_ids = (os.getpid(), threading.get_native_id())
+    return TransportDetails(
+        channel_type=TransportDetails.CHANNEL_TYPE_TCP,
+        channel_framing=TransportDetails.CHANNEL_FRAMING_WEBSOCKET,
+        peer=_peer2str(transport),
+        is_server=is_server,
+        own_pid=_own_ids[0],
+        own_tid=_own_ids[1],
+        own_fd=-1,
+        is_secure=False,
+        channel_id={},
+        peer_cert=None,
+    )
 
 
 def _with_options(cls: type, factory: Any) -> type:
@@ -929,6 +989,8 @@ class UpgradeChannel(DeadlineChannel):
 
     #: the factory of ``/ws`` connections (set by :func:`serve_upgrades`)
     upgrades: ChatWebSocketFactory
+    #: twisted.web's set-up waits for the first bytes: an upgrade taken the short way never needs it
+    defer_setup = True
     _first = True
 
     def connectionMade(self) -> None:
@@ -945,6 +1007,7 @@ class UpgradeChannel(DeadlineChannel):
             if _whole_upgrade(data):
                 self._upgrade(data)
                 return
+            self.start_http()
         super().dataReceived(data)
 
     def _upgrade(self, data: bytes) -> None:
@@ -952,8 +1015,8 @@ class UpgradeChannel(DeadlineChannel):
         self._disarm()  # the request is all in: the handshake has its own timeout
         self.setTimeout(None)
         transport = self.transport
-        # This channel stays the transport's producer, as behind WebSocketResource:
-        # Autobahn unregisters it if the handshake fails, the session replaces it if not.
+        # No producer is registered on the short way (this channel's set-up was put
+        # off, see DeadlineChannel.start_http): the session registers its own.
         protocol = self.upgrades.buildProtocol(transport.getPeer())
         self.transport = None
         # As WebSocketResource does it: TLS wraps either this protocol or the transport's.

@@ -5,6 +5,7 @@ twisted.web, and a client cannot tell which way it went."""
 from __future__ import annotations
 
 import base64
+import io
 import socket
 
 import pytest
@@ -12,8 +13,10 @@ import pytest_twisted
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.util import hltype
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
+from zope.interface import implementer
 
 from chatd import tap, websocket
 from chatd.hub import SendBudget
@@ -42,6 +45,13 @@ def through_site(head: bytes) -> bytes:
     return head[:-2] + b"Content-Length: 0\r\n\r\n"
 
 
+class SocketTransport(StringTransport):
+    """A fake transport that, like Twisted's socket and TLS transports, lets a protocol unregister no producer."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = self.streaming = None
+
+
 class Server:
     """The ``--ws`` site as ``twistd chatd`` builds it, on a fake clock, fed through fake transports."""
 
@@ -53,9 +63,10 @@ class Server:
         self.hub = service.getServiceNamed("hub")
         self.hub.startService()
         self.site = service.getServiceNamed("ws").factory
+        self.site.reactor = self.clock  # the channels' timers too
 
     def connect(self, port: int = 40000) -> tuple[object, StringTransport]:
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        transport = SocketTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
         channel = self.site.buildProtocol(transport.getPeer())
         transport.protocol = channel
         channel.makeConnection(transport)
@@ -107,6 +118,83 @@ def test_a_whole_upgrade_in_the_first_bytes_goes_straight_to_autobahn(rendered) 
     assert len(server.hub.sessions) == 1
     server.clock.advance(60)  # past --handshake-timeout: the channel's timers were stopped at the hand-over
     assert not transport.disconnecting
+
+
+def refusals(server: Server, limit: str) -> float:
+    value = server.hub.metrics.registry.get_sample_value(
+        "chatd_limit_refusals_total", {"limit": limit, "protocol": "websocket"}
+    )
+    return value or 0.0
+
+
+def test_before_its_first_bytes_a_connection_holds_one_timer_and_no_producer() -> None:
+    server = Server()
+    before = set(server.clock.getDelayedCalls())
+    _, transport = server.connect()
+    (timer,) = set(server.clock.getDelayedCalls()) - before  # twisted.web's idle timer is not started
+    assert timer.getTime() == 5  # the deadline
+    assert transport.producer is None
+
+
+def test_a_connection_that_sends_nothing_is_closed_by_the_deadline_as_by_twisted_webs_idle_timer() -> None:
+    server = Server()  # --handshake-timeout 5: the deadline and twisted.web's idle timeout alike
+    _, transport = server.connect()
+    server.clock.advance(4.9)
+    assert not transport.disconnecting
+    server.clock.advance(0.1)
+    assert transport.disconnecting and not transport.disconnected
+    assert refusals(server, "handshake_timeout") == 1
+    server.clock.advance(15)  # twisted.web's abortTimeout: a peer that does not go is aborted
+    assert transport.disconnected
+
+
+def test_with_a_shorter_idle_timeout_twisted_webs_timer_still_closes_first() -> None:
+    server = Server()
+    server.site.timeOut = 2
+    _, transport = server.connect()
+    server.clock.advance(2)
+    assert transport.disconnecting
+    assert refusals(server, "handshake_timeout") == 0  # the deadline (5 s) did not fire
+
+
+def test_a_request_taken_by_twisted_web_is_timed_registered_and_logged() -> None:
+    server = Server()
+    server.site._logFile = log = io.StringIO()
+    channel, transport = server.connect()
+    channel.dataReceived(b"GET /health HTTP/1.1\r\n")  # not a whole upgrade: twisted.web's from here
+    assert transport.producer is channel._channel  # so a paused transport pauses the response
+    server.clock.advance(4.9)
+    channel.dataReceived(b"Host: 127.0.0.1\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert '"GET /health HTTP/1.1" 200' in log.getvalue()
+    server.clock.advance(4.9)  # the deadline is armed again for the next request
+    assert not transport.disconnecting
+    server.clock.advance(0.1)
+    assert transport.disconnecting
+
+
+def test_a_trickled_request_is_closed_by_the_deadline() -> None:
+    server = Server()
+    channel, transport = server.connect()
+    server.clock.advance(3)
+    channel.dataReceived(b"GET /health HTTP/1.1\r\n")
+    server.clock.advance(1.9)
+    assert not transport.disconnecting
+    server.clock.advance(0.1)  # 5 s after the accept, not after the first bytes
+    assert transport.disconnecting
+    assert refusals(server, "handshake_timeout") == 1
+
+
+def test_a_connection_that_negotiated_http_2_is_handed_to_twisted_webs_http_2() -> None:
+    from twisted.web._http2 import H2Connection
+
+    server = Server()
+    negotiated, transport = server.connect()
+    transport.negotiatedProtocol = b"h2"  # as ALPN on a TLS listener sets it
+    negotiated.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert isinstance(negotiated._channel, H2Connection)
+    assert transport.producer is negotiated._channel
+    assert transport.value().startswith(b"\x00")  # its SETTINGS frame
 
 
 def test_an_upgrade_split_across_reads_goes_through_twisted_web_and_still_opens(rendered) -> None:
@@ -265,3 +353,49 @@ def test_no_data_frame_follows_the_close_frame_while_the_connection_closes() -> 
     session.send({"type": "pong"})
     assert bob.value() == b""
     assert session.id in server.hub.sessions  # gone only when the connection is
+
+
+@implementer(ITCPTransport)
+class TcpTransport(SocketTransport):
+    """A fake TCP transport that records its ``TCP_NODELAY`` setting."""
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
+def test_tcp_nodelay_is_set_at_the_accept_for_either_way_in() -> None:
+    server = Server()
+    for first in (upgrade(), b"GET /health HTTP/1.1\r\n"):
+        transport = TcpTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        channel = server.site.buildProtocol(transport.getPeer())
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        assert transport.no_delay
+        transport.protocol.dataReceived(first)
+        assert transport.no_delay
+
+
+def test_a_connections_transport_details_are_autobahns() -> None:
+    from autobahn.twisted.util import create_transport_details
+
+    server = Server()
+    transport = server.send(upgrade())
+    expected = create_transport_details(transport, True)
+    expected.channel_framing = expected.CHANNEL_FRAMING_WEBSOCKET
+    assert transport.protocol.peer == "tcp4:127.0.0.1:40000"
+    assert transport.protocol._transport_details.marshal() == expected.marshal()
+
+
+def test_a_connection_closed_before_its_first_bytes_leaves_no_timer() -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    server = Server()
+    before = set(server.clock.getDelayedCalls())
+    channel, _ = server.connect()
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert set(server.clock.getDelayedCalls()) == before
+    server.clock.advance(60)
+    assert refusals(server, "handshake_timeout") == 0
