@@ -25,7 +25,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
-from chatd.grpc.aio import AioGrpcSession, GrpcLoop, Outbox, _Loop
+from chatd.grpc.aio import AioGrpcSession, GrpcLoop, Outbox
 from chatd.grpc.generated import chat_pb2 as pb
 from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.hub import Hub
@@ -190,11 +190,20 @@ def test_grpcs_wakeup_socket_is_read_in_one_go_leaving_grpc_its_own_byte() -> No
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-def test_the_aio_loop_thread_does_not_preempt_on_wake_up() -> None:
-    _Loop.get()
-    (loop_thread,) = [t for t in threading.enumerate() if t.name == "grpc-aio"]
-    assert os.sched_getscheduler(loop_thread.native_id) == os.SCHED_BATCH
-    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the reactor's thread is left as it is
+def test_handoffs_batched_sets_the_calling_thread_only() -> None:
+    from chatd.grpc.aio import handoffs_batched
+
+    seen: list[int] = []
+
+    def run() -> None:
+        handoffs_batched()
+        seen.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen == [os.SCHED_BATCH]
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH
 
 
 def test_a_fan_out_to_many_aio_streams_wakes_their_loop_once() -> None:

@@ -21,8 +21,9 @@ queue, not a thread. The split of ownership is the threaded bridge's:
 - Every delivery is one ``context.write`` that waits for grpc's completion,
   which grpc's poller thread hands to the loop through a socket, one byte per
   completion. That hand-off, not chatd's code, was most of a gRPC delivery's
-  cost: :class:`GrpcLoop` reads those bytes in one go and
-  :func:`handoffs_batched` stops the two threads preempting each other.
+  cost: :class:`GrpcLoop` reads those bytes in one go (and
+  :func:`handoffs_batched`, off by default, would stop the two threads
+  preempting each other: see ``_Loop.batch_handoffs``).
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ class _Loop:
 
     _lock = threading.Lock()
     _loop: asyncio.AbstractEventLoop | None = None
+    #: whether the loop thread (and the grpc threads started from it) run in
+    #: ``SCHED_BATCH`` (:func:`handoffs_batched`). Off: it cut a gRPC delivery's
+    #: CPU by about a fifth in W4, but a batch thread waits for the busy reactor
+    #: thread's time slice to end, and in the three-protocol soak
+    #: (``tests/test_soak.py``) gRPC streams then fell more than
+    #: 1,000 events (the queue bound) behind and were closed as too slow.
+    batch_handoffs = False
 
     @classmethod
     def get(cls) -> asyncio.AbstractEventLoop:
@@ -145,8 +153,11 @@ class _Loop:
                 loop = GrpcLoop()
                 ready = threading.Event()
 
+                batch = cls.batch_handoffs
+
                 def run() -> None:
-                    handoffs_batched()
+                    if batch:
+                        handoffs_batched()
                     asyncio.set_event_loop(loop)
                     loop.call_soon(ready.set)
                     loop.run_forever()
