@@ -555,6 +555,22 @@ class GrpcChat:
 # -- the process --------------------------------------------------------------
 
 
+def handoffs_batched() -> None:
+    """Put the calling thread, and the threads it starts, in ``SCHED_BATCH`` (where Linux has it).
+
+    The loop thread and ``grpc.aio``'s poller thread (started from it) hand
+    every completed operation to each other; as normal threads each woken one
+    preempted the other at once. A batch thread keeps its fair share of the
+    CPU but does not preempt on wake-up. Measured: a fifth less CPU per gRPC
+    message, for the load client; not for chatd, whose streams then fell
+    behind a busy reactor thread (``chatd.grpc.aio``).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or refused: only slower
+        pass
+
+
 def worker_main(pipe: multiprocessing.connection.Connection, urls: dict[str, str], payload: int,
                 cpus: list[int] | None, uv: bool) -> None:
     """Entry point of a client process (started by the parent with ``multiprocessing``)."""
@@ -578,10 +594,10 @@ def worker_main(pipe: multiprocessing.connection.Connection, urls: dict[str, str
             return
         except ImportError:  # pragma: no cover
             pass
-    # gRPC workers: the loop and thread policy chatd's own grpc.aio server runs with
-    # (grpc's wake-ups read in one go, no preemption at each hand-off), so that the
-    # client's per-message cost does not cap W4 before the server does.
-    from chatd.grpc.aio import GrpcLoop, handoffs_batched
+    # gRPC workers: chatd's loop (grpc's wake-ups read in one go) and a batch-scheduled
+    # thread (no preemption at each hand-off), so that the client's per-message cost
+    # does not cap W4 before the server does.
+    from chatd.grpc.aio import GrpcLoop
 
     handoffs_batched()
     with asyncio.Runner(loop_factory=GrpcLoop) as runner:

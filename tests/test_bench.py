@@ -11,8 +11,10 @@ timing is asserted (the p99 pass rule is set out of reach): figures at this size
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,20 @@ def test_w4_kinds_keeps_only_the_named_receiver_kinds_and_refuses_unknown_ones()
     assert parse(["W4"]).w4_kinds == W4_KINDS  # the default mix is all five kinds
     with pytest.raises(SystemExit):
         parse(["W4", "--w4-kinds", "grpc-stream,carrier-pigeon"])
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_handoffs_batched_sets_the_calling_thread_only() -> None:
+    from bench.client import handoffs_batched
+
+    seen: list[int] = []
+
+    def run() -> None:
+        handoffs_batched()
+        seen.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen == [os.SCHED_BATCH]
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH

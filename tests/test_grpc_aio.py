@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import signal
 import socket
 import threading
@@ -187,23 +186,6 @@ def test_grpcs_wakeup_socket_is_read_in_one_go_leaving_grpc_its_own_byte() -> No
         loop.close()
         ours.close()
         theirs.close()
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-def test_handoffs_batched_sets_the_calling_thread_only() -> None:
-    from chatd.grpc.aio import handoffs_batched
-
-    seen: list[int] = []
-
-    def run() -> None:
-        handoffs_batched()
-        seen.append(os.sched_getscheduler(0))
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    assert seen == [os.SCHED_BATCH]
-    assert os.sched_getscheduler(0) != os.SCHED_BATCH
 
 
 def test_a_fan_out_to_many_aio_streams_wakes_their_loop_once() -> None:

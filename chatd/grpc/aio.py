@@ -21,9 +21,10 @@ queue, not a thread. The split of ownership is the threaded bridge's:
 - Every delivery is one ``context.write`` that waits for grpc's completion,
   which grpc's poller thread hands to the loop through a socket, one byte per
   completion. That hand-off, not chatd's code, was most of a gRPC delivery's
-  cost: :class:`GrpcLoop` reads those bytes in one go (and
-  :func:`handoffs_batched`, off by default, would stop the two threads
-  preempting each other: see ``_Loop.batch_handoffs``).
+  cost: :class:`GrpcLoop` reads those bytes in one go. (Running the loop
+  thread in ``SCHED_BATCH`` cut it further, but gRPC streams of a busy
+  process then fell behind the reactor and were closed as too slow: the
+  daemon does not; the bench's load client does, ``bench/client.py``.)
 """
 
 from __future__ import annotations
@@ -71,23 +72,6 @@ Code = grpc.StatusCode
 
 
 # -- the loop -----------------------------------------------------------------------
-
-
-def handoffs_batched() -> None:
-    """Put the calling thread, and the threads it starts, in ``SCHED_BATCH`` (where Linux has it).
-
-    The loop thread and ``grpc.aio``'s poller thread (started from it when the
-    server is made) hand every completed write to each other: the loop kicks
-    the poller, the poller writes to the loop's wake-up socket. As normal
-    threads each woken one preempted the other at once, so a fan-out to N
-    streams cost about 2N context switches and N loop turns. A batch thread
-    keeps its fair share of the CPU but does not preempt on wake-up: the
-    running thread finishes what it has, and the other then takes a batch.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or refused: only slower
-        pass
 
 
 def _drain_first(sock: Any, handler: Callable[[], Any]) -> Callable[[], None]:
@@ -138,13 +122,6 @@ class _Loop:
 
     _lock = threading.Lock()
     _loop: asyncio.AbstractEventLoop | None = None
-    #: whether the loop thread (and the grpc threads started from it) run in
-    #: ``SCHED_BATCH`` (:func:`handoffs_batched`). Off: it cut a gRPC delivery's
-    #: CPU by about a fifth in W4, but a batch thread waits for the busy reactor
-    #: thread's time slice to end, and in the three-protocol soak
-    #: (``tests/test_soak.py``) gRPC streams then fell more than
-    #: 1,000 events (the queue bound) behind and were closed as too slow.
-    batch_handoffs = False
 
     @classmethod
     def get(cls) -> asyncio.AbstractEventLoop:
@@ -153,11 +130,7 @@ class _Loop:
                 loop = GrpcLoop()
                 ready = threading.Event()
 
-                batch = cls.batch_handoffs
-
                 def run() -> None:
-                    if batch:
-                        handoffs_batched()
                     asyncio.set_event_loop(loop)
                     loop.call_soon(ready.set)
                     loop.run_forever()
@@ -534,4 +507,4 @@ class AioGrpcService(GrpcService):
         return _to_deferred(self.reactor, asyncio.run_coroutine_threadsafe(server.stop(self.grace), self.loop))
 
 
-__all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "GrpcLoop", "Outbox", "handoffs_batched"]
+__all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "GrpcLoop", "Outbox"]
