@@ -378,6 +378,21 @@ class _Mirror:
         return {p for users in self.rooms.values() for procs in users.values() for p in procs}
 
 
+class _Sync:
+    """A room being read back or filled from Redis: its live events, held meanwhile.
+
+    ``token`` is the subscription's generation when the sync began, if it
+    was subscribed then (else None): the events held are every event
+    published since only if the generation is still the same at the end.
+    """
+
+    __slots__ = ("events", "token")
+
+    def __init__(self, token: int | None, events: list[Message] | None = None) -> None:
+        self.token = token
+        self.events = events if events is not None else []
+
+
 class RedisBackplane(Store):
     """The store and broker of a hub when ``--redis`` is given; see the module docstring."""
 
@@ -407,10 +422,16 @@ class RedisBackplane(Store):
         self._waiting: dict[str, list[tuple[Message, defer.Deferred]]] = {}
         #: None when live; else the events held back while catching up
         self._held: list[dict] | None = []
-        self._syncing_rooms: dict[str, list[dict]] = {}
+        #: rooms being read back or filled; live events for them are held here meanwhile
+        self._syncing_rooms: dict[str, _Sync] = {}
+        #: rooms whose fill failed (no command connection): filled when it is back
+        self._stale: set[str] = set()
         #: room -> (messages newer than the window read back, whether that read holds the room's events)
         self._read_rest: dict[str, tuple[list[Message], bool]] = {}
+        #: one more on every subscriber connection and every loss of one
         self._sync_generation = 0
+        #: the generation whose SUBSCRIBE Redis has confirmed (equal to _sync_generation while subscribed)
+        self._subscribed = -1
         #: marker id -> the read waiting for it to come back on the subscription
         self._markers: dict[str, tuple[defer.Deferred, Any]] = {}
         self._marker_count = 0
@@ -529,6 +550,10 @@ class RedisBackplane(Store):
                     "(Redis lost data?); raised so no seq is handed out twice",
                     n=int(raised),
                 )
+        stale, self._stale = self._stale, set()
+        for room in stale:
+            if room in self._windows and room not in self._syncing_rooms:
+                self._fill_gap(room, self.last_seq(room) + 1, [], proto)
         try:
             # Alive at once (a user joining now must not be reaped), then say who is here.
             yield proto.execute_command("SET", PREFIX + "proc:" + self.proc, "1", "EX", HEARTBEAT_TTL)
@@ -613,7 +638,7 @@ class RedisBackplane(Store):
             )
         owner = room not in self._syncing_rooms
         if owner:
-            self._syncing_rooms[room] = []
+            self._syncing_rooms[room] = _Sync(self._token())
 
         @defer.inlineCallbacks
         def read() -> Any:
@@ -630,8 +655,8 @@ class RedisBackplane(Store):
             else:
                 # Followed from now on: what came live since the room was held is
                 # delivered (a member who just joined sees it), the rest is history.
-                held = self._syncing_rooms.get(room) or []
-                base = min([counter, *(int(e["seq"]) - 1 for e in held)])
+                sync = self._syncing_rooms.get(room)
+                base = min([counter, *(m.seq - 1 for m in (sync.events if sync else []))])
             window = _Window(base)
             for message in messages:
                 if message.seq <= base:
@@ -690,23 +715,56 @@ class RedisBackplane(Store):
             # The read failed: follow the room from its next event on.
             window = self._window(room)
             window.complete = False
-        held = self._syncing_rooms.pop(room, []) if owner else []
         # What the read found newer than the window, and what came live meanwhile
-        # (Redis may have trimmed some of it before the read), in seq order, once each,
-        # up to the first gap: every message past the window was published on the
-        # channel after it was stored, so one missing here is still on its way and
-        # the subscription delivers it, and what follows it, in order. (Delivered
-        # from the read past a gap, the later ones would have been taken for
-        # duplicates when the missing ones came, and the member would never get them.)
+        # (Redis may have trimmed some of it before the read), in seq order, once each.
+        sync = self._syncing_rooms.pop(room, None) if owner else None
         newer = {m.seq: m for m in rest}
-        for event in held:  # messages only (presence is never held)
-            newer.setdefault(int(event["seq"]), _message(event))
-        last = self.last_seq(room)
+        for message in sync.events if sync else ():
+            newer.setdefault(message.seq, message)
+        if sync is None:
+            self._deliver_from(room, newer)  # a fill in progress owns the room's events
+        else:
+            self._settle(room, newer, sync.token)
+
+    def _deliver_from(self, room: str, newer: dict[int, Message]) -> int:
+        """Deliver ``newer`` in seq order, up to the first gap; the room's last seq after."""
+        window = self._windows.get(room)
+        if window is None:
+            return 0
+        last = window.last_seq
+        if not last and not window.complete and newer:
+            last = min(newer) - 1  # followed from its next event on (a read failed)
         for seq in sorted(newer):
-            if seq > last + 1 and self._events.proto is not None:
+            if seq > last + 1:
                 break
-            self._deliver_stored(newer[seq])
-            last = max(last, seq)
+            if seq == last + 1:
+                self._deliver_stored(newer[seq])
+                last = seq
+        return last
+
+    def _settle(self, room: str, newer: dict[int, Message], token: int | None) -> None:
+        """End a read or a fill of ``room``: deliver what it found, then fetch what it may have missed.
+
+        Never past a gap: a message delivered beyond one raises the room's
+        seq, and the missing ones would be taken for duplicates when they
+        came. A gap is a message trimmed before the read (the fill says so,
+        :meth:`_gap`) or published while the subscription was down; and if
+        the subscription was not up all along, messages after the newest
+        held may have been missed too. Either way the room is fetched again
+        from its last seq, now if subscribed (the catch-up of this
+        subscription skipped the room while it was busy), else by the
+        catch-up once subscribed.
+        """
+        last = self._deliver_from(room, newer)
+        window = self._windows.get(room)
+        if window is None or not (window.complete or last):
+            return  # nobody here follows the room any more, or it is followed from its next event
+        continuous = token is not None and token == self._sync_generation
+        if continuous and not any(seq > last for seq in newer):
+            return
+        if self._subscribed == self._sync_generation:
+            held = [m for seq, m in sorted(newer.items()) if seq > last]
+            self._fill_gap(room, last + 1, held)
 
     def _release(self, room: str) -> None:
         waiting = self._waiting.get(room)
@@ -726,15 +784,25 @@ class RedisBackplane(Store):
 
     # -- the subscription ----------------------------------------------------------------
 
+    def _token(self) -> int | None:
+        """The subscription's generation if it is subscribed now (see :class:`_Sync`)."""
+        return self._sync_generation if self._subscribed == self._sync_generation else None
+
     def _events_ready(self, proto: Any) -> defer.Deferred:
         self._held = []
         self._sync_generation += 1
         generation = self._sync_generation
+        proto.whenDisconnected().addCallback(lambda _: self._unsubscribed(generation))
         d = proto.subscribe(CHANNEL)
         d.addCallback(lambda _: self._catch_up(generation))
         # A connection lost meanwhile is logged (once) by its link; the next one tries again.
         d.addErrback(lambda f: log.debug("redis: subscribing failed: {why}", why=f.getErrorMessage()))
         return d
+
+    def _unsubscribed(self, generation: int) -> None:
+        """The subscription of ``generation`` is gone: whatever is published now is missed."""
+        if generation == self._sync_generation:
+            self._sync_generation += 1  # syncs begun under it fetch again; its catch-up stops
 
     def _on_event(self, raw: Any) -> None:
         try:
@@ -749,7 +817,14 @@ class RedisBackplane(Store):
 
     @defer.inlineCallbacks
     def _catch_up(self, generation: int) -> Any:
-        """Everything stored since what this process has delivered, then what was held, then live."""
+        """Everything stored since what this process has delivered, then what was held, then live.
+
+        A room being read back or filled meanwhile is left to that sync,
+        which fetches again when it ends (:meth:`_settle`).
+        """
+        if generation != self._sync_generation:
+            return
+        self._subscribed = generation
         proto = self._commands.proto
         if proto is None:  # the subscription came up first: wait for the other connection
             self.reactor.callLater(0.1, self._retry_catch_up, generation)
@@ -758,8 +833,9 @@ class RedisBackplane(Store):
             # Only the rooms in memory: any other is read back when someone needs it.
             rooms = [room for room in self._windows if room not in self._syncing_rooms]
             for room in rooms:
+                self._stale.discard(room)
                 window = self._windows.get(room)
-                if window is None:
+                if window is None or room in self._syncing_rooms:
                     continue
                 if not window.complete and not window.last_seq:
                     # Followed from whatever comes next (a read back failed): from Redis' counter now.
@@ -786,7 +862,8 @@ class RedisBackplane(Store):
             self.synced.callback(None)
 
     def _retry_catch_up(self, generation: int) -> None:
-        if generation == self._sync_generation and self._events.proto is not None:
+        # (The link's proto is set only once the catch-up is done: not the test here.)
+        if generation == self._sync_generation:
             self._catch_up(generation)
 
     @defer.inlineCallbacks
@@ -815,15 +892,16 @@ class RedisBackplane(Store):
         if kind == "m":
             message = _message(event)
             room = message.room
-            if room in self._syncing_rooms:
-                self._syncing_rooms[room].append(event)
+            sync = self._syncing_rooms.get(room)
+            if sync is not None:
+                sync.events.append(message)
                 return
             window = self._windows.get(room)
             if window is None:
                 return  # nobody here follows the room: it is in Redis, read back when asked
             last = window.last_seq
             if message.seq > last + 1 and (window.complete or last):
-                self._fill_gap(room, last + 1, event)
+                self._fill_gap(room, last + 1, [message])
                 return
             self._deliver_stored(message)
         elif kind == "p":
@@ -831,21 +909,22 @@ class RedisBackplane(Store):
         elif kind == "r":  # a read's marker (another process's are not waited for here)
             self._marker_back(str(event.get("id")))
 
-    def _fill_gap(self, room: str, first: int, event: dict) -> None:
-        """A live message skipped some seqs (a publish lost): fetch them, then go on."""
-        self._syncing_rooms[room] = [event]
-        proto = self._commands.proto
+    def _fill_gap(self, room: str, first: int, held: list[Message], proto: Any = None) -> None:
+        """Fetch ``room`` from seq ``first`` on (a live message skipped some: a publish lost), then go on."""
+        sync = self._syncing_rooms[room] = _Sync(self._token(), held)
+        proto = proto or self._commands.proto
 
         def done(_: Any) -> None:
-            held = self._syncing_rooms.pop(room, [])
-            for e in held:
-                message = _message(e)
-                if message.seq > self.last_seq(room):
-                    self._deliver_stored(message)
+            self._syncing_rooms.pop(room, None)
+            self._settle(room, {m.seq: m for m in sync.events}, sync.token)
 
         def failed(failure: Failure) -> None:
-            log.failure("redis: filling a gap in {room} failed", failure, room=room)
-            done(None)
+            # Nothing past the gap is delivered (it would be taken for duplicates
+            # later); the room is filled once the command connection is back.
+            log.warn("redis: filling a gap in {room} failed: {why}", room=room, why=_reason(failure))
+            self._syncing_rooms.pop(room, None)
+            self._deliver_from(room, {m.seq: m for m in sync.events})
+            self._stale.add(room)
 
         if proto is None:
             failed(Failure(StoreUnavailable("no command connection")))

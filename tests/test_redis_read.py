@@ -65,3 +65,58 @@ async def test_a_message_stored_just_before_a_joins_read_and_seen_late_is_delive
     finally:
         await hub_a.stopService()
         await hub_b.stopService()
+
+
+async def _until(check, timeout: float = 10.0) -> None:
+    """Let the reactor run until ``check()`` holds (bounded)."""
+    for _ in range(int(timeout / 0.05)):
+        if check():
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_stored_while_the_subscription_is_down_during_a_read_are_delivered(redis) -> None:
+    """The subscription drops while a join's read is in flight: the catch-up skips the busy room, the read must not."""
+    hub_a, store_a = await _process(redis)
+    hub_b, _ = await _process(redis)
+    try:
+        commands = store_a._commands.proto
+        execute = commands.execute_command
+        stored: list = []
+        subscription = store_a._events.proto
+
+        @defer.inlineCallbacks
+        def cut_then_publish():
+            # The read has counted the room and published its marker: the subscription
+            # drops now (the marker is lost with it), and B stores three messages.
+            store_a._events.proto.transport.loseConnection()
+            for text in ("one", "two", "three"):
+                stored.append((yield hub_b.publish("r", "bob", text, "fake")))
+
+        def execute_cutting(*args, **kwargs):
+            if args[0] == "PUBLISH" and not stored:
+                cut_then_publish()
+                return defer.succeed(0)
+            return execute(*args, **kwargs)
+
+        commands.execute_command = execute_cutting
+        alice = FakeSession("alice")
+        hub_a.connect(alice)
+        joined = hub_a.join(alice, "r")
+        # A subscribes again and catches up while the read still waits for its marker.
+        await _until(lambda: store_a._events.proto not in (None, subscription) and store_a._held is None)
+        assert "r" in store_a._syncing_rooms, "the read should still be in flight"
+        if isinstance(joined, defer.Deferred):
+            await joined
+        await _until(lambda: len(alice.messages()) >= 3)
+        assert [m.seq for m in stored] == [1, 2, 3]
+        assert [(m.seq, m.text) for m in alice.messages()] == [(1, "one"), (2, "two"), (3, "three")]
+        # A live message after them follows them, once each.
+        await hub_b.publish("r", "bob", "four", "fake")
+        await _until(lambda: len(alice.messages()) >= 4)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert [m.seq for m in alice.messages()] == [1, 2, 3, 4]
+    finally:
+        await hub_a.stopService()
+        await hub_b.stopService()
