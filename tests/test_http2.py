@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from chatd import tap
 from chatd.signalr import protocol as p
 from tests.conftest import require
-from tests.tlscert import client_context, make_certificate
+from tests.tlscert import client_context, make_certificate, threaded_client_context
 from tests.wsclient import Client
 
 try:
@@ -125,7 +125,7 @@ async def test_websocket_upgrade_works_beside_http2_on_the_same_tls_listener(tls
 
     def chat_over_wss() -> list[dict]:
         # A browser offers only http/1.1 by ALPN for a WebSocket, as this client does.
-        context = client_context(running.cert)
+        context = threaded_client_context(running.cert)
         context.set_alpn_protocols(["http/1.1"])
         url = running.url("ws", "wss", "/ws")
         with Client(url, ssl=context) as alice, Client(url, ssl=context) as bob:

@@ -18,7 +18,7 @@ from twisted.python import threadable
 from websockets.exceptions import ConnectionClosed
 
 from chatd import tap
-from tests.tlscert import client_context, make_certificate
+from tests.tlscert import client_context, make_certificate, threaded_client_context
 from tests.wsclient import Client
 
 
@@ -41,7 +41,7 @@ async def test_every_listener_serves_tls_through_an_ssl_endpoint(start, tmp_path
 
     def scenario():
         url = f"wss://localhost:{running.ports['ws']}/ws"
-        with Client(url, ssl=ctx) as a, Client(url, ssl=ctx) as b:
+        with Client(url, ssl=threaded_client_context(cert)) as a, Client(url, ssl=threaded_client_context(cert)) as b:
             a.join("secure", "alice")
             b.join("secure", "bob")
             a.send(type="message", room="secure", message="over tls")
