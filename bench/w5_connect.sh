@@ -7,6 +7,7 @@
 #
 #   bench/w5_connect.sh [ROUNDS] [OUT]     # defaults: 1, bench/results/<date>-w5-connect.jsonl
 #   TREES="main=/src/chatd-main new=/src/chatd" bench/w5_connect.sh 3
+#   TREES="sqlite=. memory=." LABEL_ARGS="memory=--data-dir=" GO=0 bench/w5_connect.sh 2
 #
 # TREES names chatd source trees (label=path, each with its .venv) to measure
 # in the same run, alternating their order every round; by default this tree,
@@ -29,6 +30,11 @@ N="${N:-10000}"
 RATE="${RATE:-1000}"
 PORT="${PORT:-9450}"
 TREES="${TREES:-chatd=$ROOT}"
+# LABEL_ARGS="label=--opt value;label2=--other": more chatd options for one label
+# (the same tree may then appear twice under two labels)
+declare -A ARGS=()
+IFS=';' read -r -a _label_args <<<"${LABEL_ARGS:-}"
+for pair in "${_label_args[@]}"; do [ -n "$pair" ] && ARGS["${pair%%=*}"]="${pair#*=}"; done
 ulimit -n "$(ulimit -Hn)"
 DATA="$(mktemp -d /tmp/w5-connect-XXXXXX)"
 PID=""
@@ -77,7 +83,7 @@ for r in $(seq "$ROUNDS"); do
       PYTHONPATH="$src" start "$label" "$src/.venv/bin/twistd" -n --pidfile= -l "$DATA/$label-twistd.log" chatd \
         --ws "tcp:$PORT:interface=127.0.0.1" --signalr tcp:0:interface=127.0.0.1 --web tcp:0:interface=127.0.0.1 \
         --grpc 127.0.0.1:0 --data-dir "$DATA/data" --max-connections-per-ip 0 --max-connection-rate 0 \
-        --max-message-rate 0 --max-connections 20000
+        --max-message-rate 0 --max-connections 20000 ${ARGS[$label]:-}
     fi
     echo "$(date +%T) $label ($PID) round $r" >&2
     cpu0="$(cpu)"
