@@ -320,7 +320,12 @@ class _Link:
             return defer.maybeDeferred(self._on_ready, p).addCallback(usable)
 
         def failed(failure: Failure) -> None:
-            log.debug("redis {name}: connection not usable: {why}", name=self.name, why=failure.getErrorMessage())
+            # Redis refused the set-up (LOADING after a restart, a failed AUTH...): left
+            # open, this connection would never become usable. Drop it; the service makes
+            # another, with backoff.
+            log.warn("redis {name}: connection not usable: {why}", name=self.name, why=_reason(failure))
+            if proto.connected and proto.transport is not None:
+                proto.transport.loseConnection()
 
         proto.whenConnected().addCallback(ready).addErrback(failed)
 
@@ -424,10 +429,11 @@ class RedisBackplane(Store):
         self._held: list[dict] | None = []
         #: rooms being read back or filled; live events for them are held here meanwhile
         self._syncing_rooms: dict[str, _Sync] = {}
-        #: rooms whose fill failed (no command connection): filled when it is back
+        #: rooms whose fill failed: filled again in a second, or when the command connection is back
         self._stale: set[str] = set()
-        #: room -> (messages newer than the window read back, whether that read holds the room's events)
-        self._read_rest: dict[str, tuple[list[Message], bool]] = {}
+        self._refill_call: Any = None
+        #: room -> messages newer than the window read back, delivered once the read's waiters have run
+        self._read_rest: dict[str, list[Message]] = {}
         #: one more on every subscriber connection and every loss of one
         self._sync_generation = 0
         #: the generation whose SUBSCRIBE Redis has confirmed (equal to _sync_generation while subscribed)
@@ -474,6 +480,9 @@ class RedisBackplane(Store):
         for call, _ in self._loops:
             if call.running:
                 call.stop()
+        if self._refill_call is not None and self._refill_call.active():
+            self._refill_call.cancel()
+        self._refill_call = None
         d = defer.succeed(None)
         proto = self._commands.proto
         if proto is not None:
@@ -550,10 +559,7 @@ class RedisBackplane(Store):
                     "(Redis lost data?); raised so no seq is handed out twice",
                     n=int(raised),
                 )
-        stale, self._stale = self._stale, set()
-        for room in stale:
-            if room in self._windows and room not in self._syncing_rooms:
-                self._fill_gap(room, self.last_seq(room) + 1, [], proto)
+        self._refill(proto)
         try:
             # Alive at once (a user joining now must not be reaped), then say who is here.
             yield proto.execute_command("SET", PREFIX + "proc:" + self.proc, "1", "EX", HEARTBEAT_TTL)
@@ -636,9 +642,12 @@ class RedisBackplane(Store):
             return defer.fail(
                 StoreUnavailable(f"history not available: Redis is unavailable ({self._commands.last_error})")
             )
-        owner = room not in self._syncing_rooms
-        if owner:
-            self._syncing_rooms[room] = _Sync(self._token())
+        # The read holds the room's live events from now on, a fill's in flight
+        # included: that fill then delivers nothing (whatever it would is in this
+        # read's range or comes after it), so the window the read builds is not
+        # outrun by deliveries it did not see.
+        prior = self._syncing_rooms.get(room)
+        self._syncing_rooms[room] = _Sync(prior.token, list(prior.events)) if prior else _Sync(self._token())
 
         @defer.inlineCallbacks
         def read() -> Any:
@@ -667,11 +676,11 @@ class RedisBackplane(Store):
                 dropped = window.messages.popleft()
                 if dropped.client_id:
                     window.client_ids.pop(dropped.client_id, None)
-            self._read_rest[room] = ([m for m in messages if m.seq > base], owner)
+            self._read_rest[room] = [m for m in messages if m.seq > base]
             return window
 
         def failed(failure: Failure) -> Failure:
-            self._read_rest[room] = ([], owner)
+            self._read_rest[room] = []
             if not failure.check(StoreUnavailable):
                 reason = failure.getErrorMessage() or failure.type.__name__
                 failure = Failure(StoreUnavailable(f"history not available: Redis failed ({reason})"))
@@ -710,21 +719,18 @@ class RedisBackplane(Store):
             waiting.callback(None)
 
     def _after_read(self, room: str) -> None:
-        rest, owner = self._read_rest.pop(room, ([], False))
+        rest = self._read_rest.pop(room, [])
         if self._holds.get(room) and room not in self._windows:
             # The read failed: follow the room from its next event on.
             window = self._window(room)
             window.complete = False
         # What the read found newer than the window, and what came live meanwhile
         # (Redis may have trimmed some of it before the read), in seq order, once each.
-        sync = self._syncing_rooms.pop(room, None) if owner else None
+        sync = self._syncing_rooms.pop(room, None)
         newer = {m.seq: m for m in rest}
         for message in sync.events if sync else ():
             newer.setdefault(message.seq, message)
-        if sync is None:
-            self._deliver_from(room, newer)  # a fill in progress owns the room's events
-        else:
-            self._settle(room, newer, sync.token)
+        self._settle(room, newer, sync.token if sync else None)
 
     def _deliver_from(self, room: str, newer: dict[int, Message]) -> int:
         """Deliver ``newer`` in seq order, up to the first gap; the room's last seq after."""
@@ -742,7 +748,7 @@ class RedisBackplane(Store):
                 last = seq
         return last
 
-    def _settle(self, room: str, newer: dict[int, Message], token: int | None) -> None:
+    def _settle(self, room: str, newer: dict[int, Message], token: int | None, fetched: bool = False) -> None:
         """End a read or a fill of ``room``: deliver what it found, then fetch what it may have missed.
 
         Never past a gap: a message delivered beyond one raises the room's
@@ -753,14 +759,23 @@ class RedisBackplane(Store):
         held may have been missed too. Either way the room is fetched again
         from its last seq, now if subscribed (the catch-up of this
         subscription skipped the room while it was busy), else by the
-        catch-up once subscribed.
+        catch-up once subscribed. After a fill (``fetched``) on a subscription
+        that stayed up, a gap left is a range Redis no longer has (it lost
+        data): the room's members are told (:meth:`_gap`) and it goes on.
         """
         last = self._deliver_from(room, newer)
         window = self._windows.get(room)
         if window is None or not (window.complete or last):
             return  # nobody here follows the room any more, or it is followed from its next event
         continuous = token is not None and token == self._sync_generation
-        if continuous and not any(seq > last for seq in newer):
+        beyond = [seq for seq in newer if seq > last]
+        if continuous and not beyond:
+            return
+        if continuous and fetched:
+            kept_from = min(beyond)
+            self._gap(room, last + 1, kept_from)
+            window.last_seq = kept_from - 1
+            self._deliver_from(room, newer)
             return
         if self._subscribed == self._sync_generation:
             held = [m for seq, m in sorted(newer.items()) if seq > last]
@@ -839,8 +854,11 @@ class RedisBackplane(Store):
                     continue
                 if not window.complete and not window.last_seq:
                     # Followed from whatever comes next (a read back failed): from Redis' counter now.
-                    seq = yield proto.execute_command("GET", _key("seq", room))
-                    window.last_seq = max(window.last_seq, int(seq or 0))
+                    seq = int((yield proto.execute_command("GET", _key("seq", room))) or 0)
+                    window = self._windows.get(room)
+                    if window is not None and not window.last_seq and seq:
+                        window.last_seq = seq
+                        self._unread(room, seq)
                     continue
                 yield self._fetch(proto, room, window.last_seq + 1)
             entries = yield proto.execute_command("HGETALL", PRESENCE)
@@ -867,12 +885,18 @@ class RedisBackplane(Store):
             self._catch_up(generation)
 
     @defer.inlineCallbacks
-    def _fetch(self, proto: Any, room: str, first: int) -> Any:
-        """Put what Redis keeps of ``room`` from seq ``first`` on into its window, in order."""
+    def _fetch(self, proto: Any, room: str, first: int, sync: _Sync | None = None) -> Any:
+        """Put what Redis keeps of ``room`` from seq ``first`` on into its window, in order.
+
+        A fill's fetch (``sync``) delivers nothing if a read of the room took
+        its events over meanwhile (see :meth:`_read_room`).
+        """
         # The counter first, then the messages: one stored in between is in the
         # range (never counted as seen without being delivered).
         seq = yield proto.execute_command("GET", _key("seq", room))
         items = yield proto.execute_command("ZRANGEBYSCORE", _key("hist", room), first, "+inf")
+        if sync is not None and self._syncing_rooms.get(room) is not sync:
+            return
         messages = [_message(orjson.loads(item)) for item in items or []]
         newest = int(seq) if seq is not None else 0
         kept_from = messages[0].seq if messages else newest + 1
@@ -915,21 +939,39 @@ class RedisBackplane(Store):
         proto = proto or self._commands.proto
 
         def done(_: Any) -> None:
-            self._syncing_rooms.pop(room, None)
-            self._settle(room, {m.seq: m for m in sync.events}, sync.token)
+            if self._syncing_rooms.get(room) is not sync:
+                return  # a read took the room over: it settles it
+            del self._syncing_rooms[room]
+            self._settle(room, {m.seq: m for m in sync.events}, sync.token, fetched=True)
 
         def failed(failure: Failure) -> None:
+            if self._syncing_rooms.get(room) is not sync:
+                return
             # Nothing past the gap is delivered (it would be taken for duplicates
-            # later); the room is filled once the command connection is back.
+            # later); the room is filled again in a second (Redis refused: BUSY,
+            # LOADING...) or once the command connection is back.
             log.warn("redis: filling a gap in {room} failed: {why}", room=room, why=_reason(failure))
-            self._syncing_rooms.pop(room, None)
+            del self._syncing_rooms[room]
             self._deliver_from(room, {m.seq: m for m in sync.events})
             self._stale.add(room)
+            if self._commands.proto is not None and self._refill_call is None:
+                self._refill_call = self.reactor.callLater(1.0, self._refill)
 
         if proto is None:
             failed(Failure(StoreUnavailable("no command connection")))
             return
-        self._fetch(proto, room, first).addCallbacks(done, failed)
+        self._fetch(proto, room, first, sync).addCallbacks(done, failed)
+
+    def _refill(self, proto: Any = None) -> None:
+        """Fill again the rooms whose fill failed (see :meth:`_fill_gap`)."""
+        self._refill_call = None
+        proto = proto or self._commands.proto
+        if proto is None:
+            return  # the command connection's return calls this
+        stale, self._stale = self._stale, set()
+        for room in stale:
+            if room in self._windows and room not in self._syncing_rooms:
+                self._fill_gap(room, self.last_seq(room) + 1, [], proto)
 
     def _gap(self, room: str, first: int, kept_from: int) -> None:
         if self.hub is None or not self.hub.local_users(room):
@@ -941,6 +983,19 @@ class RedisBackplane(Store):
             last=kept_from - 1,
         )
         self.hub.deliver(Truncated(room, kept_from))
+
+    def _unread(self, room: str, counter: int) -> None:
+        """Members who joined ``room`` while Redis was out of reach are told they may lack up to ``counter``.
+
+        Their join could not read the room, so which of its messages came
+        after they joined is not known here: they get a ``Truncated`` (the
+        client reads the history to fill it), never a silent jump.
+        """
+        if self.hub is None or not self.hub.local_users(room):
+            return
+        log.warn("redis: {room} was joined while Redis was unreachable; its members may lack seq up to {seq}",
+                 room=room, seq=counter)
+        self.hub.deliver(Truncated(room, counter + 1))
 
     def _deliver_stored(self, message: Message) -> None:
         if self.keep(message, message.client_id) and self.hub is not None:
