@@ -64,6 +64,33 @@ def _lossy_subscription(store: RedisBackplane, lose: set[str], seen: list[str]) 
     proto.messageReceived = received
 
 
+def _gate_fill_and_markers(store: RedisBackplane, room: str) -> tuple[defer.Deferred, list, list, Any]:
+    """Hold back the store's first ``GET`` of ``room``'s seq (a fill's) until the gate fires, and every read marker.
+
+    Returns the gate, the GETs seen, the markers held (``(args, kwargs, Deferred)``:
+    send one with ``execute(*args, **kwargs).chainDeferred(held)``) and the real ``execute_command``.
+    """
+    commands = store._commands.proto
+    execute = commands.execute_command
+    fill_gate: defer.Deferred = defer.Deferred()
+    gets: list[tuple] = []
+    markers: list[tuple[tuple, dict, defer.Deferred]] = []
+
+    def intercept(*args: Any, **kwargs: Any) -> Any:
+        if args[:2] == ("GET", _key("seq", room)):
+            gets.append(args)
+            if len(gets) == 1:
+                return fill_gate.addCallback(lambda _: execute(*args, **kwargs))
+        if args[0] == "PUBLISH" and b'"k":"r"' in args[2]:
+            held: defer.Deferred = defer.Deferred()
+            markers.append((args, kwargs, held))
+            return held
+        return execute(*args, **kwargs)
+
+    commands.execute_command = intercept
+    return fill_gate, gets, markers, execute
+
+
 async def _joined(hub: Hub, store: RedisBackplane, user: str, room: str) -> FakeSession:
     """A session of ``user`` in ``room``, once the room's read back is over."""
     session = FakeSession(user)
@@ -102,24 +129,7 @@ async def test_a_read_begun_while_a_fill_holds_the_room_gets_what_comes_after_th
         seen: list[str] = []
         _lossy_subscription(store_a, {"one"}, seen)
 
-        commands = store_a._commands.proto
-        execute = commands.execute_command
-        fill_gate: defer.Deferred = defer.Deferred()
-        gets: list[tuple] = []
-        markers: list[tuple[tuple, dict, defer.Deferred]] = []
-
-        def intercept(*args: Any, **kwargs: Any) -> Any:
-            if args[:2] == ("GET", _key("seq", "r")):
-                gets.append(args)
-                if len(gets) == 1:  # the fill's: held back until fill_gate fires
-                    return fill_gate.addCallback(lambda _: execute(*args, **kwargs))
-            if args[0] == "PUBLISH" and b'"k":"r"' in args[2]:
-                held: defer.Deferred = defer.Deferred()
-                markers.append((args, kwargs, held))
-                return held
-            return execute(*args, **kwargs)
-
-        commands.execute_command = intercept
+        fill_gate, gets, markers, execute = _gate_fill_and_markers(store_a, "r")
         await hub_b.publish("r", "bob", "one", "fake")
         await hub_b.publish("r", "bob", "two", "fake")
         assert await _until(lambda: len(gets) == 1), "A should start filling the gap at seq 1"
@@ -314,24 +324,7 @@ async def test_a_resume_read_begun_while_a_fill_holds_the_room_replays_without_a
         seen: list[str] = []
         _lossy_subscription(store_a, {"one"}, seen)
 
-        commands = store_a._commands.proto
-        execute = commands.execute_command
-        fill_gate: defer.Deferred = defer.Deferred()
-        gets: list[tuple] = []
-        markers: list[tuple[tuple, dict, defer.Deferred]] = []
-
-        def intercept(*args: Any, **kwargs: Any) -> Any:
-            if args[:2] == ("GET", _key("seq", "r")):
-                gets.append(args)
-                if len(gets) == 1:  # the fill's: held back until fill_gate fires
-                    return fill_gate.addCallback(lambda _: execute(*args, **kwargs))
-            if args[0] == "PUBLISH" and b'"k":"r"' in args[2]:
-                held: defer.Deferred = defer.Deferred()
-                markers.append((args, kwargs, held))
-                return held
-            return execute(*args, **kwargs)
-
-        commands.execute_command = intercept
+        fill_gate, gets, markers, execute = _gate_fill_and_markers(store_a, "r")
         await hub_b.publish("r", "bob", "one", "fake")
         await hub_b.publish("r", "bob", "two", "fake")
         assert await _until(lambda: len(gets) == 1), "A should start filling the gap at seq 2"
