@@ -323,9 +323,11 @@ class _Link:
             # Redis refused the set-up (LOADING after a restart, a failed AUTH...): left
             # open, this connection would never become usable. Drop it; the service makes
             # another, with backoff.
-            log.warn("redis {name}: connection not usable: {why}", name=self.name, why=_reason(failure))
             if proto.connected and proto.transport is not None:
+                log.warn("redis {name}: connection not usable: {why}", name=self.name, why=_reason(failure))
                 proto.transport.loseConnection()
+            else:  # lost while being set up: the link says so once
+                log.debug("redis {name}: connection lost while set up: {why}", name=self.name, why=_reason(failure))
 
         proto.whenConnected().addCallback(ready).addErrback(failed)
 
