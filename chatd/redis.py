@@ -812,9 +812,15 @@ class RedisBackplane(Store):
         proto.whenDisconnected().addCallback(lambda _: self._unsubscribed(generation))
         d = proto.subscribe(CHANNEL)
         d.addCallback(lambda _: self._catch_up(generation))
-        # A connection lost meanwhile is logged (once) by its link; the next one tries again.
-        d.addErrback(lambda f: log.debug("redis: subscribing failed: {why}", why=f.getErrorMessage()))
-        return d
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(txredisapi.ConnectionError, error.ConnectionDone, error.ConnectionLost):
+                # Lost meanwhile: logged (once) by its link; the next connection tries again.
+                log.debug("redis: subscribing failed: {why}", why=_reason(failure))
+                return None
+            return failure  # refused with the connection up: the link drops it and makes another
+
+        return d.addErrback(failed)
 
     def _unsubscribed(self, generation: int) -> None:
         """The subscription of ``generation`` is gone: whatever is published now is missed."""

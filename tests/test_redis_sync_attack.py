@@ -391,3 +391,42 @@ async def test_a_command_connection_refused_while_redis_loads_is_tried_again(red
         assert sent.seq == 1
     finally:
         await hub_a.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subscription_refused_with_the_connection_up_is_tried_again(redis) -> None:
+    """Redis answers SUBSCRIBE with an error (an ACL without the channel, a proxy refusing it) once.
+
+    Expected: the subscriber connection is dropped and made again, and once
+    Redis takes the SUBSCRIBE the process goes live and delivers. Before: the
+    refusal was logged at debug level and the link counted the connection as
+    up though it subscribed to nothing: nothing was ever delivered live, and
+    the process said "catching up from Redis" for as long as it lived.
+    """
+    hub_a, store_a = await _process(redis)
+    hub_b, _ = await _process(redis)
+    try:
+        alice = await _joined(hub_a, store_a, "alice", "r")
+        link = store_a._events
+        ready = link._on_ready
+        refused: list[Any] = []
+
+        def refuse_once(proto: Any) -> Any:
+            if not refused:
+                refused.append(proto)
+                proto.subscribe = lambda *channels: defer.fail(
+                    txredisapi.ResponseError("NOPERM this user has no permissions to access the channel")
+                )
+            return ready(proto)
+
+        link._on_ready = refuse_once
+        link.proto.transport.loseConnection()
+        assert await _until(lambda: refused), "A should subscribe again"
+        assert await _until(lambda: link.proto not in (None, refused[0]) and store_a._held is None, timeout=8.0), (
+            "the subscription should be made again once refused"
+        )
+        await hub_b.publish("r", "bob", "after", "fake")
+        assert await _until(lambda: [m.text for m in alice.messages()] == ["after"])
+    finally:
+        await hub_a.stopService()
+        await hub_b.stopService()
