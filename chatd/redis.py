@@ -24,7 +24,11 @@ trip every second), both connections reconnect with backoff, and on every
 (re)subscription the process catches up from the sorted sets before it
 delivers anything live, so a subscriber that missed messages while away
 delivers them, in order, before the next live one. A jump in ``seq`` on a
-live subscription (a lost publish) is filled the same way.
+live subscription (a lost publish) is filled the same way. A room being read
+back or filled while the subscription drops is fetched again when that sync
+ends (each sync notes the subscription's generation it began under); nothing
+is delivered past a gap, and a range Redis no longer has is reported to the
+room's members (``truncated``), never skipped in silence.
 
 Only the rooms someone here is in are in memory (``chatd.store``): catch-up
 covers those; any other room is read back from Redis (its ``seq`` counter
