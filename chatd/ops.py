@@ -96,6 +96,10 @@ class _TokenRequired(Resource):
         return self._inner.render(request)
 
 
+#: seconds over which a process without --redis tells its clients to go (see chatd.drain)
+SOLO_SPREAD = 1.0
+
+
 def inherited_listeners(top: MultiService, options: Any) -> list[Any]:
     """The listeners on sockets systemd passed in (``systemd:`` endpoints).
 
@@ -133,6 +137,9 @@ def add_operations(top: MultiService, hub: Any, options: Any, reactor: Any) -> N
         hub,
         reactor,
         timeout=options["drain-timeout"],
+        # Alone (no Redis), nothing else takes the clients while this process
+        # drains: spreading the goodbyes only keeps them refused for longer.
+        spread=None if options.get("redis") else SOLO_SPREAD,
         reactor=reactor,
         held=inherited_listeners(top, options),
     )

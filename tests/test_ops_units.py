@@ -264,6 +264,26 @@ def test_drain_runs_before_listeners_stop_in_the_real_tree() -> None:
     assert names.index("ws") < names.index("drain")
 
 
+
+def test_a_process_alone_tells_its_clients_to_go_within_a_second_and_one_of_several_spreads_them() -> None:
+    """Without Redis nothing else takes the clients while chatd drains: a long spread only kept them refused.
+
+    In the W5 restart storm (10,000 clients, full-jitter backoff) the drain's
+    goodbyes spread over 5 s kept the port refusing for 6 s and the last
+    client came back 16 s after the restart; over 1 s, 5 s. With Redis, other
+    processes take the reconnects, so they are still spread over half the
+    drain timeout.
+    """
+
+    def drain(*args: str) -> Drain:
+        options = tap.Options(environ={})
+        options.parseOptions(["--ws", "tcp:0", "--drain-timeout", "10", *args])
+        return tap.makeService(options, reactor=Clock()).getServiceNamed("drain")
+
+    assert drain().spread <= 1.0
+    assert drain("--redis", "redis://127.0.0.1:1/0").spread == 5.0
+
+
 # -- metrics ---------------------------------------------------------------
 
 
