@@ -11,9 +11,9 @@ from chatd.validate import Limits
 from tests.test_hub import FakeSession
 
 
-async def _process(redis) -> tuple[Hub, RedisBackplane]:
-    """One chatd process's hub and backplane, in this test's reactor."""
-    store = RedisBackplane(reactor, redis.url, limit=100)
+async def _process(redis, **kwargs) -> tuple[Hub, RedisBackplane]:
+    """One chatd process's hub and backplane, in this test's reactor (``kwargs``: the backplane's)."""
+    store = RedisBackplane(reactor, redis.url, limit=kwargs.pop("limit", 100), **kwargs)
     hub = Hub(reactor, limits=Limits(message_rate=0, connection_rate=0), store=store)
     store.attach(hub)
     hub.startService()
@@ -67,12 +67,13 @@ async def test_a_message_stored_just_before_a_joins_read_and_seen_late_is_delive
         await hub_b.stopService()
 
 
-async def _until(check, timeout: float = 10.0) -> None:
-    """Let the reactor run until ``check()`` holds (bounded)."""
+async def _until(check, timeout: float = 10.0) -> bool:
+    """Let the reactor run until ``check()`` holds (bounded); whether it did."""
     for _ in range(int(timeout / 0.05)):
         if check():
-            return
+            return True
         await task.deferLater(reactor, 0.05, lambda: None)
+    return check()
 
 
 @pytest_twisted.ensureDeferred

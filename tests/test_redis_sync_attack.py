@@ -17,27 +17,8 @@ from twisted.internet import defer, reactor, task
 
 from chatd.hub import Hub
 from chatd.redis import RedisBackplane, _key
-from chatd.validate import Limits
 from tests.test_hub import FakeSession
-
-
-async def _process(redis, **kwargs: Any) -> tuple[Hub, RedisBackplane]:
-    """One chatd process's hub and backplane, in this test's reactor."""
-    store = RedisBackplane(reactor, redis.url, limit=kwargs.pop("limit", 100), **kwargs)
-    hub = Hub(reactor, limits=Limits(message_rate=0, connection_rate=0), store=store)
-    store.attach(hub)
-    hub.startService()
-    await store.synced
-    return hub, store
-
-
-async def _until(check, timeout: float = 10.0) -> bool:
-    """Let the reactor run until ``check()`` holds (bounded); whether it did."""
-    for _ in range(int(timeout / 0.05)):
-        if check():
-            return True
-        await task.deferLater(reactor, 0.05, lambda: None)
-    return check()
+from tests.test_redis_read import _process, _until
 
 
 async def _sleep(seconds: float) -> None:
