@@ -75,6 +75,8 @@ CHECK_INTERVAL = 1.0
 REPLY_TIMEOUT = 5
 #: seconds a read waits for its own marker to come back on the subscription (see RedisBackplane._barrier)
 BARRIER_TIMEOUT = 2.0
+#: seconds by which another process's clock may be behind this one's (see RedisBackplane._read_room)
+CLOCK_SLACK = 1.0
 
 # KEYS: seq, hist, cid. ARGV: room, id, user, text, time, protocol, client_id,
 # limit, cutoff (0: no age limit), ttl (0: none), channel, floor (the last seq the
@@ -397,11 +399,13 @@ class _Sync:
     published since only if the generation is still the same at the end.
     """
 
-    __slots__ = ("events", "token")
+    __slots__ = ("events", "since", "token")
 
-    def __init__(self, token: int | None, events: list[Message] | None = None) -> None:
+    def __init__(self, token: int | None, events: list[Message] | None = None, since: float = 0.0) -> None:
         self.token = token
         self.events = events if events is not None else []
+        #: when the sync began (a read: when the room was joined), on this process's clock
+        self.since = since
 
 
 class RedisBackplane(Store):
@@ -653,7 +657,8 @@ class RedisBackplane(Store):
         # read's range or comes after it), so the window the read builds is not
         # outrun by deliveries it did not see.
         prior = self._syncing_rooms.get(room)
-        self._syncing_rooms[room] = _Sync(prior.token, list(prior.events)) if prior else _Sync(self._token())
+        now = self.clock.seconds()
+        self._syncing_rooms[room] = _Sync(prior.token if prior else self._token(), list(prior.events) if prior else [], now)
 
         @defer.inlineCallbacks
         def read() -> Any:
@@ -672,6 +677,11 @@ class RedisBackplane(Store):
                 # delivered (a member who just joined sees it), the rest is history.
                 sync = self._syncing_rooms.get(room)
                 base = min([counter, *(m.seq - 1 for m in (sync.events if sync else []))])
+                if sync is not None and not (sync.token is not None and sync.token == self._sync_generation):
+                    # The subscription dropped during the read: its marker could not show
+                    # which counted messages came after the join. Go by their time (a
+                    # second's slack for other hosts' clocks): delivered live rather than lost.
+                    base = min([base, *(m.seq - 1 for m in messages if m.time >= sync.since - CLOCK_SLACK)])
             window = _Window(base)
             for message in messages:
                 if message.seq <= base:

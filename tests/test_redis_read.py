@@ -121,3 +121,47 @@ async def test_messages_stored_while_the_subscription_is_down_during_a_read_are_
     finally:
         await hub_a.stopService()
         await hub_b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_stored_after_a_join_while_the_subscription_is_cut_is_delivered_live(redis) -> None:
+    """Stored after the join, counted by the read's GET, its event lost with a cut subscription: still delivered.
+
+    The read's marker cannot come back over a subscription that dropped, so
+    it cannot tell by events what came after the join; a message counted by
+    the read was then taken for history and never reached the member who
+    joined before it (test_attack_durable saw seq 1 of the last rooms joined
+    go missing that way).
+    """
+    hub_a, store_a = await _process(redis)
+    hub_b, _ = await _process(redis)
+    try:
+        commands = store_a._commands.proto
+        execute = commands.execute_command
+        stored: list = []
+
+        @defer.inlineCallbacks
+        def cut_publish_then(args, kwargs):
+            store_a._events.proto.transport.loseConnection()
+            stored.append((yield hub_b.publish("r", "bob", "after the join", "fake")))
+            return (yield execute(*args, **kwargs))
+
+        def intercept(*args, **kwargs):
+            if args[:2] == ("GET", _key("seq", "r")) and not stored:
+                return cut_publish_then(args, kwargs)
+            if args[0] == "PUBLISH" and b'"k":"r"' in args[2]:
+                return defer.succeed(0)  # the marker is lost with the subscription
+            return execute(*args, **kwargs)
+
+        commands.execute_command = intercept
+        alice = FakeSession("alice")
+        hub_a.connect(alice)
+        joined = hub_a.join(alice, "r")
+        if isinstance(joined, defer.Deferred):
+            await joined
+        await _until(lambda: alice.messages(), timeout=6.0)
+        assert [m.seq for m in stored] == [1]
+        assert [(m.seq, m.text) for m in alice.messages()] == [(1, "after the join")]
+    finally:
+        await hub_a.stopService()
+        await hub_b.stopService()
