@@ -38,8 +38,10 @@ PEERS = {
     "py-autobahn-prepared": "{venv}/bin/python {kit}/peers/py-autobahn-twisted/server.py --port {PORT} --mode prepared",
     "py-autobahn-naive": "{venv}/bin/python {kit}/peers/py-autobahn-twisted/server.py --port {PORT} --mode naive",
     "node-ws-once": "node {kit}/peers/node-ws/server.js --port {PORT} --mode once",
+    "py-twisted-floor": "{python} {root}/bench/floor.py {PORT}",
 }
-"""The kit's peers by name (``BENCH_KIT``, ``BENCH_VENV`` say where it is built)."""
+"""The kit's peers by name (``BENCH_KIT``, ``BENCH_VENV`` say where it is built), and this
+bench's own floor (:mod:`bench.floor`, run by the bench's own Python)."""
 
 
 def free_port() -> int:
@@ -191,7 +193,9 @@ class Server:
         elif target:
             self.command = target
         elif self.name in PEERS:
-            self.command = PEERS[self.name].format(kit=KIT, venv=KIT_VENV, PORT="{PORT}")
+            self.command = PEERS[self.name].format(
+                kit=KIT, venv=KIT_VENV, python=sys.executable, root=ROOT, PORT="{PORT}"
+            )
         elif self.is_chatd:
             self.command = None
         else:

@@ -113,3 +113,19 @@ def test_handoffs_batched_sets_the_calling_thread_only() -> None:
     t.join()
     assert seen == [os.SCHED_BATCH]
     assert os.sched_getscheduler(0) != os.SCHED_BATCH
+
+
+@pytest.mark.timeout(90)
+def test_the_twisted_floor_relays_every_message_of_a_tiny_w1(tmp_path: Path) -> None:
+    """``--peer py-twisted-floor`` (bench/floor.py) is a real relay: every member gets every message."""
+    require(_have("picows") and _have("uvloop"), "the bench extra (picows, uvloop) is not installed")
+    out = tmp_path / "floor.jsonl"
+    argv = [sys.executable, "-m", "bench", "W1", "--peer", "py-twisted-floor", "--rooms", "2", "--room-size", "7",
+            "--rates", "5", "--warmup", "0.5", "--duration", "1", "--drain", "3", "--retries", "0",
+            "--max-total", "80", "--out", str(out), "--max-p99", "600000"]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=85)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [json.loads(x) for x in out.read_text().splitlines()]
+    step = next(x for x in steps if x["mode"] == "fanout")
+    assert step["peer"] == "py-twisted-floor" and (step["conns_ok"], step["conns_failed"]) == (14, 0)
+    assert step["sent"] > 0 and step["received"] == step["expected"] == step["sent"] * 7 and step["lost"] == 0
