@@ -486,7 +486,10 @@ CREATE TABLE IF NOT EXISTS messages (
     client_id TEXT,
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS messages_time ON messages (time);
+-- No index on time: keeping one cost every message 10-18 % of the writer's CPU
+-- (bench/store_write.py), to spare the prune a scan of the file once a minute
+-- (about 12 ms at 110,000 rows, 120 ms at 1.1 million, on the writer thread).
+DROP INDEX IF EXISTS messages_time;
 CREATE INDEX IF NOT EXISTS messages_client_id ON messages (room, client_id) WHERE client_id IS NOT NULL;
 """
 
@@ -542,7 +545,8 @@ class SQLiteStore(Store):
         self.reactor = reactor
         self.path = path
         self.synchronous = synchronous
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # The C queue: the pure-Python Queue's Condition costs about 5 us a message more.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred | None = None
         self.batches = 0

@@ -330,3 +330,19 @@ async def test_seq_survives_a_restart_after_trimming_and_age_pruning(db_path: st
     assert (await again.read_since("r", 0)).last_seq == 35
     assert (await again.add("r", "u", "later", clock.seconds(), "test", None)).message.seq == 36
     await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_from_before_keeps_its_messages_and_loses_the_time_index(db_path: str) -> None:
+    """Older files carry an index on ``time`` that every write paid for; opening drops it, nothing else."""
+    store = opened(db_path)
+    await add(store, "r", "kept")
+    await store.close()
+    sqlite3.connect(db_path, isolation_level=None).execute("CREATE INDEX messages_time ON messages (time)")
+
+    again = opened(db_path)
+    assert (await add(again, "r", "after")).message.seq == 2
+    assert [m.text for m in await again.read_recent("r", 10)] == ["kept", "after"]
+    await again.close()
+    names = {n for (n,) in sqlite3.connect(db_path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "messages_time" not in names and "messages_client_id" in names
