@@ -85,15 +85,13 @@ class Session:
         self.last_seqs: dict[str, int] = {}
 
     def delivered(self, message: Message) -> None:
-        """Note ``message`` as written to this client; rooms it has left are forgotten now and then.
+        """Note ``message`` as written to this client (once per delivery: keep it one store).
 
-        A long-lived connection may pass through any number of rooms: only
-        those it is in may be kept, or this table grows with every room seen.
+        The hub forgets a room's entry when the session leaves it
+        (:meth:`Hub._leave`), so a long-lived connection passing through
+        any number of rooms keeps only those it is in.
         """
-        seqs = self.last_seqs
-        seqs[message.room] = message.seq
-        if len(seqs) > 2 * len(self.rooms) + 16:
-            self.last_seqs = {room: seq for room, seq in seqs.items() if room in self.rooms}
+        self.last_seqs[message.room] = message.seq
 
     def deliver(self, event: Event) -> None:
         """Send ``event`` to the client; must not raise for a slow client."""
@@ -546,6 +544,7 @@ class Hub(Service):
 
     def _leave(self, session: Session, name: str) -> None:
         session.rooms.discard(name)
+        session.last_seqs.pop(name, None)
         r = self._rooms.get(name)
         if r is None or r.sessions.pop(session.id, None) is None:
             return

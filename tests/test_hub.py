@@ -502,3 +502,27 @@ def test_a_rate_limited_seed_message_changes_nothing(clock: Clock) -> None:
     assert reply["type"] == "error" and reply["error"].startswith("rate limited: alice")
     assert second.rooms == set() and second.user is None
     assert (watcher.events, hub.members("r")) == before
+
+
+def test_where_to_resume_is_kept_only_for_the_rooms_a_session_is_in(hub: Hub) -> None:
+    """A long-lived connection passing through many rooms keeps one resume point per room it is in."""
+
+    class Noting(FakeSession):
+        def deliver(self, event: Event) -> None:
+            super().deliver(event)
+            if isinstance(event, Message):
+                self.delivered(event)
+
+    walker = Noting("walker")
+    hub.connect(walker)
+    hub.join(walker, "home")
+    home = publish(hub, "home", "walker", "hi", "fake")
+    for i in range(50):
+        hub.join(walker, f"r{i}")
+        publish(hub, f"r{i}", "walker", "passing", "fake")
+        hub.leave(walker, f"r{i}")
+    hub.join(walker, "last")
+    last = publish(hub, "last", "walker", "here", "fake")
+    assert walker.last_seqs == {"home": home.seq, "last": last.seq}
+    hub.disconnect(walker)
+    assert walker.last_seqs == {}
