@@ -39,19 +39,6 @@ those connections, costs no memory per connection (no bound methods in the
 instance dict) and keeps ``isinstance`` checks true. The ``--ws`` port's
 connections take it as they are accepted (``chatd.websocket.UpgradeChannel``),
 so their HTTP answers and the WebSocket 101 are direct too.
-
-**Several writes in one reactor turn are one send.** Under load a
-connection is written to more than once per turn: a batch of stored
-messages acknowledged together, several senders' messages read in one
-poll, a replay. The first write of a turn goes out at once, as above;
-later ones in the same turn are held and sent together, as one ``send``
-of the frames back to back, when the turn ends (a ``callLater(0)``, which
-runs before the reactor polls again), or sooner once
-:data:`HOLD_LIMIT` bytes are held, so that a reader that stopped still
-fills Twisted's buffer and pauses the producer within the turn. That is
-what Go's gorilla does in its write pump, and it is where a server under
-load saves syscalls: the frames are the same, the order is the same, and
-a close (``loseConnection``) sends what is held first.
 """
 
 from __future__ import annotations
@@ -59,65 +46,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from twisted.internet import tcp
-from twisted.logger import Logger
 
-__all__ = ["FastServer", "HOLD_LIMIT", "install"]
-
-#: bytes held for one connection within a turn before they are sent anyway (see the module docstring)
-HOLD_LIMIT = 64 * 1024
-
-
-class _Turns:
-    """Which reactor turn it is, for :class:`FastServer`; the one owner of the held connections.
-
-    A turn ends when the ``callLater(0)`` armed by its first direct send
-    runs: then every connection holding writes sends them, and the next
-    write to any connection counts as the first of a new turn.
-    """
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.armed = False
-        self.held: list[FastServer] = []
-
-    def arm(self, reactor) -> None:
-        self.armed = True
-        reactor.callLater(0, self.end)
-
-    def end(self) -> None:
-        self.n += 1
-        self.armed = False
-        held, self.held = self.held, []
-        for transport in held:
-            try:
-                transport._flush()
-            except Exception:  # one connection's failure must not keep the others' frames held
-                _log.failure("sending the writes held for {transport} failed", transport=transport)
-
-
-_log = Logger()
-_turns = _Turns()
+__all__ = ["FastServer", "install"]
 
 
 class FastServer(tcp.Server):
     """A ``tcp.Server`` whose writes go out at once while nothing is buffered."""
 
-    #: writes held in this turn (see the module docstring); None when there are none
-    _pending: list[bytes] | None = None
-    _pending_size = 0
-    #: the turn of this connection's last direct send
-    _sent_turn = -1
-
     def write(self, data: bytes) -> None:
-        pending = self._pending
-        if pending is not None:
-            if type(data) is bytes:
-                pending.append(data)
-                self._pending_size += len(data)
-                if self._pending_size > HOLD_LIMIT:
-                    self._flush()
-                return
-            self._flush()
         # Anything unusual (TLS, a close under way, bytes already waiting, not
         # bytes at all) is Twisted's to handle, exactly as before.
         if (
@@ -133,18 +69,6 @@ class FastServer(tcp.Server):
         ):
             tcp.Server.write(self, data)
             return
-        turns = _turns
-        if self._sent_turn == turns.n:
-            self._pending = [data]
-            self._pending_size = len(data)
-            turns.held.append(self)
-            return
-        self._sent_turn = turns.n
-        if not turns.armed:
-            turns.arm(self.reactor)
-        self._send(data)
-
-    def _send(self, data: bytes) -> None:
         try:
             sent = self.socket.send(data)
         except OSError:
@@ -154,41 +78,12 @@ class FastServer(tcp.Server):
         if sent < len(data):
             tcp.Server.write(self, data[sent:] if sent else data)
 
-    def _flush(self) -> None:
-        """Send what this turn held, in order, ahead of anything written after."""
-        pending = self._pending
-        if pending is None:
-            return
-        self._pending = None
-        data = b"".join(pending) if len(pending) > 1 else pending[0]
-        if self.dataBuffer or self._tempDataLen or self._aborting or not self.connected:
-            tcp.Server.write(self, data)
-        else:
-            self._send(data)
-
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         iovec = list(iovec)
         if not self.dataBuffer and not self._tempDataLen and all(type(i) is bytes for i in iovec):
             self.write(b"".join(iovec))
         else:
-            self._flush()
             tcp.Server.writeSequence(self, iovec)
-
-    def loseConnection(self, *args, **kwargs) -> None:
-        self._flush()
-        tcp.Server.loseConnection(self, *args, **kwargs)
-
-    def loseWriteConnection(self) -> None:
-        self._flush()
-        tcp.Server.loseWriteConnection(self)
-
-    def abortConnection(self) -> None:
-        self._pending = None
-        tcp.Server.abortConnection(self)
-
-    def connectionLost(self, reason) -> None:
-        self._pending = None
-        tcp.Server.connectionLost(self, reason)
 
 
 def install(transport: object) -> bool:

@@ -109,11 +109,9 @@ async def test_a_small_write_reaches_the_peer_without_buffering_or_write_registr
     try:
         server.transport.write(b"hello")
         assert _idle(server.transport)
-        assert _recv_exactly(client, 5) == b"hello"
-        await deferLater(reactor, 0, lambda: None)  # a later turn: its first write goes out at once too
         server.transport.writeSequence([b", ", b"world"])
         assert _idle(server.transport)
-        assert _recv_exactly(client, 7) == b", world"
+        assert _recv_exactly(client, 12) == b"hello, world"
     finally:
         client.close()
         await port.stopListening()
@@ -195,86 +193,6 @@ async def test_lose_connection_after_writes_delivers_everything_first() -> None:
         client.close()
         await port.stopListening()
         await factory.lost
-
-
-class _CountingSocket:
-    """The transport's socket, counting ``send`` calls (a socket object takes no new attributes)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self.sends: list[bytes] = []
-
-    def send(self, data: bytes) -> int:
-        self.sends.append(bytes(data))
-        return self._sock.send(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self._sock, name)
-
-
-@pytest_twisted.ensureDeferred
-async def test_writes_in_one_reactor_turn_go_out_as_one_send_in_order_at_its_end() -> None:
-    server, client, factory, port = await _pair()
-    transport = server.transport
-    counting = transport.socket = _CountingSocket(transport.socket)
-    try:
-        await deferLater(reactor, 0, lambda: None)
-        transport.write(b"first;")  # the turn's first write: at once
-        assert counting.sends == [b"first;"]
-        for word in (b"second;", b"third;", b"fourth;"):
-            transport.write(word)
-        assert counting.sends == [b"first;"] and _idle(transport)  # held, not in Twisted's buffer
-        await deferLater(reactor, 0.01, lambda: None)  # the turn has ended
-        assert counting.sends == [b"first;", b"second;third;fourth;"]
-        transport.write(b"next turn")
-        assert counting.sends[-1] == b"next turn"
-        assert _recv_exactly(client, 35) == b"first;second;third;fourth;next turn"
-    finally:
-        transport.socket = counting._sock
-        client.close()
-        await port.stopListening()
-        await factory.lost
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_close_in_the_same_turn_sends_the_held_writes_first() -> None:
-    server, client, factory, port = await _pair()
-    await deferLater(reactor, 0, lambda: None)
-    for i in range(5):
-        server.transport.write(b"%d;" % i)
-    server.transport.loseConnection()
-    try:
-        assert await threads.deferToThread(_recv_to_eof, client) == b"0;1;2;3;4;"
-    finally:
-        client.close()
-        await port.stopListening()
-        await factory.lost
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_abort_drops_the_held_writes() -> None:
-    server, client, factory, port = await _pair()
-    await deferLater(reactor, 0, lambda: None)
-    server.transport.write(b"sent;")
-    server.transport.write(b"held")
-    server.transport.abortConnection()
-    try:
-        received = await threads.deferToThread(_recv_until_closed, client)
-        assert received == b"sent;"
-    finally:
-        client.close()
-        await port.stopListening()
-        await factory.lost
-
-
-def _recv_until_closed(client: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := client.recv(1 << 16):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
 
 
 @pytest_twisted.ensureDeferred

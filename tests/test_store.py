@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
 from chatd.events import Message
@@ -346,54 +346,3 @@ async def test_a_file_from_before_keeps_its_messages_and_loses_the_time_index(db
     await again.close()
     names = {n for (n,) in sqlite3.connect(db_path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "messages_time" not in names and "messages_client_id" in names
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_slow_checkpoint_holds_up_no_write(db_path: str, monkeypatch) -> None:
-    """Copying the WAL into the file runs on its own thread: writes are acknowledged meanwhile."""
-    from chatd import store as store_module
-
-    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.02)
-    started, release = threading.Event(), threading.Event()
-    real = SQLiteStore._checkpoint
-
-    def slow(db):
-        started.set()
-        release.wait(20)
-        return real(db)
-
-    monkeypatch.setattr(SQLiteStore, "_checkpoint", staticmethod(slow))
-    store = opened(db_path)
-    try:
-        await add(store, "r", "first")
-        assert await threads.deferToThread(started.wait, 10), "no checkpoint was started"
-        stored = [await add(store, f"room{i % 7}", f"m{i}") for i in range(50)]  # while it is held up
-        assert [s.message.seq for s in stored if s.message.room == "room0"] == list(range(1, 9))
-    finally:
-        release.set()
-        await store.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_wal_is_copied_into_the_file_and_cut_back(db_path: str, monkeypatch) -> None:
-    from chatd import store as store_module
-
-    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.02)
-    monkeypatch.setattr(store_module, "WAL_RESTART_PAGES", 20)
-    store = opened(db_path)
-    wal = db_path + "-wal"
-    sizes = []
-    try:
-        for i in range(400):
-            await add(store, f"room{i % 50}", "x" * 500)
-            sizes.append(os.path.getsize(wal))
-            if i > 100 and sizes[-1] < max(sizes):
-                break
-            await deferLater(0.005)
-        assert sizes[-1] < max(sizes), f"the WAL only grew: {sizes[::20]}"
-    finally:
-        await store.close()
-    # Everything is in the file itself, read without the WAL.
-    file_only = sqlite3.connect(f"file:{db_path}?immutable=1", uri=True)
-    (count,) = file_only.execute("SELECT count(*) FROM messages").fetchone()
-    assert count == len(sizes)
