@@ -8,6 +8,7 @@
 #   bench/w5_connect.sh [ROUNDS] [OUT]     # defaults: 1, bench/results/<date>-w5-connect.jsonl
 #   TREES="main=/src/chatd-main new=/src/chatd" bench/w5_connect.sh 3
 #   TREES="sqlite=. memory=." LABEL_ARGS="memory=--data-dir=" GO=0 bench/w5_connect.sh 2
+#   FLOOR=1 bench/w5_connect.sh 2          # and bench/floor.py, the least a Twisted server does
 #
 # TREES names chatd source trees (label=path, each with its .venv) to measure
 # in the same run, alternating their order every round; by default this tree,
@@ -55,8 +56,8 @@ start() { # name cmd...
   echo "$name did not listen" >&2; return 1
 }
 
-cpu() { # CPU seconds (user + system) of $PID so far
-  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$PID/stat"
+cpu() { # CPU seconds of $PID so far: user + system, or field 12 (user) or 13 (system) alone
+  awk -v hz="$(getconf CLK_TCK)" -v f="${1:-0}" '{ sub(/^.*\) /, ""); printf "%.2f", (f ? $f : $12 + $13) / hz }' "/proc/$PID/stat"
 }
 
 established() { ss -Htn state established "( sport = :$PORT )" | wc -l; }
@@ -67,6 +68,7 @@ read -r -a trees <<<"$TREES"
 servers=()
 for t in "${trees[@]}"; do servers+=("$t"); done
 [ "${GO:-1}" = 0 ] || servers+=("go-gorilla=")
+[ "${FLOOR:-0}" = 0 ] || servers+=("py-twisted-floor=")
 
 for r in $(seq "$ROUNDS"); do
   run_id="$(date +%Y%m%dT%H%M%S)-r$r"; [ "$RATE" = 1000 ] || run_id+="-at$RATE"
@@ -77,6 +79,8 @@ for r in $(seq "$ROUNDS"); do
     label="${server%%=*}"; src="${server#*=}"; commit=""
     if [ "$label" = go-gorilla ]; then
       start go-gorilla "$BENCH/peers/go-gorilla/go-gorilla" -addr "127.0.0.1:$PORT"
+    elif [ "$label" = py-twisted-floor ]; then
+      start py-twisted-floor "$ROOT/.venv/bin/python" "$ROOT/bench/floor.py" "$PORT"
     else
       rm -rf "$DATA/data"
       commit="$(git -C "$src" rev-parse --short HEAD 2>/dev/null || true)"
@@ -86,7 +90,7 @@ for r in $(seq "$ROUNDS"); do
         --max-message-rate 0 --max-connections 20000 ${ARGS[$label]:-}
     fi
     echo "$(date +%T) $label ($PID) round $r" >&2
-    cpu0="$(cpu)"
+    cpu0="$(cpu)"; user0="$(cpu 12)"; sys0="$(cpu 13)"
     taskset -c 1 "$BENCH/loadgen/loadgen" -url "ws://127.0.0.1:$PORT/ws" -idle "$N" -clients-per-room 5 \
       -connect-rate "$RATE" -duration 5s -server-pid "$PID" -tag W5-connect -peer "$label" -run-id "$run_id" \
       -out "$OUT" -max-total 3m >/dev/null 2>>"$DATA/loadgen.log" || echo "loadgen failed for $label" >&2
@@ -95,13 +99,15 @@ for r in $(seq "$ROUNDS"); do
     # and until the server has finished its side of every close (counted too)
     for _ in $(seq 300); do [ "$(remaining)" -eq 0 ] && break; sleep 0.1; done
     sleep 0.5  # the last closes' bookkeeping
-    cpu1="$(cpu)"
-    printf '{"run_id":"%s","peer":"%s","tag":"W5-connect-close","connect_rate":%s,"src":"%s","commit":"%s","conns":%d,"still_open":%d,"server_cpu_s":%s,"server_cpu_per_conn_ms":%s,"ts":"%s"}\n' \
+    cpu1="$(cpu)"; user1="$(cpu 12)"; sys1="$(cpu 13)"
+    printf '{"run_id":"%s","peer":"%s","tag":"W5-connect-close","connect_rate":%s,"src":"%s","commit":"%s","conns":%d,"still_open":%d,"server_cpu_s":%s,"server_cpu_per_conn_ms":%s,"user_per_conn_ms":%s,"sys_per_conn_ms":%s,"ts":"%s"}\n' \
       "$run_id" "$label" "$RATE" "$src" "$commit" "$N" "$left" "$(awk "BEGIN{printf \"%.2f\", $cpu1 - $cpu0}")" \
-      "$(awk "BEGIN{printf \"%.3f\", 1000 * ($cpu1 - $cpu0) / $N}")" "$(date -u +%FT%TZ)" >>"$OUT"
+      "$(awk "BEGIN{printf \"%.3f\", 1000 * ($cpu1 - $cpu0) / $N}")" \
+      "$(awk "BEGIN{printf \"%.3f\", 1000 * ($user1 - $user0) / $N}")" \
+      "$(awk "BEGIN{printf \"%.3f\", 1000 * ($sys1 - $sys0) / $N}")" "$(date -u +%FT%TZ)" >>"$OUT"
     tail -2 "$OUT" | python3 -c 'import json,sys
 for l in sys.stdin:
-    d=json.loads(l); print("  ", d["tag"], {k: d.get(k) for k in ("conns_ok","conns_failed","handshake_p50_ms","handshake_p99_ms","server_cpu_s","server_cpu_per_conn_ms")})' >&2
+    d=json.loads(l); print("  ", d["tag"], {k: d.get(k) for k in ("conns_ok","conns_failed","handshake_p50_ms","handshake_p99_ms","server_cpu_s","server_cpu_per_conn_ms","user_per_conn_ms","sys_per_conn_ms")})' >&2
     stop
   done
 done
