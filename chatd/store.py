@@ -43,6 +43,7 @@ import tempfile
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, NamedTuple
 
 from twisted.internet import defer
@@ -495,15 +496,15 @@ CREATE INDEX IF NOT EXISTS messages_client_id ON messages (room, client_id) WHER
 
 #: how many queued writes one transaction takes at most
 BATCH = 512
-#: WAL pages written before a commit copies them back into the file (SQLite's default is 1,000).
-#: A checkpoint writes every page changed since the last one and syncs the file twice; chat
-#: traffic spread over many rooms changes the same few thousand pages again and again, so
-#: fewer, larger checkpoints write each page once for more messages. In the W2 write pattern
-#: (``bench/store_write.py``, 1,000 rooms, 20,000 messages) the writer's CPU per message was
-#: 0.83-0.85x the default's in three runs; the WAL grows to about 40 MB between checkpoints.
-#: (Checkpoints on a thread of their own, never inside a commit, were tried on 2026-12-03:
-#: no better W1 latency and no less CPU, beside this in the same run; see docs/write-path.md.)
-WAL_CHECKPOINT_PAGES = 10_000
+#: seconds between the checkpointer's copies of the WAL into the file (see ``_checkpoints``)
+CHECKPOINT_INTERVAL = 1.0
+#: how long a connection waits for a lock SQLite cannot take at once (Python's default, 5 s)
+BUSY_TIMEOUT_MS = 5000
+#: WAL pages past which the writer restarts the WAL itself, once the checkpointer has copied
+#: nearly all of it. A checkpoint writes every page changed since the last one and syncs the
+#: file twice; chat traffic spread over many rooms changes the same few thousand pages again
+#: and again, so fewer, larger checkpoints write each page once for more messages.
+WAL_RESTART_PAGES = 10_000
 #: rooms whose last ``seq`` the writer remembers between transactions (the rest are read from ``rooms``)
 SEQ_CACHE = 4096
 #: seconds between probes of a store that failed a write
@@ -552,6 +553,14 @@ class SQLiteStore(Store):
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred | None = None
         self.batches = 0
+        #: set at close: the checkpointer's last turn
+        self._closing = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_db: sqlite3.Connection | None = None
+        #: written since the checkpointer last looked (set by the writer, read by the checkpointer)
+        self._written = False
+        #: the checkpointer has copied the WAL up to its last commits: the writer may restart it cheaply
+        self._copied = False
 
     # -- reactor side ------------------------------------------------------------
 
@@ -584,8 +593,15 @@ class SQLiteStore(Store):
             self._load(db)
         finally:
             db.close()
+        try:  # the checkpointer's own connection: opened now, so that a file it cannot use stops the start
+            self._checkpoint_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._checkpoint_db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.Error as e:
+            raise StartupError(f"--data-dir: cannot open the history file {self.path!r}: {e}") from None
         self._thread = threading.Thread(target=self._run, name="chatd-sqlite", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(target=self._checkpoints, name="chatd-sqlite-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     def load(self) -> defer.Deferred:
         if self._thread is None:
@@ -593,10 +609,11 @@ class SQLiteStore(Store):
         return defer.succeed(None)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
-        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        # No checkpoint inside a commit: the checkpointer thread copies the WAL (see _checkpoints).
+        db.execute("PRAGMA wal_autocheckpoint = 0")
         return db
 
     def _load(self, db: sqlite3.Connection) -> None:
@@ -634,6 +651,7 @@ class SQLiteStore(Store):
             return defer.succeed(None)
         if self._stopped is None:
             self._stopped = defer.Deferred()
+            self._closing.set()
             self._queue.put(_STOP)
         return self._stopped
 
@@ -673,6 +691,9 @@ class SQLiteStore(Store):
                 if writes or prunes or probe:
                     results, failed = self._write(db, seqs, writes, prunes)
                     self.reactor.callFromThread(self._resolve, results, failed)
+                    self._written = True
+                    if self._copied:
+                        self._restart_wal(db)
                     while len(seqs) > SEQ_CACHE:
                         seqs.popitem(last=False)
                 if reads:  # after the batch's writes: see the class docstring
@@ -681,9 +702,80 @@ class SQLiteStore(Store):
                 if stop:
                     return
         finally:
+            # The checkpointer first: the last connection to close copies the WAL into the file.
+            self._closing.set()
+            if self._checkpointer is not None:
+                self._checkpointer.join(10)
             db.close()
             if self._stopped is not None:
                 self.reactor.callFromThread(self._stopped.callback, None)
+
+    def _restart_wal(self, db: sqlite3.Connection) -> None:
+        """Copy the WAL's last few pages into the file and start it again from the top (writer thread).
+
+        The checkpointer copies the WAL without holding up the writer, but
+        SQLite starts the WAL again from its beginning only when every frame
+        was copied before a transaction starts: under steady traffic a
+        commit always lands while a copy runs, and the WAL would grow for
+        ever. So once the checkpointer has copied a WAL past
+        ``WAL_RESTART_PAGES``, the writer finishes the job at its next commit:
+        what is left is the frames committed while that copy ran. RESTART,
+        not TRUNCATE: the file keeps its size, so later commits write over
+        it instead of growing it again (a file growing needs its metadata
+        journalled, and that waits behind another file's sync). It never
+        waits: with a reader in the file (another process, a backup) SQLite
+        could only finish by waiting for it (the connection's busy timeout,
+        5 s), so then it gives up at once and the checkpointer asks again
+        after its next copy.
+        """
+        self._copied = False
+        try:
+            db.execute("PRAGMA busy_timeout = 0")
+            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as e:
+            log.warn("history file checkpoint failed: {error}", error=str(e))
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    def _checkpoints(self) -> None:
+        """The checkpointer thread: copies committed pages from the WAL into the file.
+
+        A checkpoint writes every page changed since the last one and syncs
+        the file: tens to hundreds of milliseconds when the disk is slow to
+        sync. Run inside a commit (SQLite's ``wal_autocheckpoint``), it held
+        up every message waiting behind that commit: W1's latency tail (p99
+        38-90 ms from 40,000 deliveries a second, 5-8 ms with syncs off or
+        with this thread, in runs alternating on 2026-12-03; on an hour when
+        the disk synced fast, neither showed it). Here it runs on a
+        connection of its own, PASSIVE (it never waits for or blocks the
+        writer), every ``CHECKPOINT_INTERVAL`` while there were writes.
+        """
+        db = self._checkpoint_db
+        last_warning = 0.0
+        try:
+            while not self._closing.wait(CHECKPOINT_INTERVAL):
+                if not self._written:
+                    continue
+                self._written = False
+                try:
+                    frames, copied = self._checkpoint(db)
+                except sqlite3.Error as e:
+                    self._written = True  # try again next time
+                    now = monotonic()
+                    if now - last_warning >= 60:  # a failing disk: a line a minute, not a second
+                        last_warning = now
+                        log.warn("history file checkpoint failed: {error}", error=str(e))
+                    continue
+                if frames >= WAL_RESTART_PAGES and copied == frames:
+                    self._copied = True
+        finally:
+            db.close()
+
+    @staticmethod
+    def _checkpoint(db: sqlite3.Connection) -> tuple[int, int]:
+        """One PASSIVE checkpoint (checkpointer thread): the WAL's frames, and how many are in the file now."""
+        _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return frames, copied
 
     def _read(self, db: sqlite3.Connection, room: str) -> _Window | Exception:
         """One room's window as the file keeps it (writer thread)."""

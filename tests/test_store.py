@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 
 from chatd.events import Message
@@ -346,3 +347,75 @@ async def test_a_file_from_before_keeps_its_messages_and_loses_the_time_index(db
     await again.close()
     names = {n for (n,) in sqlite3.connect(db_path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "messages_time" not in names and "messages_client_id" in names
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_checkpoint_holds_up_no_write(db_path: str, monkeypatch) -> None:
+    """Copying the WAL into the file runs on its own thread: writes are acknowledged meanwhile."""
+    from chatd import store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.02)
+    started, release = threading.Event(), threading.Event()
+    real = SQLiteStore._checkpoint
+
+    def slow(db):
+        started.set()
+        release.wait(20)
+        return real(db)
+
+    monkeypatch.setattr(SQLiteStore, "_checkpoint", staticmethod(slow))
+    store = opened(db_path)
+    try:
+        await add(store, "r", "first")
+        assert await threads.deferToThread(started.wait, 10), "no checkpoint was started"
+        stored = [await add(store, f"room{i % 7}", f"m{i}") for i in range(50)]  # while it is held up
+        assert [s.message.seq for s in stored if s.message.room == "room0"] == list(range(1, 9))
+    finally:
+        release.set()
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_wal_is_copied_into_the_file_and_started_again_under_steady_writes(db_path: str, monkeypatch) -> None:
+    """Without the writer's restart the WAL would only grow: every commit lands while a copy runs."""
+    from chatd import store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.02)
+    monkeypatch.setattr(store_module, "WAL_RESTART_PAGES", 20)
+    store = opened(db_path)
+    wal = db_path + "-wal"
+    try:
+        for i in range(300):
+            await add(store, f"room{i % 50}", "x" * 500)
+            await deferLater(0.003)
+        frames = os.path.getsize(wal) // 4096
+        # 300 commits of two or three pages each: 600+ frames if the WAL never started again
+        assert frames < 300, f"the WAL grew to {frames} pages"
+    finally:
+        await store.close()
+    # Everything is in the file itself, read without the WAL.
+    file_only = sqlite3.connect(f"file:{db_path}?immutable=1", uri=True)
+    (count,) = file_only.execute("SELECT count(*) FROM messages").fetchone()
+    assert count == 300
+
+
+def test_starting_the_wal_again_does_not_wait_for_a_reader_in_another_process(db_path: str) -> None:
+    """With a reader in the WAL, the writer's restart gives up at once instead of waiting out the busy timeout."""
+    store = SQLiteStore(reactor, db_path)  # not opened: its writer's connection is driven here
+    os.makedirs(os.path.dirname(db_path), exist_ok=True)
+    writer = store._connect()
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("INSERT INTO rooms VALUES ('r', 1)")
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM rooms").fetchone()  # a read transaction on the WAL's frames
+    writer.execute("INSERT INTO rooms VALUES ('s', 1)")
+    try:
+        started = time.monotonic()
+        store._restart_wal(writer)
+        assert time.monotonic() - started < 1, "the writer waited for the reader"
+        writer.execute("INSERT INTO rooms VALUES ('t', 1)")  # and it writes on
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+        writer.close()
