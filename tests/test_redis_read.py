@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
@@ -21,12 +24,22 @@ async def _process(redis, **kwargs) -> tuple[Hub, RedisBackplane]:
     return hub, store
 
 
+@asynccontextmanager
+async def _two_processes(redis, **kwargs) -> AsyncIterator[tuple[Hub, RedisBackplane, Hub]]:
+    """Processes A (``kwargs``: its backplane's) and B on one Redis: A's hub and backplane, B's hub; both stopped after."""
+    hub_a, store_a = await _process(redis, **kwargs)
+    hub_b, _ = await _process(redis)
+    try:
+        yield hub_a, store_a, hub_b
+    finally:
+        await hub_a.stopService()
+        await hub_b.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_message_stored_just_before_a_joins_read_and_seen_late_is_delivered_live(redis) -> None:
     """Stored after the join began, counted by the read, its event still on the way: delivered, not taken for history."""
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         # Process A's subscription is slow: its events wait, in order, until released.
         events = store_a._events.proto
         late_events: list = []
@@ -62,9 +75,6 @@ async def test_a_message_stored_just_before_a_joins_read_and_seen_late_is_delive
         # and once, not again when its event finally comes
         await task.deferLater(reactor, 0.3, lambda: None)
         assert len(alice.messages()) == 1
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
 
 
 async def _until(check, timeout: float = 10.0) -> bool:
@@ -79,9 +89,7 @@ async def _until(check, timeout: float = 10.0) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_messages_stored_while_the_subscription_is_down_during_a_read_are_delivered(redis) -> None:
     """The subscription drops while a join's read is in flight: the catch-up skips the busy room, the read must not."""
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         commands = store_a._commands.proto
         execute = commands.execute_command
         stored: list = []
@@ -118,9 +126,6 @@ async def test_messages_stored_while_the_subscription_is_down_during_a_read_are_
         await _until(lambda: len(alice.messages()) >= 4)
         await task.deferLater(reactor, 0.3, lambda: None)
         assert [m.seq for m in alice.messages()] == [1, 2, 3, 4]
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -133,9 +138,7 @@ async def test_a_message_stored_after_a_join_while_the_subscription_is_cut_is_de
     joined before it (test_attack_durable saw seq 1 of the last rooms joined
     go missing that way).
     """
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         commands = store_a._commands.proto
         execute = commands.execute_command
         stored: list = []
@@ -162,6 +165,3 @@ async def test_a_message_stored_after_a_join_while_the_subscription_is_cut_is_de
         await _until(lambda: alice.messages(), timeout=6.0)
         assert [m.seq for m in stored] == [1]
         assert [(m.seq, m.text) for m in alice.messages()] == [(1, "after the join")]
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()

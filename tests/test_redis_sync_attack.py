@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor, task
 from chatd.hub import Hub
 from chatd.redis import RedisBackplane, _key
 from tests.test_hub import FakeSession
-from tests.test_redis_read import _process, _until
+from tests.test_redis_read import _process, _two_processes, _until
 
 
 async def _sleep(seconds: float) -> None:
@@ -103,9 +103,7 @@ async def test_a_read_begun_while_a_fill_holds_the_room_gets_what_comes_after_th
     message comes to the room later (its gap fill), and a sender on A waiting for
     "three" to come back is not acknowledged until then.
     """
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         alice = await _joined(hub_a, store_a, "alice", "r")
         seen: list[str] = []
         _lossy_subscription(store_a, {"one"}, seen)
@@ -133,9 +131,6 @@ async def test_a_read_begun_while_a_fill_holds_the_room_gets_what_comes_after_th
         await _until(lambda: any(m.seq == 3 for m in alice.messages()), timeout=1.5)
         # ("two", stored while she was first in r and not delivered before she left, may come too.)
         assert [(m.seq, m.text) for m in alice.messages()] in ([(3, "three")], [(2, "two"), (3, "three")])
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -153,9 +148,7 @@ async def test_a_fill_refused_by_redis_with_the_connection_up_is_tried_again(red
     gets neither message and bob's send is never acknowledged, until some other
     message reaches r (or the connection drops for another reason).
     """
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         alice = await _joined(hub_a, store_a, "alice", "r")
         seen: list[str] = []
         _lossy_subscription(store_a, {"one"}, seen)
@@ -180,9 +173,6 @@ async def test_a_fill_refused_by_redis_with_the_connection_up_is_tried_again(red
         assert [(m.seq, m.text) for m in alice.messages()] == [(1, "one"), (2, "two")]
         assert [m.seq for m in acked] == [2]
         assert "r" not in store_a._stale
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -201,9 +191,7 @@ async def test_a_gap_redis_no_longer_holds_is_not_fetched_again_and_again(redis)
     Redis answers, while the room stays in ``_syncing_rooms`` (its live events
     held, none delivered) until a message with a lower seq comes.
     """
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         alice = await _joined(hub_a, store_a, "alice", "r")
         seen: list[str] = []
         _lossy_subscription(store_a, {"one"}, seen)
@@ -230,9 +218,6 @@ async def test_a_gap_redis_no_longer_holds_is_not_fetched_again_and_again(redis)
         assert fetches <= 5, f"{fetches} fills of r in one second"
         assert not syncing
         assert [m.text for m in alice.messages()] in ([], ["two"])
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -250,9 +235,7 @@ async def test_a_member_who_joined_while_cut_off_from_redis_gets_what_was_stored
     catch-up's ``GET`` makes seq 1 count as seen, and a later message arrives
     after a silent gap.
     """
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         await store_a._commands.stop()
         await store_a._events.stop()
         assert await _until(lambda: store_a._commands.proto is None and store_a._events.proto is None)
@@ -272,9 +255,6 @@ async def test_a_member_who_joined_while_cut_off_from_redis_gets_what_was_stored
         assert delivered == [(1, "one"), (2, "two")] or (truncated and delivered == [(2, "two")]), (
             f"alice got {delivered} (truncated: {truncated}); {two.seq} was the second message after her join"
         )
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -295,9 +275,7 @@ async def test_a_resume_read_begun_while_a_fill_holds_the_room_replays_without_a
     carol replays 1..3 and goes live after 4: she never gets "three", and no
     Truncated says so (a later resume or history read misses it too).
     """
-    hub_a, store_a = await _process(redis, budget=1)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis, budget=1) as (hub_a, store_a, hub_b):
         alice = await _joined(hub_a, store_a, "alice", "r")
         await hub_b.publish("r", "bob", "zero", "fake")
         assert await _until(lambda: alice.messages())
@@ -323,9 +301,6 @@ async def test_a_resume_read_begun_while_a_fill_holds_the_room_replays_without_a
         await resumed
         await _until(lambda: len(carol.messages()) >= 4, timeout=1.5)
         assert [(m.seq, m.text) for m in carol.messages()] == [(1, "zero"), (2, "one"), (3, "two"), (4, "three")]
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -384,9 +359,7 @@ async def test_a_subscription_refused_with_the_connection_up_is_tried_again(redi
     up though it subscribed to nothing: nothing was ever delivered live, and
     the process said "catching up from Redis" for as long as it lived.
     """
-    hub_a, store_a = await _process(redis)
-    hub_b, _ = await _process(redis)
-    try:
+    async with _two_processes(redis) as (hub_a, store_a, hub_b):
         alice = await _joined(hub_a, store_a, "alice", "r")
         link = store_a._events
         ready = link._on_ready
@@ -408,6 +381,3 @@ async def test_a_subscription_refused_with_the_connection_up_is_tried_again(redi
         )
         await hub_b.publish("r", "bob", "after", "fake")
         assert await _until(lambda: [m.text for m in alice.messages()] == ["after"])
-    finally:
-        await hub_a.stopService()
-        await hub_b.stopService()
