@@ -500,10 +500,8 @@ BATCH = 512
 CHECKPOINT_INTERVAL = 1.0
 #: how long a connection waits for a lock SQLite cannot take at once (Python's default, 5 s)
 BUSY_TIMEOUT_MS = 5000
-#: WAL pages past which the writer restarts the WAL itself, once the checkpointer has copied
-#: nearly all of it. A checkpoint writes every page changed since the last one and syncs the
-#: file twice; chat traffic spread over many rooms changes the same few thousand pages again
-#: and again, so fewer, larger checkpoints write each page once for more messages.
+#: WAL pages (4 KB each) past which the writer starts the WAL again from its beginning once the
+#: checkpointer has copied it (see ``_restart_wal``): about the largest the WAL file grows to
 WAL_RESTART_PAGES = 10_000
 #: rooms whose last ``seq`` the writer remembers between transactions (the rest are read from ``rooms``)
 SEQ_CACHE = 4096
@@ -751,7 +749,7 @@ class SQLiteStore(Store):
         writer), every ``CHECKPOINT_INTERVAL`` while there were writes.
         """
         db = self._checkpoint_db
-        last_warning = 0.0
+        last_warning: float | None = None
         try:
             while not self._closing.wait(CHECKPOINT_INTERVAL):
                 if not self._written:
@@ -761,8 +759,10 @@ class SQLiteStore(Store):
                     frames, copied = self._checkpoint(db)
                 except sqlite3.Error as e:
                     self._written = True  # try again next time
+                    if getattr(e, "sqlite_errorname", None) == "SQLITE_BUSY":
+                        continue  # the writer was starting the WAL again: nothing wrong
                     now = monotonic()
-                    if now - last_warning >= 60:  # a failing disk: a line a minute, not a second
+                    if last_warning is None or now - last_warning >= 60:  # a failing disk: a line a minute
                         last_warning = now
                         log.warn("history file checkpoint failed: {error}", error=str(e))
                     continue
