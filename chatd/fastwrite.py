@@ -51,12 +51,21 @@ __all__ = ["FastServer", "install"]
 
 
 class FastServer(tcp.Server):
-    """A ``tcp.Server`` whose writes go out at once while nothing is buffered."""
+    """A ``tcp.Server`` whose writes go out at once while nothing is buffered.
 
-    def write(self, data: bytes) -> None:
-        # Anything unusual (TLS, a close under way, bytes already waiting, not
-        # bytes at all) is Twisted's to handle, exactly as before.
-        if (
+    ``direct`` says whether a write may go straight to the socket now:
+    nothing buffered, no close asked for or under way, connected, no TLS.
+    It is worked out again after every step that can change one of those
+    (a write that had to buffer, the reactor draining the buffer, a close,
+    TLS starting), so a fan-out can test one attribute per recipient and
+    call :meth:`send_direct` (see ``chatd.websocket.WebSocketSession``).
+    """
+
+    #: see the class docstring; ``install`` sets it for each connection
+    direct = False
+
+    def _update_direct(self) -> None:
+        self.direct = not (
             self.dataBuffer
             or self._tempDataLen
             or self.TLS
@@ -64,11 +73,14 @@ class FastServer(tcp.Server):
             or self._writeDisconnecting
             or self._aborting
             or not self.connected
-            or type(data) is not bytes
-            or not data
-        ):
-            tcp.Server.write(self, data)
-            return
+        )
+
+    def send_direct(self, data: bytes) -> None:
+        """Send ``data`` (non-empty bytes) now; only while :attr:`direct` is true.
+
+        What the kernel does not take (``EAGAIN``, a partial send) and every
+        error go to Twisted's buffered ``write``; see the module docstring.
+        """
         try:
             sent = self.socket.send(data)
         except OSError:
@@ -77,13 +89,57 @@ class FastServer(tcp.Server):
             sent = 0
         if sent < len(data):
             tcp.Server.write(self, data[sent:] if sent else data)
+            self.direct = False  # bytes are buffered now
+
+    def write(self, data: bytes) -> None:
+        if self.direct and type(data) is bytes and data:
+            self.send_direct(data)
+            return
+        # Anything unusual (TLS, a close under way, bytes already waiting, not
+        # bytes at all) is Twisted's to handle, exactly as before.
+        tcp.Server.write(self, data)
+        self._update_direct()
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         iovec = list(iovec)
-        if not self.dataBuffer and not self._tempDataLen and all(type(i) is bytes for i in iovec):
+        if self.direct and all(type(i) is bytes for i in iovec):
             self.write(b"".join(iovec))
         else:
             tcp.Server.writeSequence(self, iovec)
+            self._update_direct()
+
+    # Every other step that changes what ``direct`` depends on.
+
+    def doWrite(self):  # type: ignore[no-untyped-def]
+        result = tcp.Server.doWrite(self)
+        self._update_direct()
+        return result
+
+    def loseConnection(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.direct = False
+        tcp.Server.loseConnection(self, *args, **kwargs)
+        self._update_direct()
+
+    def loseWriteConnection(self) -> None:
+        self.direct = False
+        tcp.Server.loseWriteConnection(self)
+        self._update_direct()
+
+    def abortConnection(self) -> None:
+        self.direct = False
+        tcp.Server.abortConnection(self)
+        self._update_direct()
+
+    def connectionLost(self, reason) -> None:  # type: ignore[no-untyped-def]
+        self.direct = False
+        tcp.Server.connectionLost(self, reason)
+        self._update_direct()
+
+    def startTLS(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.direct = False
+        result = tcp.Server.startTLS(self, *args, **kwargs)
+        self._update_direct()
+        return result
 
 
 def install(transport: object) -> bool:
@@ -100,5 +156,6 @@ def install(transport: object) -> bool:
         # (a write reads ten) takes the generic lookup, about twice as slow.
         # A plain dict of the same attributes is fast again.
         transport.__dict__ = dict(transport.__dict__)
+        transport._update_direct()
         return True
     return type(transport) is FastServer

@@ -150,8 +150,22 @@ class WebSocketSession(Session):
         self.reading: defer.Deferred | None = None
         #: a close frame has been sent: nothing more is (see :meth:`deliver`)
         self.closing = False
+        #: the connection's transport while deliveries may skip Autobahn's send path
+        #: (a plain TCP connection, no compression, nothing queued by Autobahn); else None
+        self.direct: fastwrite.FastServer | None = None
 
     def deliver(self, event: Event) -> None:
+        # The common case first, touching as few objects as it can (this runs
+        # once per recipient): a connection with nothing buffered and no close
+        # under way sends the shared frame straight to its socket. With
+        # nothing buffered the send budget is not counting (it counts only
+        # while the transport has paused it, which a full buffer does).
+        out = self.direct
+        if out is not None and out.direct and not self.closing:
+            out.send_direct(event.encoded(PROTOCOL, _prepare).payloadHybi)
+            if event.kind == "message":
+                self.last_seqs[event.room] = event.seq  # Session.delivered, inlined
+            return
         # Once a close frame has been sent (the server's, or its answer to the
         # peer's), no data frame may follow (RFC 6455 5.5.1). The session stays
         # in its rooms until the TCP connection ends, a reactor turn or more
@@ -446,9 +460,13 @@ class DirectSend:
         if sync or chopsize or self.send_queue or self.logOctets:
             if type(self.send_queue) is not deque:
                 self.send_queue = deque()  # the connection's own, made when first needed (see ServerProtocol)
+            self._queue_used()
             super().sendData(data, sync, chopsize)
         else:
             self.transport.write(data)
+
+    def _queue_used(self) -> None:
+        """Autobahn's send queue holds frames now: whatever writes around it must stop (see ChatServerProtocol)."""
 
     def sendMessage(  # noqa: N802 (Autobahn's names)
         self,
@@ -612,7 +630,8 @@ class ChatServerProtocol(FastHandshake, FastReceive, DirectSend, ServerProtocol)
             return
         self.session = session
         session.budget.attach(self.transport)
-        fastwrite.install(self.transport)
+        if fastwrite.install(self.transport) and self._perMessageCompress is None and not self.logOctets:
+            session.direct = self.transport
         # No line here: a connection is logged once, when it ends (see onClose),
         # which halves the log's share of a reconnect storm.
         session.opened = hub.clock.seconds()
@@ -648,6 +667,10 @@ class ChatServerProtocol(FastHandshake, FastReceive, DirectSend, ServerProtocol)
         if self.session is not None:
             self.session.closing = True
         super().sendCloseFrame(code, reasonUtf8, isReply)
+
+    def _queue_used(self) -> None:
+        if self.session is not None:
+            self.session.direct = None  # deliveries must queue behind Autobahn's frames from now on
 
     def onOpenHandshakeTimeout(self) -> None:
         self.factory.hub.metrics.limited("handshake_timeout", PROTOCOL)

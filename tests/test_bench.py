@@ -129,3 +129,12 @@ def test_the_twisted_floor_relays_every_message_of_a_tiny_w1(tmp_path: Path) -> 
     step = next(x for x in steps if x["mode"] == "fanout")
     assert step["peer"] == "py-twisted-floor" and (step["conns_ok"], step["conns_failed"]) == (14, 0)
     assert step["sent"] > 0 and step["received"] == step["expected"] == step["sent"] * 7 and step["lost"] == 0
+
+
+def test_the_fanout_micro_bench_measures_deliveries_that_reach_every_member() -> None:
+    from bench import fanout
+
+    # measure() itself fails when a member misses a frame (see bench/fanout.py)
+    figures = fanout.measure(members=5, messages=3, rounds=2)
+    assert figures["chatd"] > 0 and figures["bare"] > 0
+    assert figures["python"] == figures["chatd"] - figures["bare"]

@@ -156,6 +156,54 @@ async def test_a_reader_that_stops_then_resumes_gets_every_byte_in_order_and_the
 
 
 @pytest_twisted.ensureDeferred
+async def test_direct_says_whether_a_write_may_go_to_the_socket_now_through_every_change_of_state() -> None:
+    server, client, factory, port = await _pair(rcvbuf=4096)
+    transport = server.transport
+    try:
+        assert transport.direct
+        # The client reads nothing: once the kernel's buffers are full, Twisted's takes the rest.
+        chunks, i = [], 0
+        while transport.direct:
+            chunks.append(_numbered(i, 4096))
+            transport.send_direct(chunks[-1])
+            i += 1
+            assert i < 10_000, "the kernel never pushed back"
+        assert transport.dataBuffer or transport._tempDataLen
+        transport.write(b"behind the buffer")  # not direct: queued after what waits
+        assert not transport.direct
+        # The client reads it all; the reactor drains the buffer and direct comes back.
+        expected = b"".join(chunks) + b"behind the buffer"
+        assert await threads.deferToThread(_recv_exactly, client, len(expected)) == expected
+        for _ in range(100):
+            if transport.direct:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert transport.direct and _idle(transport)
+        transport.loseConnection()
+        assert not transport.direct
+        assert await threads.deferToThread(_recv_to_eof, client) == b""
+        await factory.lost
+        assert not transport.direct
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_aborted_connection_is_not_direct() -> None:
+    server, client, factory, port = await _pair()
+    try:
+        assert server.transport.direct
+        server.transport.abortConnection()
+        assert not server.transport.direct
+        server.transport.write(b"dropped")  # Twisted's path: aborted, nothing is sent
+        await factory.lost
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_send_budget_closes_a_frozen_reader_written_to_on_the_fast_path() -> None:
     server, client, factory, port = await _pair(rcvbuf=4096)
     overflowed = []
@@ -333,5 +381,28 @@ async def test_a_signalr_websocket_record_larger_than_the_read_limit_is_sent_and
             # One record of some 40 KB, five times the inbound limit.
             history = bob.call("GetHistory", "r", 10)
             assert [m["message"] for m in history] == [f"{i}" * 4000 for i in range(10)]
+
+    await threads.deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_queue_behind_a_frame_autobahn_holds_back(chatd) -> None:
+    # A frame Autobahn queues (a sync or chopped send) is written a reactor turn
+    # later; a delivery made meanwhile must not overtake it on the direct path.
+    def queue_then_deliver():
+        (session,) = [s for s in chatd.hub.sessions.values() if s.user == "alice"]
+        assert session.direct is not None
+        # The first is written at once, the second waits in Autobahn's queue.
+        session._proto.sendMessage(b'{"type":"queued","n":1}', sync=True)
+        session._proto.sendMessage(b'{"type":"queued","n":2}', sync=True)
+        assert session._proto.send_queue
+        return chatd.hub.publish("r", "alice", "after it", "websocket")  # fanned out in this call (memory store)
+
+    def scenario():
+        with Client(chatd.ws_url) as alice:
+            alice.join("r", "alice")
+            blockingCallFromThread(reactor, queue_then_deliver)
+            assert [alice.recv() for _ in range(2)] == [{"type": "queued", "n": 1}, {"type": "queued", "n": 2}]
+            assert alice.recv()["message"] == "after it"
 
     await threads.deferToThread(scenario)
