@@ -138,3 +138,10 @@ def test_the_fanout_micro_bench_measures_deliveries_that_reach_every_member() ->
     figures = fanout.measure(members=5, messages=3, rounds=2)
     assert figures["chatd"] > 0 and figures["bare"] > 0
     assert figures["python"] == figures["chatd"] - figures["bare"]
+
+
+def test_the_fanout_micro_bench_times_a_whole_chat_frame_too() -> None:
+    from bench import fanout
+
+    figures = fanout.measure(members=5, messages=20, rounds=2, path="message")
+    assert figures["chatd"] > figures["bare"] > 0
