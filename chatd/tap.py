@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from chatd import auth, signalr, store, webclient, websocket, workers
+from chatd.fastpoll import EventDispatch
 from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
 from chatd.http import InfoPage, JsonResource, OriginPolicy, health, with_deadline
@@ -419,6 +420,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         rooms_per_connection=options["max-rooms-per-connection"],
     )
     GcTuning(reactor).setServiceParent(top)
+    EventDispatch(reactor).setServiceParent(top)
     if options["redis"]:
         from chatd.redis import RedisBackplane
 
