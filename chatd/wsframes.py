@@ -16,10 +16,12 @@ whole in it and plain: FIN set, no RSV bits, text or binary, masked, a
 payload of at most 65,535 bytes (the 7- or 16-bit length forms) and within
 ``maxFramePayloadSize`` and ``maxMessagePayloadSize``, text that is valid
 UTF-8. It unmasks with one big-integer XOR (in C) and hands the payload to
-``onMessage`` as Autobahn would. The first frame that is anything else
-(a control frame such as ping or close, a fragment, a frame cut by the
-read, an oversized or invalid one) and everything after it in the read go
-to Autobahn's own parser, so every protocol error, close code (1002, 1007,
+``onMessage`` as Autobahn would. A close frame that ends the read (how
+every client says goodbye) is unmasked the same way and handed to
+Autobahn's ``onCloseFrame``, which answers it. The first frame that is
+anything else (a ping, a fragment, a frame cut by the read, an oversized
+or invalid one) and everything after it in the read go to Autobahn's own
+parser, so every protocol error, close code (1002, 1007,
 1009) and control frame is handled exactly as before. Nothing is taken
 while the connection is not open, Autobahn holds buffered bytes, a
 fragmented message is in progress, compression is on, or frame logging or
@@ -75,6 +77,8 @@ class FastReceive:
                 break
             b0 = data[pos]
             if b0 != 0x81 and b0 != 0x82:  # FIN, no RSV, text or binary; anything else is Autobahn's
+                if b0 == 0x88 and self._close_frame(data, pos):  # but for the usual close frame
+                    return
                 break
             b1 = data[pos + 1]
             if not b1 & 0x80:  # unmasked: a protocol error Autobahn reports
@@ -108,3 +112,24 @@ class FastReceive:
             self.onMessage(payload, binary)
         if pos < end:
             self._dataReceived(data[pos:] if pos else data)
+
+    def _close_frame(self, data: bytes, pos: int) -> bool:
+        """A whole, masked close frame that ends the read, handed to ``onCloseFrame``; False if not that.
+
+        What Autobahn's parser checks first (masked, a payload of 0 or 2 to
+        125 bytes) is checked here; what it then does is call
+        ``onCloseFrame(code, reason)`` with the unmasked payload split in
+        two, which checks the code and the reason's UTF-8 and answers, and
+        that is called here the same way. A close frame with anything after
+        it in the read, or any other shape, is left to Autobahn.
+        """
+        b1 = data[pos + 1]
+        length = b1 & 0x7F
+        if not b1 & 0x80 or length == 1 or length > 125 or pos + 6 + length != len(data):
+            return False
+        payload = unmask(data[pos + 6 :], data[pos + 2 : pos + 6])
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            self._cancelAutoPingTimeoutCall()
+        code = (payload[0] << 8 | payload[1]) if length else None
+        self.onCloseFrame(code, payload[2:] if length > 2 else None)
+        return True

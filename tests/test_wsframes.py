@@ -177,3 +177,61 @@ async def test_many_frames_in_random_cuts_arrive_whole_and_in_order(chatd) -> No
             ws.close()
 
     await deferToThread(scenario)
+
+
+def _close_answer(port: int, close: bytes, after_a_ping: bool) -> tuple[int, bytes, bool]:
+    """The server's answer to ``close`` (opcode, payload), and whether it then closed the TCP connection."""
+    ws = _RawWebSocket(port)
+    try:
+        ws.send_json({"type": "ping", "ref": 1})
+        assert json.loads(ws.read_frame()[1])["ref"] == 1  # the read below holds only what follows
+        if after_a_ping:  # a WebSocket ping first: the whole read is Autobahn's parser's
+            ws.sock.sendall(client_frame(b"p", opcode=0x9) + close)
+            assert ws.read_frame() == (0xA, b"p")
+        else:
+            ws.sock.sendall(close)
+        answer = ws.read_frame()
+        try:
+            ws._take(1)
+            ended = False
+        except (EOFError, ConnectionResetError):
+            ended = True
+        return (*answer, ended)
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        (1000).to_bytes(2, "big"),
+        (1000).to_bytes(2, "big") + "goodbye ✓".encode(),
+        (1001).to_bytes(2, "big") + b"going",
+        (4321).to_bytes(2, "big"),
+        (999).to_bytes(2, "big"),  # not a code a peer may send: 1002
+        (1005).to_bytes(2, "big"),  # reserved: 1002
+        (1000).to_bytes(2, "big") + b"\xff\xfe",  # a reason that is not UTF-8: 1007
+        b"\x03",  # one byte: 1002 (Autobahn's parser, on either path)
+    ],
+    ids=["empty", "1000", "reason", "1001", "4321", "999", "1005", "bad-utf8", "one-byte"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_close_frame_read_the_short_way_is_answered_as_autobahns_parser_answers_it(
+    chatd, parsed_by_autobahn, payload: bytes
+) -> None:
+    port = chatd.ports["ws"]
+    short = await deferToThread(_close_answer, port, client_frame(payload, opcode=0x8), False)
+    took_short = not parsed_by_autobahn
+    long = await deferToThread(_close_answer, port, client_frame(payload, opcode=0x8), True)
+    assert short == long
+    assert short[0] == 0x8 and short[2], "a close frame, then the server ends the TCP connection"
+    assert took_short == (len(payload) != 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_close_frame_with_bytes_after_it_in_the_read_is_autobahns(chatd, parsed_by_autobahn) -> None:
+    close = client_frame((1000).to_bytes(2, "big"), opcode=0x8)
+    answer = await deferToThread(_close_answer, chatd.ports["ws"], close + request(type="ping", ref=9), False)
+    assert answer == (0x8, (1000).to_bytes(2, "big"), True)
+    assert parsed_by_autobahn
