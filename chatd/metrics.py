@@ -25,14 +25,17 @@ the reactor thread may touch (see its docstring).
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -164,6 +167,8 @@ class HubMetrics(Collector):
         #: publish-to-deliver latency: a count per bucket of LATENCY_BUCKETS (not cumulative), the last +Inf
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
+        #: when these figures started (their ``_created`` series, as prometheus_client's own types give)
+        self.created = time.time()
         r.register(HubCollector(hub))
         r.register(self)  # collect(), below
 
@@ -184,28 +189,34 @@ class HubMetrics(Collector):
 
     def collect(self) -> Iterator[Any]:
         """The per-message figures as metric families (at a scrape, on the reactor thread)."""
+        # prometheus_client's Counter and Histogram add a ``_created`` series unless
+        # disable_created_metrics() (or PROMETHEUS_DISABLE_CREATED_SERIES) says not to.
+        created = self.created if getattr(_prometheus_metrics, "_use_created", True) else None
         received = CounterMetricFamily(
             "chatd_messages_received", "Chat messages accepted for publishing, per protocol", labels=["protocol"]
         )
         for protocol, count in self.received_by.items():
-            received.add_metric([protocol], count)
+            received.add_metric([protocol], count, created=created)
         yield received
         out = CounterMetricFamily(
             "chatd_events_out", "Events fanned out to a room (once per event, not per recipient)", labels=["kind"]
         )
         for kind, count in self.out_by.items():
-            out.add_metric([kind], count)
+            out.add_metric([kind], count, created=created)
         yield out
         buckets, total = [], 0
         for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.latency_counts):
             total += count
             buckets.append((floatToGoString(bound), total))
-        yield HistogramMetricFamily(
+        latency = HistogramMetricFamily(
             "chatd_publish_to_deliver_seconds",
             "From publish to the last local recipient handed the message",
             buckets=buckets,
             sum_value=self.latency_sum,
         )
+        if created is not None:  # HistogramMetricFamily takes no created= of its own
+            latency.samples.append(Sample("chatd_publish_to_deliver_seconds_created", {}, created, None))
+        yield latency
 
     def too_slow(self, protocol: str) -> None:
         """A session closed because it did not read fast enough."""

@@ -259,7 +259,7 @@ def test_drain_runs_before_listeners_stop_in_the_real_tree() -> None:
     options = tap.Options(environ={})
     options.parseOptions(["--ws", "tcp:0"])
     names = [s.name for s in tap.makeService(options, reactor=Clock())]
-    assert names[:2] == ["gc", "hub"]
+    assert names[:3] == ["gc", "event-dispatch", "hub"]
     assert names[-2:] == ["drain", "sd-notify"]
     assert names.index("ws") < names.index("drain")
 
