@@ -61,11 +61,11 @@ def test_help_documents_every_option_and_its_environment_variable() -> None:
         assert env in text
 
 
-def test_service_tree_has_gc_tuning_and_the_hub_first_then_the_listeners() -> None:
+def test_service_tree_has_gc_tuning_event_dispatch_and_the_hub_first_then_the_listeners() -> None:
     reactor = MemoryReactorClock()
     service = tap.makeService(parse(), reactor=reactor)
     names = [s.name for s in service]
-    assert names[:2] == ["gc", "hub"]
+    assert names[:3] == ["gc", "event-dispatch", "hub"]
     assert "ws" in names
     hub = service.getServiceNamed("hub")
     assert hub.max_connections == 10000
