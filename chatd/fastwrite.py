@@ -153,8 +153,8 @@ def install(transport: object) -> bool:
         transport.__class__ = FastServer
         # The instance's attributes were laid out for tcp.Server; under the new
         # class CPython no longer finds them by its fast path and every read
-        # (a write reads ten) takes the generic lookup, about twice as slow.
-        # A plain dict of the same attributes is fast again.
+        # takes the generic lookup, about twice as slow. A plain dict of the
+        # same attributes is fast again.
         transport.__dict__ = dict(transport.__dict__)
         transport._update_direct()
         return True

@@ -163,8 +163,8 @@ class WebSocketSession(Session):
         out = self.direct
         if out is not None and out.direct and not self.closing:
             out.send_direct(event.encoded(PROTOCOL, _prepare).payloadHybi)
-            if event.kind == "message":
-                self.last_seqs[event.room] = event.seq  # Session.delivered, inlined
+            if isinstance(event, Message):
+                self.delivered(event)
             return
         # Once a close frame has been sent (the server's, or its answer to the
         # peer's), no data frame may follow (RFC 6455 5.5.1). The session stays

@@ -128,8 +128,6 @@ class FastReceive:
         if not b1 & 0x80 or length == 1 or length > 125 or pos + 6 + length != len(data):
             return False
         payload = unmask(data[pos + 6 :], data[pos + 2 : pos + 6])
-        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-            self._cancelAutoPingTimeoutCall()
         code = (payload[0] << 8 | payload[1]) if length else None
         self.onCloseFrame(code, payload[2:] if length > 2 else None)
         return True
