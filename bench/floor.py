@@ -10,6 +10,12 @@ builds one frame and ``send``s it straight to every socket of the room (as
 when the kernel does not take it all). A close frame is answered and the
 connection closed.
 
+With ``--presence`` it also does the work chatd's protocol asks of a join
+and a close, in the least code: a presence frame to every member of the
+room (the joiner too) and a ``joined`` frame to the joiner, and a presence
+frame to those left when a member goes. W5 then compares like with like:
+the kit's Go peer answers a join with nothing.
+
 What it is for: ``python -m bench W1 W5 --peer floor='python -m bench.floor {PORT}'``
 beside ``go-gorilla`` shows how much of the gap between chatd and Go is
 CPython and Twisted themselves, per delivery and per connection, measured
@@ -23,6 +29,7 @@ import base64
 import hashlib
 import struct
 import sys
+import time
 
 import orjson
 from twisted.internet import protocol, reactor, tcp
@@ -48,11 +55,17 @@ def _frame(payload: bytes, opcode: int = 0x1) -> bytes:
 class Floor(protocol.Protocol):
     """One connection: the upgrade, then frames."""
 
-    def __init__(self, rooms: dict[str, dict[int, Floor]]) -> None:
+    def __init__(self, rooms: dict[str, dict[int, Floor]], presence: bool = False) -> None:
         self.rooms = rooms
+        self.presence = presence
+        self.user = None
         self.buf = b""
         self.open = False
         self.room: str | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        # as chatd and Go do: a small frame after another must not wait for an ACK
+        self.transport.setTcpNoDelay(True)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         buf = self.buf + data if self.buf else data
@@ -91,9 +104,9 @@ class Floor(protocol.Protocol):
             mask = buf[at : at + 4]
             masked = buf[at + 4 : at + 4 + n]
             buf = buf[at + 4 + n :]
-            payload = (_from_bytes(masked, "little") ^ _from_bytes((mask * (n // 4 + 1))[:n], "little")).to_bytes(
-                n, "little"
-            )
+            payload = (
+                _from_bytes(masked, "little") ^ _from_bytes((mask * (n // 4 + 1))[:n], "little")
+            ).to_bytes(n, "little")
             opcode = b0 & 0x0F
             if opcode == 0x8:
                 self.send(_frame(payload[:2], 0x8))
@@ -112,7 +125,17 @@ class Floor(protocol.Protocol):
         if body.get("type") == "join":
             self.leave()
             self.room = room
-            self.rooms.setdefault(room, {})[id(self)] = self
+            members = self.rooms.setdefault(room, {})
+            members[id(self)] = self
+            if self.presence:
+                self.user = body.get("user")
+                self.announce("join")
+                names = [m.user for m in members.values()]
+                self.send(
+                    _frame(
+                        orjson.dumps({"type": "joined", "room": room, "user": self.user, "members": names})
+                    )
+                )
         elif "message" in body and room == self.room:
             data = _frame(orjson.dumps({"user": body.get("user"), "room": room, "message": body["message"]}))
             for member in list(self.rooms.get(room, {}).values()):
@@ -130,6 +153,27 @@ class Floor(protocol.Protocol):
         if sent < len(data):
             tcp.Server.write(t, data[sent:])
 
+    def announce(self, action: str) -> None:
+        """A presence frame shaped like chatd's, to every member of the room."""
+        members = self.rooms.get(self.room, {})
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        data = _frame(
+            orjson.dumps(
+                {
+                    "type": "presence",
+                    "action": action,
+                    "room": self.room,
+                    "user": self.user,
+                    "timestamp": stamp,
+                    "protocol": "websocket",
+                    "count": len(members),
+                }
+            )
+        )
+        for member in list(members.values()):
+            member.send(data)
+
     def leave(self) -> None:
         if self.room is not None:
             members = self.rooms.get(self.room)
@@ -137,6 +181,8 @@ class Floor(protocol.Protocol):
                 members.pop(id(self), None)
                 if not members:
                     del self.rooms[self.room]
+                elif self.presence:
+                    self.announce("leave")
             self.room = None
 
     def connectionLost(self, reason: object = None) -> None:  # noqa: N802 (Twisted's name)
@@ -144,17 +190,19 @@ class Floor(protocol.Protocol):
 
 
 class FloorFactory(protocol.Factory):
-    def __init__(self) -> None:
+    def __init__(self, presence: bool = False) -> None:
         self.rooms: dict[str, dict[int, Floor]] = {}
+        self.presence = presence
 
     def buildProtocol(self, addr: object) -> Floor:  # noqa: N802 (Twisted's name)
-        return Floor(self.rooms)
+        return Floor(self.rooms, self.presence)
 
 
 def main(argv: list[str]) -> None:
-    """``python -m bench.floor PORT``: listen on 127.0.0.1:PORT with a backlog of 4,096 until killed."""
-    port = int(argv[1]) if len(argv) > 1 else 9400
-    reactor.listenTCP(port, FloorFactory(), backlog=4096, interface="127.0.0.1")
+    """``python -m bench.floor PORT [--presence]``: listen on 127.0.0.1:PORT with a backlog of 4,096 until killed."""
+    args = [a for a in argv[1:] if a != "--presence"]
+    port = int(args[0]) if args else 9400
+    reactor.listenTCP(port, FloorFactory("--presence" in argv), backlog=4096, interface="127.0.0.1")
     reactor.run()
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,11 +44,45 @@ def test_bench_tiny_run_counts_add_up(tmp_path: Path) -> None:
     require(_have("picows") and _have("uvloop"), "the bench extra (picows, uvloop) is not installed")
     out = tmp_path / "run.jsonl"
     rooms, size, rates, duration = 2, 11, [5, 10], 1.0
-    argv = [sys.executable, "-m", "bench", "W1", "W4", "W2", "W3", "--rooms", str(rooms), "--room-size", str(size),
-            "--rates", ",".join(map(str, rates)), "--warmup", "0.5", "--duration", str(duration), "--drain", "3",
-            "--retries", "0", "--w2-rooms", "20", "--w2-warmup", "1", "--w2-duration", "2", "--idle", "60",
-            "--idle-hold", "1", "--max-total", "100", "--out", str(out),
-            "--max-p99", "600000"]  # fmt: skip  (pass on counts alone: a busy machine must not fail this test)
+    argv = [
+        sys.executable,
+        "-m",
+        "bench",
+        "W1",
+        "W4",
+        "W2",
+        "W3",
+        "--rooms",
+        str(rooms),
+        "--room-size",
+        str(size),
+        "--rates",
+        ",".join(map(str, rates)),
+        "--warmup",
+        "0.5",
+        "--duration",
+        str(duration),
+        "--drain",
+        "3",
+        "--retries",
+        "0",
+        "--w2-rooms",
+        "20",
+        "--w2-warmup",
+        "1",
+        "--w2-duration",
+        "2",
+        "--idle",
+        "60",
+        "--idle-hold",
+        "1",
+        "--max-total",
+        "100",
+        "--out",
+        str(out),
+        "--max-p99",
+        "600000",
+    ]  # fmt: skip  (pass on counts alone: a busy machine must not fail this test)
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
@@ -78,8 +114,13 @@ def test_bench_tiny_run_counts_add_up(tmp_path: Path) -> None:
     assert {x["tag"] for x in lines if x["mode"] == "server_summary"} == {"W1", "W2", "W3", "W4"}
     assert "us/deliv" in done.stderr  # the summary table
 
-    table = subprocess.run([sys.executable, "-m", "bench", "--table", str(out)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=30)
+    table = subprocess.run(
+        [sys.executable, "-m", "bench", "--table", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert table.returncode == 0, table.stderr
     row = next(r for r in table.stdout.splitlines() if r.startswith("| **chatd**"))
     assert row.split("|")[2].strip() == "10"  # W1 sustained: the highest passing rate
@@ -145,3 +186,49 @@ def test_the_fanout_micro_bench_times_a_whole_chat_frame_too() -> None:
 
     figures = fanout.measure(members=5, messages=20, rounds=2, path="message")
     assert figures["chatd"] > figures["bare"] > 0
+
+
+def test_the_connect_micro_bench_times_chatd_and_the_presence_floor_through_whole_connections() -> None:
+    """``python -m bench.connect``: each server's clients get the 101, presence and ``joined``, and an EOF after close."""
+    argv = [sys.executable, "-m", "bench.connect", "--conns", "10", "--rounds", "1", "--repeat", "1"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    assert set(rows) == {"floor", "chatd"}
+    assert float(rows["floor"][1]) > 0 and float(rows["chatd"][2]) > 0
+
+
+def test_the_presence_floor_answers_a_join_as_chatd_does() -> None:
+    """``bench.floor --presence``: presence to the room (the joiner too), ``joined`` to the joiner, presence on leave."""
+    import orjson
+    from websockets.sync.client import connect
+
+    from bench.servers import free_port
+
+    port = free_port()
+    floor = subprocess.Popen([sys.executable, "-m", "bench.floor", str(port), "--presence"], cwd=ROOT)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        with connect(f"ws://127.0.0.1:{port}/ws") as a, connect(f"ws://127.0.0.1:{port}/ws") as b:
+            a.send('{"type":"join","room":"r","user":"ann"}')
+            assert [orjson.loads(a.recv(5))["type"] for _ in range(2)] == ["presence", "joined"]
+            b.send('{"type":"join","room":"r","user":"bob"}')
+            mine, joined, theirs = orjson.loads(b.recv(5)), orjson.loads(b.recv(5)), orjson.loads(a.recv(5))
+            assert mine == theirs and (mine["action"], mine["user"], mine["count"]) == ("join", "bob", 2)
+            assert joined == {"type": "joined", "room": "r", "user": "bob", "members": ["ann", "bob"]}
+            b.close()
+            left = orjson.loads(a.recv(5))
+            assert (left["type"], left["action"], left["user"], left["count"]) == (
+                "presence",
+                "leave",
+                "bob",
+                1,
+            )
+    finally:
+        floor.terminate()
+        floor.wait(10)
