@@ -33,40 +33,20 @@ DEFAULT_RATES = "10,20,40,50,60,70,80,90,100,110,120,135,150,175,200,250,300,400
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_epilog(),
-    )
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
     p.add_argument("workloads", nargs="*", help="workloads to run (default: W1 W2 W3 W4)")
-    p.add_argument(
-        "--peer",
-        action="append",
-        dest="peers",
-        metavar="SERVER",
-        help="chatd (default), a kit peer (go-gorilla, py-autobahn-prepared, …), NAME='command {PORT}' "
-        "or NAME=ws://127.0.0.1:PORT/ws; repeat for side-by-side runs",
-    )
-    p.add_argument(
-        "--chatd-args", default="", help="extra chatd options, e.g. '--workers 2 --redis redis://…'"
-    )
-    p.add_argument(
-        "--redis-server",
-        action="store_true",
-        help="start a fresh redis-server per workload; {REDIS} in --chatd-args is its URL",
-    )
+    p.add_argument("--peer", action="append", dest="peers", metavar="SERVER",
+                   help="chatd (default), a kit peer (go-gorilla, py-autobahn-prepared, …), NAME='command {PORT}' "
+                        "or NAME=ws://127.0.0.1:PORT/ws; repeat for side-by-side runs")
+    p.add_argument("--chatd-args", default="", help="extra chatd options, e.g. '--workers 2 --redis redis://…'")
+    p.add_argument("--redis-server", action="store_true",
+                   help="start a fresh redis-server per workload; {REDIS} in --chatd-args is its URL")
     p.add_argument("--server-cpu", help="pin each server with taskset -c (e.g. 0, or 0,1)")
     p.add_argument("--client-cpu", help="pin the client processes (e.g. 1)")
-    p.add_argument(
-        "--client-procs", type=int, default=0, help="client processes (default: one per client CPU)"
-    )
-    p.add_argument(
-        "--client",
-        choices=["py", "loadgen"],
-        default="py",
-        help="py: this package's client; loadgen: the kit's Go load generator (W1-W3)",
-    )
+    p.add_argument("--client-procs", type=int, default=0, help="client processes (default: one per client CPU)")
+    p.add_argument("--client", choices=["py", "loadgen"], default="py",
+                   help="py: this package's client; loadgen: the kit's Go load generator (W1-W3)")
     p.add_argument("--loadgen", default=str(KIT / "loadgen" / "loadgen"))
     p.add_argument("--rooms", type=int, default=10, help="W1/W4 rooms")
     p.add_argument("--room-size", type=int, default=100, help="W1/W4 clients per room, sender included")
@@ -78,11 +58,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=1)
     p.add_argument("--retries", type=int, default=1)
     p.add_argument("--max-p99", type=float, default=50, help="W1/W4 pass rule, ms")
-    p.add_argument(
-        "--w4-kinds",
-        default=",".join(W4_KINDS),
-        help="W4 receiver kinds, spread evenly over each room (one kind alone tells its cost)",
-    )
+    p.add_argument("--w4-kinds", default=",".join(W4_KINDS),
+                   help="W4 receiver kinds, spread evenly over each room (one kind alone tells its cost)")
     p.add_argument("--payload", type=int, default=128)
     p.add_argument("--connect-rate", type=float, default=1000, help="new connections per second")
     p.add_argument("--w2-rooms", type=int, default=1000)
@@ -91,27 +68,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, default=5000, help="W3 connections")
     p.add_argument("--idle-hold", type=float, default=10, help="W3 hold, s")
     p.add_argument("--storm-clients", type=int, default=10_000, help="W5 clients")
-    p.add_argument(
-        "--storm-backoff",
-        default="browser,signalr,full-jitter+socket",
-        help="W5: one storm per reconnect schedule (browser, signalr, full-jitter); "
-        "+socket: with the port socket-activated as chatd.socket does",
-    )
+    p.add_argument("--storm-backoff", default="browser,signalr,full-jitter+socket",
+                   help="W5: one storm per reconnect schedule (browser, signalr, full-jitter); "
+                        "+socket: with the port socket-activated as chatd.socket does")
     p.add_argument("--grpc-steps", default="500,1000,2000,4000", help="grpc-streams steps")
     p.add_argument("--quick", action="store_true", help="small, short steps: a smoke run")
     p.add_argument("--max-total", type=float, default=900, help="watchdog for the whole run, s")
     p.add_argument("--out", help="append every JSON line to this file too")
     p.add_argument("--run-id", default=time.strftime("%Y%m%dT%H%M%S"))
-    p.add_argument(
-        "--table", nargs="+", metavar="JSONL", help="print the Markdown table of saved runs and exit"
-    )
+    p.add_argument("--table", nargs="+", metavar="JSONL", help="print the Markdown table of saved runs and exit")
     p.add_argument("--ref", default="go-gorilla", help="--table: the peer ratios are taken to")
-    p.add_argument(
-        "--only-run",
-        action="append",
-        metavar="RUN_ID",
-        help="--table: only lines of these run ids (default: the newest run per server and workload)",
-    )
+    p.add_argument("--only-run", action="append", metavar="RUN_ID",
+                   help="--table: only lines of these run ids (default: the newest run per server and workload)")
     args = p.parse_args(argv)
     if args.quick:
         args.rates, args.warmup, args.duration, args.drain, args.retries = "10,40", 1, 2, 2, 0
@@ -151,14 +119,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     for peer in args.peers:
         for name in args.workloads:
             wl = WORKLOADS[name]
-            base = {
-                "run_id": args.run_id,
-                "peer": peer.partition("=")[0],
-                "tag": name,
-                "client": args.client,
-                "server_cpu_set": args.server_cpu,
-                "client_cpu_set": args.client_cpu,
-            }
+            base = {"run_id": args.run_id, "peer": peer.partition("=")[0], "tag": name,
+                    "client": args.client, "server_cpu_set": args.server_cpu, "client_cpu_set": args.client_cpu}
             if peer.partition("=")[0] == "chatd" and args.chatd_args:
                 base["chatd_args"] = args.chatd_args
             if wl.chatd_only and peer != "chatd":
@@ -167,12 +129,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             t0 = time.monotonic()
             try:
                 if not wl.own_server:
-                    server = Server(
-                        peer,
-                        args.server_cpu,
-                        shlex.split(args.chatd_args),
-                        redis=args.redis_server and peer == "chatd",
-                    )
+                    server = Server(peer, args.server_cpu, shlex.split(args.chatd_args),
+                                    redis=args.redis_server and peer == "chatd")
                     server.start()
                     base["server_pid"] = server.pid
                 cpu0 = server.cpu() if server and server.pid else None
@@ -185,15 +143,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                         raise RuntimeError("server died during the workload")
                 if server and server.pid:
                     rss, hwm = server.memory()
-                    line = {
-                        **base,
-                        "mode": "server_summary",
-                        "wall_s": round(time.monotonic() - t0, 1),
-                        "server_cpu_s": round(server.cpu() - cpu0, 2),
-                        "server_hwm_kb": hwm,
-                        "server_rss_kb": rss,
-                        "server_procs": len(server.pids()),
-                    }
+                    line = {**base, "mode": "server_summary", "wall_s": round(time.monotonic() - t0, 1),
+                            "server_cpu_s": round(server.cpu() - cpu0, 2), "server_hwm_kb": hwm,
+                            "server_rss_kb": rss, "server_procs": len(server.pids())}
                     emit(line, args.out)
                     lines.append(line)
             except Exception as exc:  # one failing workload must not hide the others' figures
@@ -209,9 +161,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.table:
-        lines = [
-            json.loads(x) for f in args.table for x in Path(f).read_text().splitlines() if x.startswith("{")
-        ]
+        lines = [json.loads(x) for f in args.table for x in Path(f).read_text().splitlines() if x.startswith("{")]
         if args.only_run:
             lines = [x for x in lines if x.get("run_id") in args.only_run]
         print(report.markdown(lines, args.ref))

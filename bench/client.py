@@ -76,9 +76,7 @@ def _varint(n: int) -> bytes:
 class Worker:
     """The state of one client process: its connections, counters and the current window."""
 
-    def __init__(
-        self, pipe: multiprocessing.connection.Connection, urls: dict[str, str], payload: int
-    ) -> None:
+    def __init__(self, pipe: multiprocessing.connection.Connection, urls: dict[str, str], payload: int) -> None:
         self.pipe = pipe
         self.urls = urls
         self.payload = payload
@@ -480,9 +478,7 @@ class GrpcStream:
         pb, Stub = _pb()
         self = cls()
         self.w = w
-        self.call = Stub(_grpc_channel(w)).StreamMessages(
-            pb.StreamRequest(room=f"r{c.room}", user=f"u{c.user}")
-        )
+        self.call = Stub(_grpc_channel(w)).StreamMessages(pb.StreamRequest(room=f"r{c.room}", user=f"u{c.user}"))
         # chatd sends initial metadata only when history was truncated, so the
         # subscription cannot be confirmed here: the step's settle time covers it.
         self.task = w.loop.create_task(self._read())
@@ -575,13 +571,8 @@ def handoffs_batched() -> None:
         pass
 
 
-def worker_main(
-    pipe: multiprocessing.connection.Connection,
-    urls: dict[str, str],
-    payload: int,
-    cpus: list[int] | None,
-    uv: bool,
-) -> None:
+def worker_main(pipe: multiprocessing.connection.Connection, urls: dict[str, str], payload: int,
+                cpus: list[int] | None, uv: bool) -> None:
     """Entry point of a client process (started by the parent with ``multiprocessing``)."""
     if cpus:
         os.sched_setaffinity(0, cpus)

@@ -130,11 +130,7 @@ def measure(members: int, messages: int, rounds: int, path: str = "delivery") ->
 
     size = len(frame(orjson.dumps(message().as_dict())).payloadHybi)
 
-    runs = (
-        (("chatd", chatd), ("bare", bare))
-        if path == "delivery"
-        else (("chatd", chatd_message), ("bare", bare_message))
-    )
+    runs = (("chatd", chatd), ("bare", bare)) if path == "delivery" else (("chatd", chatd_message), ("bare", bare_message))
     per = messages * members if path == "delivery" else messages
     results: dict[str, list[float]] = {"chatd": [], "bare": []}
     for _ in range(rounds):
@@ -156,9 +152,7 @@ def measure(members: int, messages: int, rounds: int, path: str = "delivery") ->
 
 def _tree_at(rev: str, into: str) -> str:
     """The ``chatd`` package as it was at ``rev``, unpacked under ``into``."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "chatd"], check=True, capture_output=True
-    )
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "chatd"], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
     return into
 
@@ -170,12 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=30, help="rounds per process (the median is reported)")
     p.add_argument("--repeat", type=int, default=3, help="processes per tree, alternating")
     p.add_argument("--baseline", metavar="REV", help="also measure chatd at this git revision")
-    p.add_argument(
-        "--path",
-        choices=("delivery", "message"),
-        default="delivery",
-        help="time one delivery (Hub.deliver), or one chat frame's whole handling (use --members 5: W2)",
-    )
+    p.add_argument("--path", choices=("delivery", "message"), default="delivery",
+                   help="time one delivery (Hub.deliver), or one chat frame's whole handling (use --members 5: W2)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

@@ -104,9 +104,9 @@ class Floor(protocol.Protocol):
             mask = buf[at : at + 4]
             masked = buf[at + 4 : at + 4 + n]
             buf = buf[at + 4 + n :]
-            payload = (
-                _from_bytes(masked, "little") ^ _from_bytes((mask * (n // 4 + 1))[:n], "little")
-            ).to_bytes(n, "little")
+            payload = (_from_bytes(masked, "little") ^ _from_bytes((mask * (n // 4 + 1))[:n], "little")).to_bytes(
+                n, "little"
+            )
             opcode = b0 & 0x0F
             if opcode == 0x8:
                 self.send(_frame(payload[:2], 0x8))
@@ -131,11 +131,7 @@ class Floor(protocol.Protocol):
                 self.user = body.get("user")
                 self.announce("join")
                 names = [m.user for m in members.values()]
-                self.send(
-                    _frame(
-                        orjson.dumps({"type": "joined", "room": room, "user": self.user, "members": names})
-                    )
-                )
+                self.send(_frame(orjson.dumps({"type": "joined", "room": room, "user": self.user, "members": names})))
         elif "message" in body and room == self.room:
             data = _frame(orjson.dumps({"user": body.get("user"), "room": room, "message": body["message"]}))
             for member in list(self.rooms.get(room, {}).values()):
@@ -158,19 +154,9 @@ class Floor(protocol.Protocol):
         members = self.rooms.get(self.room, {})
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-        data = _frame(
-            orjson.dumps(
-                {
-                    "type": "presence",
-                    "action": action,
-                    "room": self.room,
-                    "user": self.user,
-                    "timestamp": stamp,
-                    "protocol": "websocket",
-                    "count": len(members),
-                }
-            )
-        )
+        presence = {"type": "presence", "action": action, "room": self.room, "user": self.user,
+                    "timestamp": stamp, "protocol": "websocket", "count": len(members)}  # fmt: skip
+        data = _frame(orjson.dumps(presence))
         for member in list(members.values()):
             member.send(data)
 

@@ -134,9 +134,7 @@ async def run(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             while len(subscribers) < step:
                 subscribers.append(Subscriber(stubs[len(subscribers) % len(stubs)], len(subscribers)))
-            await wait_for(
-                _grpc_connections(control, step, subscribers), 120, f"{step} subscribers did not join"
-            )
+            await wait_for(_grpc_connections(control, step, subscribers), 120, f"{step} subscribers did not join")
             opened = time.monotonic() - t0
 
             t1, server_cpu, client_cpu = time.monotonic(), cpu_seconds(server.pid), time.process_time()
@@ -179,24 +177,11 @@ async def run(args: argparse.Namespace) -> int:
                 + ("all received, in order" if ok else f"FAILED {errors[:3]} in_order={in_order}")
             )
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "mode": "grpc_streams",
-                            "streams": step,
-                            "open_s": round(opened, 2),
-                            "burst_ms": round(burst * 1000),
-                            "deliveries_per_s": round(step * args.messages / burst),
-                            "server_cpu_s": round(server_cpu, 2),
-                            "client_cpu_s": round(client_cpu, 2),
-                            "server_threads": int(status["Threads"]),
-                            "server_rss_kb": int(rss * 1024),
-                            "pass": ok,
-                            "errors": errors[:3],
-                        }
-                    ),
-                    flush=True,
-                )
+                print(json.dumps({"mode": "grpc_streams", "streams": step, "open_s": round(opened, 2),
+                                  "burst_ms": round(burst * 1000), "deliveries_per_s": round(step * args.messages / burst),
+                                  "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(client_cpu, 2),
+                                  "server_threads": int(status["Threads"]), "server_rss_kb": int(rss * 1024),
+                                  "pass": ok, "errors": errors[:3]}), flush=True)
             if not ok:
                 break
             best = step
@@ -250,15 +235,11 @@ def _all_have(subscribers: list[Subscriber], seq: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--steps", default="250,500,1000,1500,2000", help="subscriber counts to try, in order"
-    )
+    parser.add_argument("--steps", default="250,500,1000,1500,2000", help="subscriber counts to try, in order")
     parser.add_argument("--messages", type=int, default=20, help="messages per burst")
     parser.add_argument("--connections", type=int, default=8, help="HTTP/2 connections the streams share")
     parser.add_argument("--json", action="store_true", help="also print one JSON line per step")
-    parser.add_argument(
-        "--grpc-server", default="aio", choices=("threaded", "aio"), help="chatd's --grpc-server"
-    )
+    parser.add_argument("--grpc-server", default="aio", choices=("threaded", "aio"), help="chatd's --grpc-server")
     parser.add_argument("--server-log", default="", help="chatd's log goes to this file (default: nowhere)")
     parser.add_argument("--json-out", default="", help="append one JSON line per step to this file")
     parser.add_argument("--time-limit", type=float, default=240, help="seconds before no new step starts")

@@ -81,26 +81,13 @@ class Server:
         data_dir = args.data_dir if args.data_dir is not None else os.path.join(workdir, "data")
         argv = shlex.split(args.server_cmd) if args.server_cmd else [str(TWISTD), "-n", "--pidfile=", "chatd"]
         argv += [
-            "--ws",
-            f"tcp:{self.port}:interface=127.0.0.1",
-            "--signalr",
-            f"tcp:{free_port()}:interface=127.0.0.1",
-            "--web",
-            f"tcp:{free_port()}:interface=127.0.0.1",
-            "--grpc",
-            f"127.0.0.1:{free_port()}",
-            "--data-dir",
-            data_dir,
-            "--max-message-rate",
-            "0",
-            "--max-connection-rate",
-            "0",
-            "--max-connections-per-ip",
-            "0",
-            "--max-rooms-per-connection",
-            "0",
-            "--max-connections",
-            "20000",
+            "--ws", f"tcp:{self.port}:interface=127.0.0.1",
+            "--signalr", f"tcp:{free_port()}:interface=127.0.0.1",
+            "--web", f"tcp:{free_port()}:interface=127.0.0.1",
+            "--grpc", f"127.0.0.1:{free_port()}",
+            "--data-dir", data_dir,
+            "--max-message-rate", "0", "--max-connection-rate", "0", "--max-connections-per-ip", "0",
+            "--max-rooms-per-connection", "0", "--max-connections", "20000",
             *shlex.split(args.server_args),
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "REDIS_URL", "WS_PORT")}
@@ -253,9 +240,7 @@ async def fill_busy(port: int, rooms: int, per_room: int, size: int) -> WS:
     return ws
 
 
-async def abandon(
-    port: int, first: int, last: int, window: int, size: int, deadline: float, done: list[int]
-) -> range:
+async def abandon(port: int, first: int, last: int, window: int, size: int, deadline: float, done: list[int]) -> range:
     """Rooms ``first``..``last - 1``: join and send (the seed form), then leave; ``window`` in flight.
 
     Returns the rooms done (all acknowledged), fewer than asked if the deadline came first.
@@ -319,27 +304,16 @@ async def check_history(port: int, rooms: list[str], busy: int, per_room: int, s
         room = f"busy{r}"
         ws.send({"type": "history", "room": room, "limit": 100})
         kept = (await ws.recv_type("history"))["messages"]
-        if [(m["seq"], m["message"]) for m in kept] != [
-            (n + 1, text(room, n, size)) for n in range(per_room)
-        ]:
+        if [(m["seq"], m["message"]) for m in kept] != [(n + 1, text(room, n, size)) for n in range(per_room)]:
             wrong.append(room)
     assert ws.transport is not None
     ws.transport.close()
-    return {
-        "history_checked": len(rooms) + busy,
-        "history_wrong": len(wrong),
-        "history_wrong_rooms": wrong[:10],
-    }
+    return {"history_checked": len(rooms) + busy, "history_wrong": len(wrong), "history_wrong_rooms": wrong[:10]}
 
 
 async def run(args: argparse.Namespace, server: Server) -> dict:
     pid = server.proc.pid
-    out: dict = {
-        "tool": "memory",
-        "peer": args.peer,
-        "run_id": time.strftime("%Y%m%dT%H%M%S"),
-        "server_pid": pid,
-    }
+    out: dict = {"tool": "memory", "peer": args.peer, "run_id": time.strftime("%Y%m%dT%H%M%S"), "server_pid": pid}
     out["rss_start_kb"] = rss_kb(pid)
     busy_ws = await fill_busy(server.port, args.busy, args.per_room, args.size)
     await asyncio.sleep(args.settle)
@@ -353,15 +327,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
     share = -(-args.rooms // args.connections)
     tasks = [
         asyncio.ensure_future(
-            abandon(
-                server.port,
-                c * share,
-                min(args.rooms, (c + 1) * share),
-                args.window,
-                args.size,
-                deadline,
-                done,
-            )
+            abandon(server.port, c * share, min(args.rooms, (c + 1) * share), args.window, args.size, deadline, done)
         )
         for c in range(args.connections)
     ]
@@ -370,10 +336,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
         await asyncio.wait(tasks, timeout=1.0)
         samples.append((round(loop.time() - started, 1), done[0], rss_kb(pid)))
         if len(samples) % 30 == 0:
-            print(
-                f"  {samples[-1][0]:7.1f} s  {done[0]:>9} rooms  rss {samples[-1][2] / 1024:.1f} MiB",
-                file=sys.stderr,
-            )
+            print(f"  {samples[-1][0]:7.1f} s  {done[0]:>9} rooms  rss {samples[-1][2] / 1024:.1f} MiB", file=sys.stderr)
     abandoned = [room for t in tasks if t.exception() is None for room in t.result()]
     failures = [str(t.exception()) for t in tasks if t.exception() is not None]
     if failures:
@@ -394,16 +357,12 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
     out["stats_rooms"] = stats["rooms"]
     out["stats_memory"] = stats.get("memory")
     out["rss_after_minus_baseline_mb"] = round((out["rss_after_kb"] - out["rss_baseline_kb"]) / 1024, 1)
-    out["rss_per_abandoned_room_b"] = round(
-        (out["rss_after_kb"] - out["rss_baseline_kb"]) * 1024 / max(1, done[0]), 1
-    )
+    out["rss_per_abandoned_room_b"] = round((out["rss_after_kb"] - out["rss_baseline_kb"]) * 1024 / max(1, done[0]), 1)
     if not out["complete"]:
         # Honest extrapolation: the growth per room measured, times the rooms asked for.
         out["rss_after_extrapolated_mb"] = round(out["rss_per_abandoned_room_b"] * args.rooms / 2**20, 1)
     sample = random.Random(args.seed).sample(abandoned, min(args.check, len(abandoned)))
-    out.update(
-        await check_history(server.port, [f"gone{i}" for i in sample], args.busy, args.per_room, args.size)
-    )
+    out.update(await check_history(server.port, [f"gone{i}" for i in sample], args.busy, args.per_room, args.size))
     out["rss_end_kb"] = rss_kb(pid)
     assert busy_ws.transport is not None
     busy_ws.transport.close()
@@ -415,9 +374,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rooms", type=int, default=1_000_000, help="abandoned rooms, one message each")
-    p.add_argument(
-        "--busy", type=int, default=100, help="rooms kept busy (a member stays) at the history limit"
-    )
+    p.add_argument("--busy", type=int, default=100, help="rooms kept busy (a member stays) at the history limit")
     p.add_argument("--per-room", type=int, default=100, help="messages per busy room (the history limit)")
     p.add_argument("--size", type=int, default=100, help="characters per message")
     p.add_argument("--connections", type=int, default=4, help="connections abandoning rooms at once")
@@ -427,7 +384,7 @@ def main() -> None:
     p.add_argument("--check", type=int, default=200, help="abandoned rooms whose history is checked")
     p.add_argument("--source", default=str(ROOT), help="the chatd checkout to run (PYTHONPATH)")
     p.add_argument("--server-cmd", help="instead of twistd -n --pidfile= chatd")
-    p.add_argument("--server-args", default="", help='more chatd options, e.g. "--history-memory 8388608"')
+    p.add_argument("--server-args", default="", help="more chatd options, e.g. \"--history-memory 8388608\"")
     p.add_argument("--data-dir", help="chatd --data-dir ('' for memory only); default a fresh temporary one")
     p.add_argument("--peer", default="chatd", help="label in the output")
     p.add_argument("--seed", type=int, default=14)

@@ -28,15 +28,8 @@ def percentile(sorted_values: list[int] | array, p: float) -> float:
 class ClientPool:
     """A set of client processes, each pinned to the client CPUs, that act together."""
 
-    def __init__(
-        self,
-        urls: dict[str, str],
-        procs: int,
-        cpus: list[int] | None,
-        payload: int = 128,
-        grpc_procs: int = 0,
-        timeout: float = 120,
-    ) -> None:
+    def __init__(self, urls: dict[str, str], procs: int, cpus: list[int] | None, payload: int = 128,
+                 grpc_procs: int = 0, timeout: float = 120) -> None:
         self.timeout = timeout
         ctx = multiprocessing.get_context("fork")
         self.workers: list[tuple[object, multiprocessing.Process]] = []
@@ -75,15 +68,8 @@ class ClientPool:
             share[group[c.room % len(group)]].append(asdict(c))
         n = len(self.workers)
         for (pipe, _), mine in zip(self.workers, share):
-            pipe.send(
-                {
-                    "cmd": "connect",
-                    "conns": mine,
-                    "rate": rate / n,
-                    "concurrency": max(1, concurrency // n),
-                    "timeout": 30,
-                }
-            )  # type: ignore[attr-defined]
+            pipe.send({"cmd": "connect", "conns": mine, "rate": rate / n, "concurrency": max(1, concurrency // n),
+                       "timeout": 30})  # type: ignore[attr-defined]
         replies = [self._recv(i, self.timeout + len(conns) / rate) for i in range(n)]
         hs = sorted(h for r in replies for h in r["handshake_s"])
         self.members: dict[int, int] = {}
@@ -107,14 +93,14 @@ class ClientPool:
                 expected += n * self.members.get(int(room), 0)
         return sent, expected
 
-    def step(self, rate: float, warmup: float, duration: float, drain: float, seed: int, server=None) -> dict:
+    def step(self, rate: float, warmup: float, duration: float, drain: float, seed: int,
+             server=None) -> dict:
         """One measured window at ``rate`` messages/s per sender (open loop), then drain."""
         t0 = time.time_ns() + 200_000_000
         win_start = t0 + int(warmup * 1e9)
         win_end = win_start + int(duration * 1e9)
-        self._all(
-            {"cmd": "step", "rate": rate, "t0": t0, "win_start": win_start, "win_end": win_end, "seed": seed}
-        )
+        self._all({"cmd": "step", "rate": rate, "t0": t0, "win_start": win_start, "win_end": win_end,
+                   "seed": seed})
         time.sleep(max(0.0, (win_start - time.time_ns()) / 1e9))
         s0 = server.cpu() if server else float("nan")
         r0 = server.redis_cpu() if server else None

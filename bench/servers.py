@@ -141,23 +141,8 @@ class Redis:
     def __init__(self, cpu: str | None = None) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="bench-redis-")
         self.port = free_port()
-        argv = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--dir",
-            self.dir.name,
-            "--protected-mode",
-            "no",
-        ]
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.dir.name, "--protected-mode", "no"]
         if cpu is not None:
             argv = ["taskset", "-c", cpu, *argv]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -189,14 +174,8 @@ class Redis:
 class Server:
     """One server under test. ``spec`` is ``chatd``, a kit peer's name, ``NAME=COMMAND`` or ``NAME=ws://…``."""
 
-    def __init__(
-        self,
-        spec: str,
-        server_cpu: str | None = None,
-        chatd_args: list[str] | None = None,
-        logdir: Path | None = None,
-        redis: bool = False,
-    ) -> None:
+    def __init__(self, spec: str, server_cpu: str | None = None, chatd_args: list[str] | None = None,
+                 logdir: Path | None = None, redis: bool = False) -> None:
         self.name, _, target = spec.partition("=")
         self.want_redis = redis
         self.redis: Redis | None = None
@@ -221,9 +200,7 @@ class Server:
         elif self.is_chatd:
             self.command = None
         else:
-            raise ValueError(
-                f"unknown server {spec!r}: chatd, {', '.join(PEERS)}, NAME=COMMAND or NAME=ws://…"
-            )
+            raise ValueError(f"unknown server {spec!r}: chatd, {', '.join(PEERS)}, NAME=COMMAND or NAME=ws://…")
 
     @property
     def external(self) -> bool:
@@ -269,20 +246,11 @@ class Server:
         env = {**os.environ, "PORT": str(self.ports["ws"])}
         if self.is_chatd:
             env["PYTHONPATH"] = str(ROOT)
-            for key in (
-                "WS_PORT",
-                "SIGNALR_PORT",
-                "GRPC_PORT",
-                "WEB_PORT",
-                "DATA_DIR",
-                "REDIS_URL",
-                "WORKERS",
-            ):
+            for key in ("WS_PORT", "SIGNALR_PORT", "GRPC_PORT", "WEB_PORT", "DATA_DIR", "REDIS_URL", "WORKERS"):
                 env.pop(key, None)
         log = open(self.logdir / f"{self.name}.out", "ab")
-        self.proc = subprocess.Popen(
-            self.argv(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        self.proc = subprocess.Popen(self.argv(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -52,9 +52,7 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {}
 
 
-def register(
-    name: str, help: str, own_server: bool = False, chatd_only: bool = False
-) -> Callable[[Runner], Runner]:
+def register(name: str, help: str, own_server: bool = False, chatd_only: bool = False) -> Callable[[Runner], Runner]:
     """Add a workload to ``python -m bench``; the hook other bench modules use."""
 
     def deco(fn: Runner) -> Runner:
@@ -74,9 +72,7 @@ def _pool(args: argparse.Namespace, server: Server, grpc_procs: int = 0) -> Clie
     return ClientPool(server.urls, procs, cpus, args.payload, grpc_procs=grpc_procs)
 
 
-def _ladder(
-    args: argparse.Namespace, server: Server, conns: list[Conn], tag: str, grpc_procs: int = 0
-) -> Iterator[Step]:
+def _ladder(args: argparse.Namespace, server: Server, conns: list[Conn], tag: str, grpc_procs: int = 0) -> Iterator[Step]:
     pool = _pool(args, server, grpc_procs)
     try:
         connected = pool.connect(conns, args.connect_rate)
@@ -89,9 +85,7 @@ def _ladder(
         for n, rate in enumerate(args.rates, 1):
             passed = False
             for attempt in range(1, 2 + args.retries):
-                r = pool.step(
-                    rate, args.warmup, args.duration, args.drain, seed=n * 1000 + attempt, server=server
-                )
+                r = pool.step(rate, args.warmup, args.duration, args.drain, seed=n * 1000 + attempt, server=server)
                 steps += 1
                 reasons = []
                 if connected["conns_failed"]:
@@ -108,18 +102,10 @@ def _ladder(
                 if not r["received"]:
                     reasons.append("nothing received")
                 passed = not reasons
-                r.update(
-                    mode="fanout",
-                    step=n,
-                    attempt=attempt,
-                    rooms=args.rooms,
-                    clients_per_room=args.room_size,
-                    conns_ok=connected["conns_ok"],
-                    conns_failed=connected["conns_failed"],
-                    client_saturated=r["client_max_proc_cpu_pct"] > 90,
-                    **{"pass": passed},
-                    fail_reason=",".join(reasons),
-                )
+                r.update(mode="fanout", step=n, attempt=attempt, rooms=args.rooms, clients_per_room=args.room_size,
+                         conns_ok=connected["conns_ok"], conns_failed=connected["conns_failed"],
+                         client_saturated=r["client_max_proc_cpu_pct"] > 90, **{"pass": passed},
+                         fail_reason=",".join(reasons))
                 yield r
                 pool.quiesce()
                 if passed or r["disconnects"] or r["write_errors"]:
@@ -133,9 +119,7 @@ def _ladder(
         pool.close()
 
 
-def _fanout_conns(
-    args: argparse.Namespace, kinds: list[str] | None = None, sender_kind: str = "ws"
-) -> list[Conn]:
+def _fanout_conns(args: argparse.Namespace, kinds: list[str] | None = None, sender_kind: str = "ws") -> list[Conn]:
     conns = []
     for room in range(args.rooms):
         for k in range(args.room_size):
@@ -151,32 +135,11 @@ def _fanout_conns(
 @register("W1", "fan-out ladder: rooms of N receivers, one sender each, increasing rates")
 def w1(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
     if args.client == "loadgen":
-        yield from loadgen(
-            args,
-            server,
-            [
-                "-rooms",
-                args.rooms,
-                "-clients-per-room",
-                args.room_size,
-                "-senders-per-room",
-                args.senders,
-                "-rates",
-                ",".join(f"{r:g}" for r in args.rates),
-                "-warmup",
-                f"{args.warmup}s",
-                "-duration",
-                f"{args.duration}s",
-                "-drain",
-                f"{args.drain}s",
-                "-payload",
-                args.payload,
-                "-max-p99",
-                args.max_p99,
-                "-retries",
-                args.retries,
-            ],
-        )
+        yield from loadgen(args, server, ["-rooms", args.rooms, "-clients-per-room", args.room_size,
+                                          "-senders-per-room", args.senders,
+                                          "-rates", ",".join(f"{r:g}" for r in args.rates), "-warmup", f"{args.warmup}s",
+                                          "-duration", f"{args.duration}s", "-drain", f"{args.drain}s",
+                                          "-payload", args.payload, "-max-p99", args.max_p99, "-retries", args.retries])
         return
     yield from _ladder(args, server, _fanout_conns(args), "W1")
 
@@ -184,11 +147,8 @@ def w1(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
 W4_KINDS = ["ws", "signalr-json", "signalr-msgpack", "grpc-stream", "grpc-chat"]
 
 
-@register(
-    "W4",
-    "W1 with gRPC Chat senders; receivers over WebSocket, SignalR JSON/MessagePack, gRPC streams",
-    chatd_only=True,
-)
+@register("W4", "W1 with gRPC Chat senders; receivers over WebSocket, SignalR JSON/MessagePack, gRPC streams",
+          chatd_only=True)
 def w4(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
     kinds = getattr(args, "w4_kinds", None) or W4_KINDS
     conns = _fanout_conns(args, kinds, sender_kind="grpc-chat")
@@ -200,32 +160,10 @@ def w4(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
 def w2(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
     rooms, size = args.w2_rooms, 5
     if args.client == "loadgen":
-        yield from loadgen(
-            args,
-            server,
-            [
-                "-rooms",
-                rooms,
-                "-clients-per-room",
-                size,
-                "-senders-per-room",
-                size,
-                "-rate",
-                1,
-                "-warmup",
-                f"{args.w2_warmup}s",
-                "-duration",
-                f"{args.w2_duration}s",
-                "-drain",
-                "5s",
-                "-settle",
-                "2s",
-                "-payload",
-                args.payload,
-                "-connect-rate",
-                args.connect_rate,
-            ],
-        )
+        yield from loadgen(args, server, ["-rooms", rooms, "-clients-per-room", size, "-senders-per-room", size,
+                                          "-rate", 1, "-warmup", f"{args.w2_warmup}s", "-duration",
+                                          f"{args.w2_duration}s", "-drain", "5s", "-settle", "2s",
+                                          "-payload", args.payload, "-connect-rate", args.connect_rate])
         return
     conns = [Conn("ws", r, r * size + k, sender=r * size + k) for r in range(rooms) for k in range(size)]
     pool = _pool(args, server)
@@ -234,15 +172,9 @@ def w2(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
         yield {"mode": "connect", **connected}
         time.sleep(2)
         r = pool.step(1, args.w2_warmup, args.w2_duration, 5, seed=1, server=server)
-        r.update(
-            mode="chat",
-            rooms=rooms,
-            clients_per_room=size,
-            conns_ok=connected["conns_ok"],
-            conns_failed=connected["conns_failed"],
-            client_saturated=r["client_max_proc_cpu_pct"] > 90,
-            **{"pass": not r["lost"] and not connected["conns_failed"]},
-        )
+        r.update(mode="chat", rooms=rooms, clients_per_room=size, conns_ok=connected["conns_ok"],
+                 conns_failed=connected["conns_failed"], client_saturated=r["client_max_proc_cpu_pct"] > 90,
+                 **{"pass": not r["lost"] and not connected["conns_failed"]})
         yield r
     finally:
         pool.close()
@@ -252,20 +184,8 @@ def w2(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
 def w3(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
     n = args.idle
     if args.client == "loadgen":
-        yield from loadgen(
-            args,
-            server,
-            [
-                "-idle",
-                n,
-                "-clients-per-room",
-                5,
-                "-duration",
-                f"{args.idle_hold}s",
-                "-connect-rate",
-                args.connect_rate,
-            ],
-        )
+        yield from loadgen(args, server, ["-idle", n, "-clients-per-room", 5, "-duration", f"{args.idle_hold}s",
+                                          "-connect-rate", args.connect_rate])
         return
     base, _ = server.memory()
     c0 = server.cpu()
@@ -281,22 +201,12 @@ def w3(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
         counts = pool._all({"cmd": "counts"})
         _, hwm = server.memory()
         ok = connected["conns_ok"]
-        yield {
-            "mode": "idle",
-            "rooms": (n + 4) // 5,
-            "clients_per_room": 5,
-            **connected,
-            "duration_s": args.idle_hold,
-            "server_cpu_s": round(server.cpu() - c0, 3),
-            "server_rss_base_kb": base,
-            "server_rss_kb": rss,
-            "server_rss_hold_max_kb": hold_max,
-            "server_hwm_kb": hwm,
-            "server_rss_per_conn_kb": round((rss - base) / ok, 2) if ok else None,
-            "frames_received": sum(c["frames"] for c in counts),
-            "server_threads": server.threads(),
-            "pass": not connected["conns_failed"],
-        }
+        yield {"mode": "idle", "rooms": (n + 4) // 5, "clients_per_room": 5, **connected,
+               "duration_s": args.idle_hold, "server_cpu_s": round(server.cpu() - c0, 3),
+               "server_rss_base_kb": base, "server_rss_kb": rss, "server_rss_hold_max_kb": hold_max,
+               "server_hwm_kb": hwm, "server_rss_per_conn_kb": round((rss - base) / ok, 2) if ok else None,
+               "frames_received": sum(c["frames"] for c in counts), "server_threads": server.threads(),
+               "pass": not connected["conns_failed"]}
     finally:
         pool.close()
 
@@ -306,16 +216,8 @@ def loadgen(args: argparse.Namespace, server: Server | None, flags: list) -> Ite
     binary = Path(args.loadgen)
     if not binary.exists():
         raise RuntimeError(f"{binary} is not built (see {KIT}/README.md)")
-    argv = [
-        str(binary),
-        "-url",
-        server.urls["ws"],
-        *map(str, flags),
-        "-server-pid",
-        str(server.pid or 0),
-        "-max-total",
-        "10m",
-    ]
+    argv = [str(binary), "-url", server.urls["ws"], *map(str, flags), "-server-pid", str(server.pid or 0),
+            "-max-total", "10m"]
     if args.client_cpu:
         argv = ["taskset", "-c", args.client_cpu, *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -341,34 +243,21 @@ def w5(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
     # client's, ...); "+socket": the port passed in and kept as systemd's chatd.socket does.
     for spec in args.storm_backoff.split(","):
         policy, _, socket = spec.partition("+")
-        yield from _script(
-            args,
-            ["bench/storm.py", "-n", str(args.storm_clients), "--backoff", policy]
-            + (["--socket-activation"] if socket else [])
-            + (["--server-cpu", args.server_cpu] if args.server_cpu else [])
-            + (["--client-cpu", args.client_cpu.split(",")[0]] if args.client_cpu else []),
-        )
+        yield from _script(args, ["bench/storm.py", "-n", str(args.storm_clients), "--backoff", policy]
+                           + (["--socket-activation"] if socket else [])
+                           + (["--server-cpu", args.server_cpu] if args.server_cpu else [])
+                           + (["--client-cpu", args.client_cpu.split(",")[0]] if args.client_cpu else []))
 
 
-@register(
-    "grpc-streams",
-    "gRPC StreamMessages subscribers one process holds (bench/grpc_streams.py)",
-    own_server=True,
-    chatd_only=True,
-)
+@register("grpc-streams", "gRPC StreamMessages subscribers one process holds (bench/grpc_streams.py)",
+          own_server=True, chatd_only=True)
 def grpc_streams(args: argparse.Namespace, server: Server | None) -> Iterator[Step]:
     yield from _script(args, ["bench/grpc_streams.py", "--steps", args.grpc_steps, "--json"])
 
 
 def _script(args: argparse.Namespace, argv: list[str]) -> Iterator[Step]:
-    proc = subprocess.run(
-        [sys.executable, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=args.max_total,
-        env={"PYTHONPATH": str(ROOT), **_env()},
-    )
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=args.max_total, env={"PYTHONPATH": str(ROOT), **_env()})
     sys.stderr.write(proc.stderr[-4000:])
     found = False
     for line in proc.stdout.splitlines():

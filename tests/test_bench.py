@@ -44,45 +44,11 @@ def test_bench_tiny_run_counts_add_up(tmp_path: Path) -> None:
     require(_have("picows") and _have("uvloop"), "the bench extra (picows, uvloop) is not installed")
     out = tmp_path / "run.jsonl"
     rooms, size, rates, duration = 2, 11, [5, 10], 1.0
-    argv = [
-        sys.executable,
-        "-m",
-        "bench",
-        "W1",
-        "W4",
-        "W2",
-        "W3",
-        "--rooms",
-        str(rooms),
-        "--room-size",
-        str(size),
-        "--rates",
-        ",".join(map(str, rates)),
-        "--warmup",
-        "0.5",
-        "--duration",
-        str(duration),
-        "--drain",
-        "3",
-        "--retries",
-        "0",
-        "--w2-rooms",
-        "20",
-        "--w2-warmup",
-        "1",
-        "--w2-duration",
-        "2",
-        "--idle",
-        "60",
-        "--idle-hold",
-        "1",
-        "--max-total",
-        "100",
-        "--out",
-        str(out),
-        "--max-p99",
-        "600000",
-    ]  # fmt: skip  (pass on counts alone: a busy machine must not fail this test)
+    argv = [sys.executable, "-m", "bench", "W1", "W4", "W2", "W3", "--rooms", str(rooms), "--room-size", str(size),
+            "--rates", ",".join(map(str, rates)), "--warmup", "0.5", "--duration", str(duration), "--drain", "3",
+            "--retries", "0", "--w2-rooms", "20", "--w2-warmup", "1", "--w2-duration", "2", "--idle", "60",
+            "--idle-hold", "1", "--max-total", "100", "--out", str(out),
+            "--max-p99", "600000"]  # fmt: skip  (pass on counts alone: a busy machine must not fail this test)
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
@@ -114,13 +80,8 @@ def test_bench_tiny_run_counts_add_up(tmp_path: Path) -> None:
     assert {x["tag"] for x in lines if x["mode"] == "server_summary"} == {"W1", "W2", "W3", "W4"}
     assert "us/deliv" in done.stderr  # the summary table
 
-    table = subprocess.run(
-        [sys.executable, "-m", "bench", "--table", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    table = subprocess.run([sys.executable, "-m", "bench", "--table", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30)
     assert table.returncode == 0, table.stderr
     row = next(r for r in table.stdout.splitlines() if r.startswith("| **chatd**"))
     assert row.split("|")[2].strip() == "10"  # W1 sustained: the highest passing rate
