@@ -10,6 +10,7 @@
 #   TREES="sqlite=. memory=." LABEL_ARGS="memory=--data-dir=" GO=0 bench/w5_connect.sh 2
 #   FLOOR=1 bench/w5_connect.sh 2          # and bench/floor.py, the least a Twisted server does
 #   FLOOR=presence bench/w5_connect.sh 2   # and bench/floor.py --presence: the same, with chatd's join and leave frames
+#   AUTOBAHN=1 bench/w5_connect.sh 2       # and the kit's bare Autobahn relay (py-autobahn-prepared, $BENCH_VENV)
 #
 # TREES names chatd source trees (label=path, each with its .venv) to measure
 # in the same run, alternating their order every round; by default this tree,
@@ -71,6 +72,7 @@ for t in "${trees[@]}"; do servers+=("$t"); done
 [ "${GO:-1}" = 0 ] || servers+=("go-gorilla=")
 [ "${FLOOR:-0}" = 0 ] || servers+=("py-twisted-floor=")
 [ "${FLOOR:-0}" != presence ] || servers+=("py-twisted-floor-presence=")
+[ "${AUTOBAHN:-0}" = 0 ] || servers+=("py-autobahn-prepared=")
 
 for r in $(seq "$ROUNDS"); do
   run_id="$(date +%Y%m%dT%H%M%S)-r$r"; [ "$RATE" = 1000 ] || run_id+="-at$RATE"
@@ -83,6 +85,9 @@ for r in $(seq "$ROUNDS"); do
       start go-gorilla "$BENCH/peers/go-gorilla/go-gorilla" -addr "127.0.0.1:$PORT"
     elif [ "$label" = py-twisted-floor ]; then
       start py-twisted-floor "$ROOT/.venv/bin/python" "$ROOT/bench/floor.py" "$PORT"
+    elif [ "$label" = py-autobahn-prepared ]; then
+      start py-autobahn-prepared "${BENCH_VENV:-/tmp/benchvenv}/bin/python" "$BENCH/peers/py-autobahn-twisted/server.py" \
+        --port "$PORT" --mode prepared
     elif [ "$label" = py-twisted-floor-presence ]; then
       start py-twisted-floor-presence "$ROOT/.venv/bin/python" "$ROOT/bench/floor.py" "$PORT" --presence
     else
