@@ -18,7 +18,11 @@ A token is an HS256/RS256/ES256 JWT with ``sub`` (the user name, checked
 like any user name) and ``exp`` (required: a token that never expires
 could only be revoked by changing the key), optionally ``nbf``, and
 optionally ``rooms``, a list of room names the connection may join, send to,
-stream and read. Expiry is checked against the injected clock (the
+stream and read. A token from an OAuth2/OpenID Connect provider names its
+audience (``aud``) and issuer (``iss``): ``--auth-audience`` makes ``aud``
+required and one of its values this name, ``--auth-issuer`` the same for
+``iss``. Without ``--auth-audience`` a token that names an audience is
+refused (it was minted for some service, perhaps another one). Expiry is checked against the injected clock (the
 reactor), not the wall clock of PyJWT, so tests drive it with
 ``twisted.internet.task.Clock``; the hub closes a connection whose token
 expires while it is open.
@@ -99,11 +103,22 @@ def bearer(authorization: str | bytes | None) -> str | None:
 class Authenticator:
     """Verifies tokens with one key and one algorithm, against an injected clock."""
 
-    def __init__(self, key: Any, algorithm: str, clock: IReactorTime, leeway: float = 0.0) -> None:
+    def __init__(
+        self,
+        key: Any,
+        algorithm: str,
+        clock: IReactorTime,
+        leeway: float = 0.0,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
         self._key = key
         self.algorithm = algorithm
         self.clock = clock
         self.leeway = leeway
+        self.audience = audience
+        self.issuer = issuer
+        self._required = ["sub", "exp", *(["aud"] if audience else []), *(["iss"] if issuer else [])]
 
     def verify(self, token: str | None) -> Identity:
         """The identity a token proves; raises :class:`Unauthenticated` with the reason."""
@@ -116,14 +131,24 @@ class Authenticator:
                 token,
                 self._key,
                 algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
                 # Time is checked below on our clock; presence of the claims here.
                 options={
-                    "require": ["sub", "exp"],
+                    "require": self._required,
                     "verify_exp": False,
                     "verify_nbf": False,
                     "verify_iat": False,
                 },
             )
+        except jwt.InvalidAudienceError as e:
+            if self.audience is None:
+                raise Unauthenticated(
+                    "invalid token: it names an audience (aud) and this server has none: set --auth-audience"
+                ) from None
+            raise Unauthenticated(f"invalid token: {e} (aud must name {self.audience!r})") from None
+        except jwt.InvalidIssuerError as e:
+            raise Unauthenticated(f"invalid token: {e} (iss must be {self.issuer!r})") from None
         except jwt.InvalidTokenError as e:
             raise Unauthenticated(f"invalid token: {e}") from None
         now = self.clock.seconds()
@@ -232,6 +257,12 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "AUTH_PUBLIC_KEY",
         "turn token authentication on with RS256 or ES256 JWTs: the PEM public key that verifies them",
     ),
+    "auth-audience": (
+        "AUTH_AUDIENCE",
+        "the audience (aud) tokens must name, as an identity provider mints them for this service; "
+        "without it a token that names an audience is refused",
+    ),
+    "auth-issuer": ("AUTH_ISSUER", "the issuer (iss) tokens must name, e.g. https://id.example.com/"),
     "metrics-token": ("METRICS_TOKEN", "require 'Authorization: Bearer TOKEN' on /metrics"),
 }
 
@@ -253,6 +284,11 @@ def check_options(options: Any) -> None:
         options["auth-key"] = load_public_key(options["auth-public-key"])
     else:
         options["auth-key"] = None
+    for name in ("auth-audience", "auth-issuer"):
+        if options[name] and options["auth-key"] is None:
+            raise usage.UsageError(
+                f"--{name} needs token authentication: give --auth-secret(-file) or --auth-public-key too"
+            )
 
 
 def from_options(options: Any, clock: IReactorTime) -> Authenticator | None:
@@ -260,7 +296,9 @@ def from_options(options: Any, clock: IReactorTime) -> Authenticator | None:
     key = options.get("auth-key") if hasattr(options, "get") else options["auth-key"]
     if key is None:
         return None
-    return Authenticator(key[0], key[1], clock)
+    return Authenticator(
+        key[0], key[1], clock, audience=options["auth-audience"] or None, issuer=options["auth-issuer"] or None
+    )
 
 
 def secret_environment(options: Any) -> dict[str, str]:

@@ -113,6 +113,44 @@ def test_bad_tokens_are_refused_with_a_reason(token: str | None, reason: str) ->
     assert reason in caught.value.reason
 
 
+def test_an_identity_providers_token_is_checked_for_the_audience_and_issuer_given() -> None:
+    """Tokens from an OAuth2/OIDC provider carry ``aud`` and ``iss``: ``--auth-audience``/``--auth-issuer`` check them."""
+    clock = task.Clock()
+    clock.advance(1000)
+    verifier = Authenticator(SECRET.encode(), "HS256", clock, audience="chat", issuer="https://id.example")
+    good = minted_at(clock, "alice", aud="chat", iss="https://id.example")
+    assert verifier.verify(good) == Identity("alice", None, 1060.0)
+    # aud may be a list that names this service among others (RFC 7519 section 4.1.3)
+    assert verifier.verify(minted_at(clock, aud=["billing", "chat"], iss="https://id.example")).user == "alice"
+    for claims, reason in (
+        ({"aud": "billing", "iss": "https://id.example"}, "aud must name 'chat'"),
+        ({"iss": "https://id.example"}, '"aud"'),
+        ({"aud": "chat", "iss": "https://evil.example"}, "iss must be 'https://id.example'"),
+        ({"aud": "chat"}, '"iss"'),
+    ):
+        with pytest.raises(Unauthenticated) as caught:
+            verifier.verify(minted_at(clock, **claims))
+        assert reason in caught.value.reason, (claims, caught.value.reason)
+    # No audience configured: a token meant for some audience is refused, and the reason says what to set.
+    plain = Authenticator(SECRET.encode(), "HS256", clock)
+    with pytest.raises(Unauthenticated, match="--auth-audience"):
+        plain.verify(good)
+    assert plain.verify(minted_at(clock, iss="https://anyone.example")).user == "alice"  # iss unchecked unless asked
+
+
+def test_audience_and_issuer_options_from_flags_or_environment() -> None:
+    for argv, environ in (
+        (["--auth-secret", SECRET, "--auth-audience", "chat", "--auth-issuer", "https://id.example"], {}),
+        ([], {"AUTH_SECRET": SECRET, "AUTH_AUDIENCE": "chat", "AUTH_ISSUER": "https://id.example"}),
+    ):
+        options = tap.Options(environ=environ)
+        options.parseOptions(argv)
+        verifier = auth.from_options(options, task.Clock())
+        assert (verifier.audience, verifier.issuer) == ("chat", "https://id.example")
+    with pytest.raises(usage.UsageError, match="--auth-audience.*needs token authentication"):
+        tap.Options(environ={}).parseOptions(["--auth-audience", "chat"])
+
+
 def test_expiry_follows_the_injected_clock_not_the_wall_clock() -> None:
     clock = task.Clock()  # at 0: a token that expired in 1970 is still good here
     verifier = Authenticator(SECRET.encode(), "HS256", clock)
@@ -358,6 +396,20 @@ async def test_websocket_takes_a_token_in_the_query_or_a_header_and_refuses_bad_
 
     await deferToThread(scenario)
     assert [m.user for m in await running.hub.history("lobby")] == ["bob"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_takes_an_identity_providers_token_for_its_audience(start) -> None:
+    running = await start("--auth-secret", SECRET, "--auth-audience", "chat", "--auth-issuer", "https://id.example")
+
+    def scenario() -> None:
+        url = running.ws_url
+        assert _status(url + "?token=" + mint(aud="billing", iss="https://id.example")) == 401
+        assert _status(url + "?token=" + mint(aud="chat")) == 401
+        with Client(url + "?token=" + mint("alice", aud="chat", iss="https://id.example")) as a:
+            assert a.join("lobby", "alice")["user"] == "alice"
+
+    await deferToThread(scenario)
 
 
 @pytest_twisted.ensureDeferred
