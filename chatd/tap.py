@@ -402,6 +402,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return top
     adopted = workers.adopted_endpoints(reactor, options.environ)
     in_pool = options["worker-index"] is not None
+    if in_pool:
+        workers.follow_supervisor(options.environ)
 
     def endpoint(name: str) -> Any:
         return adopted.get(name) or endpoints.serverFromString(reactor, workers.with_backlog(options[name]))

@@ -24,6 +24,7 @@ use fails the start at once (one line, non-zero exit), as without workers.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -46,6 +47,10 @@ FIRST_WORKER_ONLY = {"signalr"}
 #: set in a worker's environment: its index, and its listening sockets' descriptors
 WORKER_ENV = "CHATD_WORKER"
 FDS_ENV = "CHATD_LISTEN_FDS"
+#: set in a worker's environment: the supervisor's process id (see follow_supervisor)
+SUPERVISOR_ENV = "CHATD_SUPERVISOR"
+#: prctl(2): the signal a process gets when its parent dies
+PR_SET_PDEATHSIG = 1
 FIRST_FD = 3
 RESTART_DELAY = 1.0
 
@@ -70,6 +75,30 @@ def with_backlog(description: str) -> str:
     if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
         return f"{description}:backlog={somaxconn()}"
     return description
+
+
+def follow_supervisor(environ: Any = None) -> None:
+    """Make this worker drain and exit (SIGTERM) when its supervisor dies, however it dies.
+
+    A supervisor killed outright (SIGKILL, the OOM killer; outside systemd,
+    which kills the whole cgroup anyway) would otherwise leave its workers
+    serving on: ``SO_REUSEPORT`` lets the next supervisor bind beside them,
+    and they would go on taking a share of new connections with the old
+    code and options. Linux only (``prctl``); elsewhere the worker lives on
+    as before.
+    """
+    expected = (environ if environ is not None else os.environ).get(SUPERVISOR_ENV, "")
+    if not expected.isdigit():
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:
+        log.warn("cannot follow the supervisor's exit ({error}): this worker outlives it", error=str(e))
+        return
+    if os.getppid() != int(expected):  # it died before the line above
+        raise StartupError("the supervisor that started this worker is gone")
 
 
 def worker_index(environ: Any = None) -> int | None:
@@ -186,6 +215,7 @@ class WorkerPool(Service):
         env = dict(os.environ)
         env.update(self.environment)
         env[WORKER_ENV] = str(index)
+        env[SUPERVISOR_ENV] = str(os.getpid())
         env[FDS_ENV] = ",".join(fds)
         # Only the supervisor talks to systemd.
         env.pop("NOTIFY_SOCKET", None)

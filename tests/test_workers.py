@@ -91,6 +91,47 @@ def test_sigterm_drains_every_worker(redis) -> None:
     assert daemon.proc.returncode == 0
 
 
+def test_workers_leave_when_their_supervisor_is_killed(redis) -> None:
+    """A supervisor killed outright (OOM, SIGKILL, outside systemd's cgroup) must not leave workers serving.
+
+    Orphans would keep the ports (``SO_REUSEPORT`` lets the next supervisor
+    bind beside them) and go on answering a share of new connections with
+    the old code and options. Each worker drains as on SIGTERM instead.
+    """
+    with Daemon("--workers", "2", "--redis", redis.url, "--drain-timeout", "2") as daemon:
+        daemon.wait_healthy()
+        pids = wait_for(lambda: len(w := workers_of(daemon)) == 2 and w)
+        client = Client(daemon.ws_url)
+        client.join("r", "ann")
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(10)
+
+        def gone() -> bool:
+            alive = []
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    alive.append(pid)
+                except ProcessLookupError:
+                    pass
+            return not alive
+
+        try:
+            wait_for(gone, timeout=20)
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            while True:
+                client.recv(timeout=5)
+        except Exception:
+            pass
+        assert client.ws.close_code == 1001  # drained: a going-away close, not a dropped socket
+
+
 def test_workers_without_redis_is_a_one_line_usage_error() -> None:
     result = subprocess.run(
         [str(TWISTD), "--nodaemon", "--pidfile=", "chatd", "--workers", "2", *listener_args(free_ports())],
