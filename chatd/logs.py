@@ -26,6 +26,10 @@ from twisted.web.http import HTTPFactory
 
 from chatd.events import rfc3339
 
+#: event keys a supervisor adds to the log events it passes on from a worker (see chatd.workers)
+WORKER = "chatd_worker"
+WORKER_PID = "chatd_worker_pid"
+
 
 def event_as_json(event: dict[str, Any]) -> str:
     """One log event as a JSON line (with the newline)."""
@@ -34,8 +38,10 @@ def event_as_json(event: dict[str, Any]) -> str:
         "level": getattr(event.get("log_level"), "name", "info"),
         "logger": event.get("log_namespace", "-"),
         "message": formatEvent(event),
-        "pid": os.getpid(),
+        "pid": event.get(WORKER_PID, os.getpid()),
     }
+    if WORKER in event:  # a worker's line, passed on by the supervisor (chatd.workers)
+        record["worker"] = event[WORKER]
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         record["traceback"] = failure.getTraceback()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 from tests.daemon import TWISTD, Daemon, free_ports, listener_args, source_env
@@ -130,6 +132,51 @@ def test_workers_leave_when_their_supervisor_is_killed(redis) -> None:
         except Exception:
             pass
         assert client.ws.close_code == 1001  # drained: a going-away close, not a dropped socket
+
+
+def test_every_worker_log_line_says_which_worker_wrote_it(redis) -> None:
+    """With several workers on one journal, a line must say whose it is, in the supervisor's own format."""
+    with Daemon("--workers", "2", "--redis", redis.url) as daemon:
+        daemon.wait_healthy()
+        pids = wait_for(lambda: len(w := workers_of(daemon)) == 2 and w)
+        with Client(daemon.ws_url) as c:
+            c.join("r", "ann")
+        wait_for(lambda: daemon.read_output().count("caught up") >= 2)
+        log = daemon.stop()
+    caught_up = [line for line in log.splitlines() if "redis: caught up" in line]
+    assert len(caught_up) == 2, log
+    assert {line.split("[worker ", 1)[1][0] for line in caught_up if "[worker " in line} == {"0", "1"}, log
+    assert all(": chatd.redis#info]" in line for line in caught_up), log
+    assert "[chatd.workers#info] 2 workers started" in log  # the supervisor's own lines as before
+    assert pids
+
+
+def test_worker_lines_are_json_when_the_supervisor_logs_json(redis) -> None:
+    ports = free_ports()
+    argv = [str(TWISTD), "--nodaemon", "--pidfile=", "--logger", "chatd.logs.json_observer", "chatd",
+            *listener_args(ports), "--workers", "2", "--redis", redis.url]  # fmt: skip
+    with tempfile.TemporaryDirectory() as data:
+        proc = subprocess.Popen([*argv, "--data-dir", data], env=source_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(subprocess.run(
+                    ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()) < 2:
+                time.sleep(0.1)  # fmt: skip
+            time.sleep(3)  # the workers' start-up lines
+            pids = {int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()}  # fmt: skip
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    records = [json.loads(line) for line in out.splitlines()]  # every line parses, the workers' too
+    workers = [r for r in records if "worker" in r]
+    assert {r["worker"] for r in workers} == {0, 1}, out
+    assert {r["pid"] for r in workers} == pids, (pids, out)
+    assert any(r["logger"] == "chatd.redis" and "caught up" in r["message"] for r in workers), out
+    assert any(r["logger"] == "chatd.workers" and "worker" not in r for r in records), out
 
 
 def test_workers_without_redis_is_a_one_line_usage_error() -> None:
