@@ -91,39 +91,61 @@ class HubCollector(Collector):
     def collect(self) -> Iterator[Any]:
         hub = self._hub
         stats = hub.stats()
-        connections = GaugeMetricFamily(
+        return self._families(
+            {protocol: count for protocol, count in stats["connections"].items() if protocol != "total"},
+            accepted=hub.connections_total,
+            # Every open gRPC stream (StreamMessages, Chat) is a hub session; unary calls are not.
+            grpc_streams=stats["connections"].get("grpc", 0),
+            rooms=stats["rooms"],
+            deliveries=hub.deliveries_total,
+            accepting=int(hub.running and hub.accepting),
+            store_healthy=int(hub.store.problem is None),
+            uptime=hub.uptime(),
+        )
+
+    def describe(self) -> Iterator[Any]:
+        """The families :meth:`collect` yields, without reading the hub: their names, for ``?name[]=``.
+
+        A registry maps a collector to its metric names when it is
+        registered, from ``describe()``; without one (and ``auto_describe``
+        off, the default) ``restricted_registry`` never calls the collector.
+        """
+        return self._families({}, 0, 0, 0, 0, 0, 0, 0.0)
+
+    @staticmethod
+    def _families(
+        connections: dict[str, int],
+        accepted: int,
+        grpc_streams: int,
+        rooms: int,
+        deliveries: int,
+        accepting: int,
+        store_healthy: int,
+        uptime: float,
+    ) -> Iterator[Any]:
+        family = GaugeMetricFamily(
             "chatd_connections", "Client connections open now, per protocol", labels=["protocol"]
         )
-        for protocol, count in stats["connections"].items():
-            if protocol != "total":
-                connections.add_metric([protocol], count)
-        yield connections
+        for protocol, count in connections.items():
+            family.add_metric([protocol], count)
+        yield family
         yield CounterMetricFamily(
-            "chatd_connections_accepted",
-            "Client connections accepted since start",
-            value=hub.connections_total,
+            "chatd_connections_accepted", "Client connections accepted since start", value=accepted
         )
-        # Every open gRPC stream (StreamMessages, Chat) is a hub session; unary calls are not.
-        yield GaugeMetricFamily(
-            "chatd_grpc_streams", "gRPC server streams open now", value=stats["connections"].get("grpc", 0)
-        )
-        yield GaugeMetricFamily("chatd_rooms", "Rooms with at least one member", value=stats["rooms"])
+        yield GaugeMetricFamily("chatd_grpc_streams", "gRPC server streams open now", value=grpc_streams)
+        yield GaugeMetricFamily("chatd_rooms", "Rooms with at least one member", value=rooms)
         yield CounterMetricFamily(
-            "chatd_deliveries",
-            "Chat messages handed to a recipient session (one per recipient)",
-            value=hub.deliveries_total,
+            "chatd_deliveries", "Chat messages handed to a recipient session (one per recipient)", value=deliveries
         )
         yield GaugeMetricFamily(
-            "chatd_accepting",
-            "1 while the server takes new clients, 0 while draining",
-            value=int(hub.running and hub.accepting),
+            "chatd_accepting", "1 while the server takes new clients, 0 while draining", value=accepting
         )
         yield GaugeMetricFamily(
             "chatd_store_healthy",
             "1 while the history store (SQLite, or Redis with --redis) takes messages",
-            value=int(hub.store.problem is None),
+            value=store_healthy,
         )
-        yield GaugeMetricFamily("chatd_uptime_seconds", "Seconds since the hub started", value=hub.uptime())
+        yield GaugeMetricFamily("chatd_uptime_seconds", "Seconds since the hub started", value=uptime)
 
 
 class HubMetrics(Collector):
@@ -217,6 +239,10 @@ class HubMetrics(Collector):
         if created is not None:  # HistogramMetricFamily takes no created= of its own
             latency.samples.append(Sample("chatd_publish_to_deliver_seconds_created", {}, created, None))
         yield latency
+
+    def describe(self) -> Iterator[Any]:
+        """Names for ``/metrics?name[]=`` (see :meth:`HubCollector.describe`): the families, from zeros at start."""
+        return self.collect()
 
     def too_slow(self, protocol: str) -> None:
         """A session closed because it did not read fast enough."""

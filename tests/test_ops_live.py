@@ -77,6 +77,28 @@ def _metrics(url: str) -> dict[tuple[str, tuple], float]:
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_name_filter_returns_every_family_asked_for(chatd) -> None:
+    """``/metrics?name[]=…`` (prometheus_client's filter) serves chatd's own families too, not only its Counters."""
+    names = ["chatd_messages_received_total", "chatd_events_out_total", "chatd_publish_to_deliver_seconds_count",
+             "chatd_connections", "chatd_deliveries_total", "chatd_uptime_seconds", "chatd_errors_total"]  # fmt: skip
+
+    def scenario():
+        with Client(chatd.ws_url) as a:
+            a.join("m", "alice")
+            a.send(type="message", room="m", message="one")
+            a.recv_type("message")
+            a.send(type="bogus")
+            a.recv_type("error")
+            query = "&".join(f"name[]={n}" for n in names)
+            return _metrics(chatd.url("ws", path=f"/metrics?{query}"))
+
+    m = await deferToThread(scenario)
+    assert {name for name, _ in m} == set(names)
+    assert m[("chatd_messages_received_total", (("protocol", "websocket"),))] == 1
+    assert m[("chatd_publish_to_deliver_seconds_count", ())] == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_endpoint_counts_a_real_chat(chatd) -> None:
     def scenario():
         before = _metrics(chatd.url("ws", path="/metrics"))
