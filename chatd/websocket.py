@@ -385,6 +385,47 @@ class ServerProtocol(WebSocketServerProtocol):
         """Autobahn's reading of the request (a subclass may take the plain case first: :mod:`chatd.wshandshake`)."""
         super().processHandshake()
 
+    #: the deadline of a clean close that waits on the peer to read (see dropConnection)
+    _close_deadline: Any = None
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """Autobahn's, with a deadline on a clean close.
+
+        Answering a peer's close, Autobahn ends the TCP connection cleanly:
+        the transport closes once everything queued is written. A peer that
+        stopped reading (with less waiting than the slow-client bound) and
+        then sent its close never lets that happen, and no timer of
+        Autobahn's covers it (``closeHandshakeTimeout`` runs only for a
+        close the server began): the session, its rooms and its buffers
+        would be held for ever. After ``closeHandshakeTimeout`` the
+        connection is aborted instead.
+        """
+        was_open = self.state != self.STATE_CLOSED
+        super().dropConnection(abort)
+        transport = self.transport
+        if (
+            not abort
+            and was_open
+            and transport is not None
+            and self._close_deadline is None
+            and self.closeHandshakeTimeout
+            and getattr(transport, "connected", True)
+        ):
+            self._close_deadline = self.factory._batched_timer.call_later(
+                self.closeHandshakeTimeout, self._close_overdue
+            )
+
+    def _close_overdue(self) -> None:
+        self._close_deadline = None
+        if self.transport is not None and getattr(self.transport, "connected", True):
+            self.transport.abortConnection()
+
+    def _connectionLost(self, reason: Any) -> None:
+        if self._close_deadline is not None:
+            self._close_deadline.cancel()
+            self._close_deadline = None
+        super()._connectionLost(reason)
+
 
 #: this process's and its reactor thread's ids, for :func:`_transport_details`
 _own_ids: tuple[int, int] | None = None

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.request
@@ -245,6 +246,51 @@ def test_a_websocket_reader_that_stops_reading_is_closed_with_a_resume_point_and
         assert len(got) == n, "every other member got every message"
         p99 = sorted(got)[int(len(got) * 0.99)]
         assert p99 < 0.5, f"p99 delivery latency {p99:.3f}s while one reader was stuck"
+
+
+def _send_queue(port: int, client_port: int) -> int:
+    """Bytes the kernel holds for the server's socket to one client (``ss`` Send-Q), 0 once it is gone."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} and dport = :{client_port} )"],
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    return int(out[1]) if out else 0
+
+
+def test_a_reader_that_sends_a_close_and_never_reads_its_answer_is_dropped() -> None:
+    """A peer's close is answered, and the connection ended, even when the peer reads nothing more.
+
+    The server's answer waits behind what the client never read (below
+    --write-buffer-size, so it was not closed as too slow); a clean close
+    waits for that to drain, which never happens. Without a deadline the
+    session, its rooms and its buffers were held for ever.
+    """
+    with Daemon("--max-message-rate", "0") as d:
+        d.wait_healthy()
+        port = d.ports["ws"]
+        frozen = RawWebSocket(port, rcvbuf=4096)
+        frozen.send(type="join", room="r", user="frozen")
+        while orjson.loads(frozen.frame()[1])["type"] != "joined":
+            pass
+        client_port = frozen.sock.getsockname()[1]
+        with Client(d.ws_url) as sender:
+            sender.join("r", "sender")
+            last = -1
+            for _ in range(200):  # fill the kernel's buffers for the frozen reader
+                for _ in range(20):
+                    sender.send(type="message", room="r", message="q" * 4000)
+                time.sleep(0.15)
+                queued = _send_queue(port, client_port)
+                if queued == last:
+                    break
+                last = queued
+            for _ in range(40):  # 160 KB more, held by the server itself: well under the 1 MiB bound
+                sender.send(type="message", room="r", message="q" * 4000)
+            time.sleep(0.5)
+            assert _stats(d)["connections"]["websocket"] == 2  # not closed as too slow
+            frozen.sock.sendall(bytes([0x88, 0x82]) + b"\0\0\0\0" + struct.pack("!H", 1000))  # and reads nothing
+            _poll(lambda: _stats(d)["connections"]["websocket"] == 1, timeout=15)
+            with Client(d.ws_url) as probe:
+                assert probe.join("r", "probe")["members"] == ["sender", "probe"]
+        frozen.close()
 
 
 def _storm_connect(port: int, i: int) -> int:
