@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 
 from chatd import validate
+from chatd.logs import printable
 from chatd.validate import ChatError
 
 #: a longer token is refused unread (a header that large is an attack, not a login)
@@ -146,11 +147,13 @@ class Authenticator:
                 raise Unauthenticated(
                     "invalid token: it names an audience (aud) and this server has none: set --auth-audience"
                 ) from None
-            raise Unauthenticated(f"invalid token: {e} (aud must name {self.audience!r})") from None
+            raise Unauthenticated(f"invalid token: {printable(str(e))} (aud must name {self.audience!r})") from None
         except jwt.InvalidIssuerError as e:
-            raise Unauthenticated(f"invalid token: {e} (iss must be {self.issuer!r})") from None
+            raise Unauthenticated(f"invalid token: {printable(str(e))} (iss must be {self.issuer!r})") from None
         except jwt.InvalidTokenError as e:
-            raise Unauthenticated(f"invalid token: {e}") from None
+            # PyJWT's text may quote the token (a "crit" extension's name, say): it becomes one
+            # printable line before it reaches an HTTP status line, gRPC details or the log.
+            raise Unauthenticated(f"invalid token: {printable(str(e))}") from None
         now = self.clock.seconds()
         expires = _number(claims["exp"], "exp")
         if now >= expires + self.leeway:

@@ -303,3 +303,43 @@ def test_the_handshake_deadline_spares_websockets_and_long_polls() -> None:
                 body = waiting.result(timeout=15)
         assert b"\"target\":\"UserJoined\"" in body  # the first event after the wait, held past the deadline
         assert time.monotonic() - started > 2.5
+
+
+def _crit_token(extension: str) -> str:
+    """An unsigned token whose header lists ``extension`` as critical: PyJWT names it before checking anything."""
+    import base64
+
+    def b64(d: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+    return b64({"alg": "HS256", "crit": [extension]}) + "." + b64({"sub": "a", "exp": 9e9}) + ".AAAA"
+
+
+def test_token_text_in_a_refusal_cannot_add_headers_or_log_lines() -> None:
+    """A reason built from the token is one printable line: the 401 status line and the log get no CR/LF from it."""
+    from twisted.internet.task import Clock
+
+    from chatd.auth import Authenticator, Unauthenticated
+
+    forged = _crit_token("x\r\nSet-Cookie: injected=1\r\nX-Injected: yes")
+    with pytest.raises(Unauthenticated) as caught:
+        Authenticator(SECRET.encode(), "HS256", Clock()).verify(forged)
+    assert "\r" not in caught.value.reason and "\n" not in caught.value.reason
+    assert "Unsupported critical extension" in caught.value.reason
+    with Daemon("--auth-secret", SECRET) as d:
+        d.wait_healthy()
+        s = socket.create_connection(("127.0.0.1", d.ports["ws"]), timeout=10)
+        s.sendall((f"GET /ws?token={forged} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())  # fmt: skip
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            raw += chunk
+        s.close()
+        log = d.stop()
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 401 "), raw
+    assert not any(line.startswith((b"Set-Cookie", b"X-Injected")) for line in head.split(b"\r\n")), raw
+    assert not any(line.lstrip().startswith(("Set-Cookie", "X-Injected")) for line in log.splitlines()), log
