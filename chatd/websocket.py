@@ -52,8 +52,11 @@ name gets an error reply, as does a room outside the token's ``rooms``.
 
 from __future__ import annotations
 
+import fcntl
 import operator
 import os
+import sys
+import termios
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -387,9 +390,11 @@ class ServerProtocol(WebSocketServerProtocol):
 
     #: the deadline of a clean close that waits on the peer to read (see dropConnection)
     _close_deadline: Any = None
+    #: bytes the transport still held for the peer at the last look
+    _close_left = 0
 
     def dropConnection(self, abort: bool = False) -> None:
-        """Autobahn's, with a deadline on a clean close.
+        """Autobahn's, with a deadline on a clean close that makes no progress.
 
         Answering a peer's close, Autobahn ends the TCP connection cleanly:
         the transport closes once everything queued is written. A peer that
@@ -397,34 +402,54 @@ class ServerProtocol(WebSocketServerProtocol):
         then sent its close never lets that happen, and no timer of
         Autobahn's covers it (``closeHandshakeTimeout`` runs only for a
         close the server began): the session, its rooms and its buffers
-        would be held for ever. After ``closeHandshakeTimeout`` the
-        connection is aborted instead.
+        would be held for ever. So every ``closeHandshakeTimeout`` the
+        transport's buffer is looked at: a peer that read some of it since
+        the last look gets another period, one that read nothing is aborted.
         """
         was_open = self.state != self.STATE_CLOSED
         super().dropConnection(abort)
-        transport = self.transport
-        if (
-            not abort
-            and was_open
-            and transport is not None
-            and self._close_deadline is None
-            and self.closeHandshakeTimeout
-            and getattr(transport, "connected", True)
-        ):
-            self._close_deadline = self.factory._batched_timer.call_later(
-                self.closeHandshakeTimeout, self._close_overdue
-            )
+        if not abort and was_open and self._close_deadline is None and self.closeHandshakeTimeout:
+            self._close_left = _unwritten(self.transport)
+            if self._close_left:
+                self._close_deadline = self.factory.reactor.callLater(self.closeHandshakeTimeout, self._close_overdue)
 
     def _close_overdue(self) -> None:
         self._close_deadline = None
-        if self.transport is not None and getattr(self.transport, "connected", True):
-            self.transport.abortConnection()
+        transport = self.transport
+        if transport is None or not getattr(transport, "connected", False):
+            return
+        left = _unwritten(transport)
+        if left and left < self._close_left:  # the peer is reading: give it another period
+            self._close_left = left
+            self._close_deadline = self.factory.reactor.callLater(self.closeHandshakeTimeout, self._close_overdue)
+        elif left:
+            transport.abortConnection()
 
     def _connectionLost(self, reason: Any) -> None:
         if self._close_deadline is not None:
             self._close_deadline.cancel()
             self._close_deadline = None
         super()._connectionLost(reason)
+
+
+def _unwritten(transport: Any) -> int:
+    """Bytes on their way to the peer that it has not taken: the transport's buffer and the kernel's.
+
+    The kernel's part (``SIOCOUTQ``: sent but not acknowledged, or not sent
+    yet) moves as soon as the peer reads; the transport's only once the
+    kernel's has room again, which can take seconds of reading. 0 when
+    neither can be read (not a Twisted TCP transport).
+    """
+    try:
+        held = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
+    try:
+        queued = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        held += int.from_bytes(queued, sys.byteorder)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return held
 
 
 #: this process's and its reactor thread's ids, for :func:`_transport_details`

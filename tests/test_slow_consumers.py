@@ -293,6 +293,57 @@ def test_a_reader_that_sends_a_close_and_never_reads_its_answer_is_dropped() -> 
         frozen.close()
 
 
+def test_a_close_answer_waiting_behind_a_slow_but_reading_client_is_not_cut_short() -> None:
+    """The close deadline above is for a reader that stopped: one that still reads gets everything, then the answer."""
+    with Daemon("--max-message-rate", "0") as d:
+        d.wait_healthy()
+        port = d.ports["ws"]
+        slow = RawWebSocket(port, rcvbuf=4096, timeout=30)
+        slow.send(type="join", room="r", user="slow")
+        while orjson.loads(slow.frame()[1])["type"] != "joined":
+            pass
+        client_port = slow.sock.getsockname()[1]
+        sent = 0
+        with Client(d.ws_url) as sender:
+            sender.join("r", "sender")
+            last = -1
+            for _ in range(200):
+                for _ in range(20):
+                    sender.send(type="message", room="r", message="q" * 4000)
+                    sent += 1
+                time.sleep(0.15)
+                queued = _send_queue(port, client_port)
+                if queued == last:
+                    break
+                last = queued
+            for _ in range(100):  # 400 KB more in the server's own buffer, under the 1 MiB bound
+                sender.send(type="message", room="r", message="q" * 4000)
+                sent += 1
+            time.sleep(0.5)
+            slow.sock.sendall(bytes([0x88, 0x82]) + b"\0\0\0\0" + struct.pack("!H", 1000))
+            # Read on, at about 1.3 MB/s: several close deadlines pass before the answer is reached.
+            started = time.monotonic()
+            while True:
+                chunk = slow.sock.recv(65536)
+                if not chunk:
+                    break
+                slow._buffer += chunk
+                time.sleep(0.05)
+            took = time.monotonic() - started
+        seqs, close = [], None
+        while slow._buffer:
+            opcode, payload = slow.frame()
+            if opcode == 0x8:
+                close = payload
+                break
+            if opcode == 0x1 and orjson.loads(payload)["type"] == "message":
+                seqs.append(orjson.loads(payload)["seq"])
+        slow.close()
+    assert took > 3, f"the answer came after {took:.1f} s: the test did not read slowly enough to mean anything"
+    assert close is not None and struct.unpack("!H", close[:2])[0] == 1000, "the close answer arrived"
+    assert seqs == list(range(1, sent + 1)), (len(seqs), sent)
+
+
 def _storm_connect(port: int, i: int) -> int:
     """One handshake from the storm's address; every third also joins a room; then gone."""
     try:
