@@ -20,28 +20,36 @@ import sys
 from typing import IO, Any
 
 import orjson
-from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
+)
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPFactory
 
 from chatd.events import rfc3339
 
-#: event keys a supervisor adds to the log events it passes on from a worker (see chatd.workers)
-WORKER = "chatd_worker"
-WORKER_PID = "chatd_worker_pid"
+#: this process's log format, as its ``--logger`` chose it: a ``--workers`` supervisor passes it on
+FORMAT = "text"
+#: set in a worker's environment: the supervisor's log format (see worker_observer)
+FORMAT_ENV = "CHATD_LOG_FORMAT"
 
 
-def event_as_json(event: dict[str, Any]) -> str:
-    """One log event as a JSON line (with the newline)."""
+def event_as_json(event: dict[str, Any], worker: int | None = None) -> str:
+    """One log event as a JSON line (with the newline); ``worker``: the ``--workers`` number of this process."""
     record: dict[str, Any] = {
         "time": rfc3339(event.get("log_time") or 0.0),
         "level": getattr(event.get("log_level"), "name", "info"),
         "logger": event.get("log_namespace", "-"),
         "message": formatEvent(event),
-        "pid": event.get(WORKER_PID, os.getpid()),
+        "pid": os.getpid(),
     }
-    if WORKER in event:  # a worker's line, passed on by the supervisor (chatd.workers)
-        record["worker"] = event[WORKER]
+    if worker is not None:
+        record["worker"] = worker
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         record["traceback"] = failure.getTraceback()
@@ -54,7 +62,39 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
     twistd calls this before it redirects ``sys.stdout`` into the log, so
     the real standard output is captured here.
     """
+    global FORMAT
+    FORMAT = "json"
     return FileLogObserver(out or sys.stdout, event_as_json)
+
+
+def worker_observer(out: IO[str] | None = None, environ: Any = None) -> ILogObserver:
+    """The ``--logger`` of a ``--workers`` worker: its supervisor's format, each line saying which worker wrote it.
+
+    Workers write to the standard output they share with the supervisor
+    (the journal), each line whole, so a line is never held up or lost
+    by another process (a supervisor that died, say): the text log as
+    twistd writes it, its system field ``worker 1: chatd.redis#info``;
+    or, when the supervisor logs JSON (``--logger chatd.logs.json_observer``),
+    the same JSON with ``"worker": 1``.
+    """
+    from chatd.workers import worker_index  # not at the top: chatd.workers imports this module
+
+    env = environ if environ is not None else os.environ
+    index = worker_index(env) or 0
+    if env.get(FORMAT_ENV) == "json":
+        return FileLogObserver(out or sys.stdout, lambda event: event_as_json(event, index))
+
+    def as_text(event: dict[str, Any]) -> str | None:
+        system = event.get("log_system")
+        if system is None:
+            level = getattr(event.get("log_level"), "name", "-")
+            system = f"{event.get('log_namespace', '-')}#{level}"
+        return formatEventAsClassicLogText(
+            {**event, "log_system": f"worker {index}: {system}"},
+            formatTime=lambda when: formatTime(when, timeFormatRFC3339),
+        )
+
+    return FileLogObserver(out or sys.stdout, as_text)
 
 
 def printable(value: object, limit: int = 200) -> str:

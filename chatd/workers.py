@@ -33,7 +33,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, error, protocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger
 from twisted.python import usage
 
 from chatd import logs, sdnotify
@@ -53,8 +53,6 @@ SUPERVISOR_ENV = "CHATD_SUPERVISOR"
 PR_SET_PDEATHSIG = 1
 FIRST_FD = 3
 RESTART_DELAY = 1.0
-#: a worker's log line longer than this is passed on in pieces (it is never held whole)
-MAX_LOG_LINE = 1 << 20
 
 
 def somaxconn() -> int:
@@ -208,8 +206,7 @@ class WorkerPool(Service):
 
     def _spawn(self, index: int) -> None:
         sockets = self.sockets[index]
-        # Standard output and error come back here, to be logged as this process logs (see WorkerProcess).
-        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         fds = []
         for offset, (name, sock) in enumerate(sockets.items()):
             child_fds[FIRST_FD + offset] = sock.fileno()
@@ -219,6 +216,7 @@ class WorkerPool(Service):
         env.update(self.environment)
         env[WORKER_ENV] = str(index)
         env[SUPERVISOR_ENV] = str(os.getpid())
+        env[logs.FORMAT_ENV] = logs.FORMAT
         env[FDS_ENV] = ",".join(fds)
         # Only the supervisor talks to systemd.
         env.pop("NOTIFY_SOCKET", None)
@@ -228,8 +226,10 @@ class WorkerPool(Service):
         self.reactor.spawnProcess(
             process,
             sys.executable,
-            # twist (python -m twisted): a foreground runner logging events as JSON to standard output
-            [sys.executable, "-m", "twisted", "--log-format", "json", "chatd", *self.argv],
+            # twistd in the foreground, logging to the standard output it shares with this process
+            # (the journal) in this process's format, each line marked with the worker's number
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=",
+             "--logger", "chatd.logs.worker_observer", "chatd", *self.argv],
             env=env,
             childFDs=child_fds,
         )
@@ -273,60 +273,11 @@ class WorkerPool(Service):
 
 
 class WorkerProcess(protocol.ProcessProtocol):
-    """One worker as the supervisor sees it; its log events pass through here.
-
-    A worker logs its events as JSON to a pipe; each is published again in
-    this process, marked with the worker's number (and its pid, for the
-    JSON log), so every line reaches the supervisor's own log observer: one
-    format in one place (a ``--logger chatd.logs.json_observer`` journal
-    stays all JSON), each line saying which process wrote it, as
-    ``[worker 1: chatd.redis#info]`` in the text log. Anything else a
-    worker writes (a traceback before its logging starts, a warning on
-    standard error) is logged line by line, marked the same way.
-    """
+    """One worker as the supervisor sees it."""
 
     def __init__(self, pool: WorkerPool, index: int) -> None:
         self.pool = pool
         self.index = index
-        self._partial: dict[int, bytes] = {}
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802 (Twisted's name)
-        lines = (self._partial.pop(fd, b"") + data).split(b"\n")
-        rest = lines.pop()
-        if len(rest) > MAX_LOG_LINE:
-            lines.append(rest)
-        elif rest:
-            self._partial[fd] = rest
-        for line in lines:
-            if line.strip(b"\x1e \r\t"):
-                self._relay(fd, line)
-
-    def _relay(self, fd: int, line: bytes) -> None:
-        system = f"worker {self.index}"
-        pid = self.transport.pid if self.transport is not None else None
-        text = line.decode("utf-8", "replace")
-        if fd == 1 and text.startswith("\x1e"):
-            try:
-                event = eventFromJSON(text[1:])
-            except ValueError:
-                event = None
-            if isinstance(event, dict):
-                level = getattr(event.get("log_level"), "name", "info")
-                event["log_system"] = f"{system}: {event.get('log_system') or event.get('log_namespace', '-') + '#' + level}"
-                event[logs.WORKER] = self.index
-                if pid is not None:
-                    event[logs.WORKER_PID] = pid
-                globalLogPublisher(event)
-                return
-        extra = {logs.WORKER: self.index, **({logs.WORKER_PID: pid} if pid is not None else {})}
-        emit = log.warn if fd == 2 else log.info
-        emit("{line}", line=logs.printable(text.rstrip("\r"), MAX_LOG_LINE), log_system=f"{system}: fd {fd}", **extra)
-
-    def processEnded(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
-        for fd, rest in self._partial.items():
-            self._relay(fd, rest)
-        self._partial.clear()
-        self.pool.exited(self.index, reason)
 
     def signal(self, name: str) -> None:
         try:
@@ -334,3 +285,5 @@ class WorkerProcess(protocol.ProcessProtocol):
         except error.ProcessExitedAlready:
             pass
 
+    def processEnded(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        self.pool.exited(self.index, reason)

@@ -20,6 +20,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from chatd import ops, sdnotify, tap
 from chatd.drain import GOING_AWAY, Drain
@@ -369,6 +370,33 @@ def test_publish_to_deliver_latency_is_measured_from_the_publish_time() -> None:
 
 
 # -- logs ------------------------------------------------------------------
+
+
+def test_a_workers_log_lines_are_its_supervisors_format_with_its_number_and_whole_tracebacks() -> None:
+    from chatd.logs import worker_observer
+
+    def failure() -> Failure:
+        try:
+            raise ValueError("the reason, kept")
+        except ValueError:
+            return Failure()
+
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        observer = worker_observer(out, environ={"CHATD_WORKER": "3", "CHATD_LOG_FORMAT": fmt})
+        observer({"log_format": "hello {who}", "who": "you", "log_namespace": "chatd.hub",
+                  "log_level": LogLevel.info, "log_time": 0.0})  # fmt: skip
+        observer({"log_format": "it broke", "log_namespace": "chatd.redis", "log_level": LogLevel.critical,
+                  "log_time": 0.0, "log_failure": failure()})  # fmt: skip
+        text = out.getvalue()
+        if fmt == "text":
+            assert "[worker 3: chatd.hub#info] hello you" in text, text
+            assert "[worker 3: chatd.redis#critical] it broke" in text, text
+            assert "ValueError: the reason, kept" in text, text
+        else:
+            first, second = (json.loads(line) for line in text.splitlines())
+            assert (first["worker"], first["message"], first["pid"]) == (3, "hello you", os.getpid())
+            assert "ValueError: the reason, kept" in second["traceback"]
 
 
 def test_json_observer_writes_one_parseable_line_per_event_without_extra_fields() -> None:

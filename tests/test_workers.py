@@ -132,6 +132,9 @@ def test_workers_leave_when_their_supervisor_is_killed(redis) -> None:
         except Exception:
             pass
         assert client.ws.close_code == 1001  # drained: a going-away close, not a dropped socket
+        log = daemon.read_output()
+    # The workers' drain is in the log although no supervisor is left to read anything.
+    assert sum("draining" in line and "[worker " in line for line in log.splitlines()) == 2, log
 
 
 def test_every_worker_log_line_says_which_worker_wrote_it(redis) -> None:
