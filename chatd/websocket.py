@@ -388,6 +388,28 @@ class ServerProtocol(WebSocketServerProtocol):
         """Autobahn's reading of the request (a subclass may take the plain case first: :mod:`chatd.wshandshake`)."""
         super().processHandshake()
 
+    #: this connection's refusal is in the log already, by chatd's own budgeted line (see failHandshake)
+    _refusal_logged = False
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:  # noqa: N803
+        """Autobahn's answer to a refused upgrade, without its two log lines when chatd logged the refusal.
+
+        Autobahn logs every refusal twice (an info line, then a warning as it
+        drops the connection), outside the budget chatd's own refusal line
+        keeps (:meth:`CloseLog.refused`): a flood of upgrades with bad tokens
+        would flood the log with them.
+        """
+        if not self._refusal_logged:
+            super().failHandshake(reason, code, responseHeaders)
+            return
+        self.wasNotCleanReason = reason
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self.log = _QUIET  # dropConnection's warning: the refusal is logged already
+        try:
+            self.dropConnection(abort=False)
+        finally:
+            del self.log
+
     #: the deadline of a clean close that waits on the peer to read (see dropConnection)
     _close_deadline: Any = None
     #: bytes the transport still held for the peer at the last look
@@ -430,6 +452,20 @@ class ServerProtocol(WebSocketServerProtocol):
             self._close_deadline.cancel()
             self._close_deadline = None
         super()._connectionLost(reason)
+
+
+class _Quiet:
+    """A txaio logger that says nothing (see ServerProtocol.failHandshake)."""
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return _say_nothing
+
+
+def _say_nothing(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+_QUIET = _Quiet()
 
 
 def _unwritten(transport: Any) -> int:
@@ -674,10 +710,12 @@ class ChatServerProtocol(FastHandshake, FastReceive, DirectSend, ServerProtocol)
             except Unauthenticated as e:
                 self.factory.hub.metrics.error("unauthenticated", PROTOCOL)
                 self.factory.closes.refused("unauthenticated", request.peer, e.reason)
+                self._refusal_logged = True
                 raise ConnectionDeny(401, e.reason) from None
         origin = request.headers.get("origin")
         if not self.factory.origins.allows(origin, request.host):
             self.factory.closes.refused("origin not allowed", request.peer, f"origin {printable(origin)} not allowed")
+            self._refusal_logged = True
             raise ConnectionDeny(403, "origin not allowed")
         return None
 

@@ -343,3 +343,15 @@ def test_token_text_in_a_refusal_cannot_add_headers_or_log_lines() -> None:
     assert head.startswith(b"HTTP/1.1 401 "), raw
     assert not any(line.startswith((b"Set-Cookie", b"X-Injected")) for line in head.split(b"\r\n")), raw
     assert not any(line.lstrip().startswith(("Set-Cookie", "X-Injected")) for line in log.splitlines()), log
+
+
+def test_a_refused_upgrade_costs_one_log_line_within_the_budget() -> None:
+    """chatd logs a refusal once (summarised under a flood); Autobahn's own two lines per refusal are not added."""
+    with Daemon("--auth-secret", SECRET) as d:
+        d.wait_healthy()
+        for i in range(3):
+            assert _ws_status(d.ws_url + f"?token=bad{i}") == 401
+        log = d.stop()
+    assert sum(" refused: invalid token" in line for line in log.splitlines()) == 3, log
+    assert "failing WebSocket opening handshake" not in log, log
+    assert "dropping connection to peer" not in log, log
