@@ -392,16 +392,20 @@ class ServerProtocol(WebSocketServerProtocol):
     _refusal_logged = False
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:  # noqa: N803
-        """Autobahn's answer to a refused upgrade, without its two log lines when chatd logged the refusal.
+        """Autobahn's answer to a refused upgrade, logged as chatd logs refusals.
 
         Autobahn logs every refusal twice (an info line, then a warning as it
-        drops the connection), outside the budget chatd's own refusal line
-        keeps (:meth:`CloseLog.refused`): a flood of upgrades with bad tokens
-        would flood the log with them.
+        drops the connection), outside the budget chatd's own refusal lines
+        keep (:meth:`CloseLog.refused`): a flood of upgrades with bad tokens
+        or bad headers would flood the log. A refusal chatd decided is in
+        the log already; one Autobahn's parser decided gets its line here.
         """
+        closes = getattr(self.factory, "closes", None)
         if not self._refusal_logged:
-            super().failHandshake(reason, code, responseHeaders)
-            return
+            if closes is None:  # a factory without chatd's close log: Autobahn's lines, as they were
+                super().failHandshake(reason, code, responseHeaders)
+                return
+            closes.refused(f"bad upgrade ({code})", self.peer, printable(reason))
         self.wasNotCleanReason = reason
         self.sendHttpErrorResponse(code, reason, responseHeaders)
         self.log = _QUIET  # dropConnection's warning: the refusal is logged already

@@ -355,3 +355,20 @@ def test_a_refused_upgrade_costs_one_log_line_within_the_budget() -> None:
     assert sum(" refused: invalid token" in line for line in log.splitlines()) == 3, log
     assert "failing WebSocket opening handshake" not in log, log
     assert "dropping connection to peer" not in log, log
+
+
+def test_upgrades_autobahn_refuses_are_logged_once_within_the_budget_too() -> None:
+    """A malformed upgrade (no key, a wrong version) is refused by Autobahn: one chatd line, not Autobahn's two."""
+    with Daemon() as d:
+        d.wait_healthy()
+        for version in ("8", "99"):
+            s = socket.create_connection(("127.0.0.1", d.ports["ws"]), timeout=10)
+            s.sendall((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       f"Sec-WebSocket-Version: {version}\r\n\r\n").encode())  # fmt: skip
+            assert s.recv(4096).startswith(b"HTTP/1.1 4")
+            s.close()
+        time.sleep(0.5)
+        log = d.stop()
+    assert sum(" refused: " in line for line in log.splitlines()) == 2, log
+    assert "failing WebSocket opening handshake" not in log, log
+    assert "dropping connection to peer" not in log, log
