@@ -27,6 +27,7 @@ from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from tests import grpcservers
 from tests.daemon import Daemon
 from tests.test_cross_protocol import SignalRClient
+from tests.test_websocket import _raw_http
 from tests.wsclient import Client
 
 grpc_server = grpcservers.grpc_server  # a test that asks for it runs on both gRPC servers
@@ -328,16 +329,9 @@ def test_token_text_in_a_refusal_cannot_add_headers_or_log_lines() -> None:
     assert "Unsupported critical extension" in caught.value.reason
     with Daemon("--auth-secret", SECRET) as d:
         d.wait_healthy()
-        s = socket.create_connection(("127.0.0.1", d.ports["ws"]), timeout=10)
-        s.sendall((f"GET /ws?token={forged} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())  # fmt: skip
-        raw = b""
-        while b"\r\n\r\n" not in raw:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            raw += chunk
-        s.close()
+        raw = _raw_http(d.ports["ws"], (
+            f"GET /ws?token={forged} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())  # fmt: skip
         log = d.stop()
     head = raw.split(b"\r\n\r\n", 1)[0]
     assert head.startswith(b"HTTP/1.1 401 "), raw
