@@ -428,9 +428,10 @@ class ServerProtocol(WebSocketServerProtocol):
         then sent its close never lets that happen, and no timer of
         Autobahn's covers it (``closeHandshakeTimeout`` runs only for a
         close the server began): the session, its rooms and its buffers
-        would be held for ever. So every ``closeHandshakeTimeout`` the
-        transport's buffer is looked at: a peer that read some of it since
-        the last look gets another period, one that read nothing is aborted.
+        would be held for ever. So every ``closeHandshakeTimeout`` what is
+        still on its way to the peer (:func:`_unwritten`) is looked at: a
+        peer that took some of it since the last look gets another period,
+        one that took nothing is aborted.
         """
         was_open = self.state != self.STATE_CLOSED
         super().dropConnection(abort)
