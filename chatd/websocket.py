@@ -479,11 +479,15 @@ def _unwritten(transport: Any) -> int:
     The kernel's part (``SIOCOUTQ``: sent but not acknowledged, or not sent
     yet) moves as soon as the peer reads; the transport's only once the
     kernel's has room again, which can take seconds of reading. 0 when
-    neither can be read (not a Twisted TCP transport).
+    the transport holds nothing (its close does not wait on the peer; no
+    system call is made then, the common case) or cannot tell (not a
+    Twisted TCP transport).
     """
     try:
         held = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except (AttributeError, TypeError):
+        return 0
+    if not held:
         return 0
     try:
         queued = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
