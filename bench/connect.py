@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         servers = [("floor", "floor", str(ROOT)), ("chatd now", "chatd", str(ROOT))]
         if args.baseline:
-            servers.insert(1, (f"chatd at {args.baseline}", "chatd", _tree_at(args.baseline, tmp)))
+            servers.insert(1, (f"chatd at {args.baseline}", "chatd", _tree_at(args.baseline, tmp, "web")))
         figures: dict[str, list[float]] = {name: [] for name, _, _ in servers}
         for r in range(args.repeat):
             for name, kind, path in servers if r % 2 == 0 else servers[::-1]:

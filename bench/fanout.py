@@ -150,9 +150,9 @@ def measure(members: int, messages: int, rounds: int, path: str = "delivery") ->
     return out
 
 
-def _tree_at(rev: str, into: str) -> str:
-    """The ``chatd`` package as it was at ``rev``, unpacked under ``into``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "chatd"], check=True, capture_output=True)
+def _tree_at(rev: str, into: str, *more: str) -> str:
+    """The ``chatd`` package as it was at ``rev`` (and the top-level paths ``more``), unpacked under ``into``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "chatd", *more], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
     return into
 
