@@ -22,8 +22,9 @@ stream and read. A token from an OAuth2/OpenID Connect provider names its
 audience (``aud``) and issuer (``iss``): ``--auth-audience`` makes ``aud``
 required and one of its values this name, ``--auth-issuer`` the same for
 ``iss``. Without ``--auth-audience`` a token that names an audience is
-refused (it was minted for some service, perhaps another one). Expiry is checked against the injected clock (the
-reactor), not the wall clock of PyJWT, so tests drive it with
+refused (it was minted for some service, perhaps another one). Expiry is
+checked against the injected clock (the reactor), not the wall clock of
+PyJWT, so tests drive it with
 ``twisted.internet.task.Clock``; the hub closes a connection whose token
 expires while it is open.
 

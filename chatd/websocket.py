@@ -408,11 +408,15 @@ class ServerProtocol(WebSocketServerProtocol):
             closes.refused(f"bad upgrade ({code})", self.peer, printable(reason))
         self.wasNotCleanReason = reason
         self.sendHttpErrorResponse(code, reason, responseHeaders)
+        own = vars(self).get("log")
         self.log = _QUIET  # dropConnection's warning: the refusal is logged already
         try:
             self.dropConnection(abort=False)
         finally:
-            del self.log
+            if own is None:
+                del self.log
+            else:
+                self.log = own
 
     #: the deadline of a clean close that waits on the peer to read (see dropConnection)
     _close_deadline: Any = None
@@ -718,15 +722,17 @@ class ChatServerProtocol(FastHandshake, FastReceive, DirectSend, ServerProtocol)
                 self.identity = auth.from_request(request.headers.get("authorization"), token[0] if token else None)
             except Unauthenticated as e:
                 self.factory.hub.metrics.error("unauthenticated", PROTOCOL)
-                self.factory.closes.refused("unauthenticated", request.peer, e.reason)
-                self._refusal_logged = True
-                raise ConnectionDeny(401, e.reason) from None
+                raise self._refuse(401, "unauthenticated", e.reason) from None
         origin = request.headers.get("origin")
         if not self.factory.origins.allows(origin, request.host):
-            self.factory.closes.refused("origin not allowed", request.peer, f"origin {printable(origin)} not allowed")
-            self._refusal_logged = True
-            raise ConnectionDeny(403, "origin not allowed")
+            raise self._refuse(403, "origin not allowed", "origin not allowed", f"origin {printable(origin)} not allowed")
         return None
+
+    def _refuse(self, code: int, kind: str, reason: str, logged: str | None = None) -> ConnectionDeny:
+        """The refusal of this upgrade, logged once (see :meth:`ServerProtocol.failHandshake`)."""
+        self.factory.closes.refused(kind, self.peer, logged or reason)
+        self._refusal_logged = True
+        return ConnectionDeny(code, reason)
 
     def onOpen(self) -> None:
         hub = self.factory.hub
