@@ -43,11 +43,15 @@ so their HTTP answers and the WebSocket 101 are direct too.
 
 from __future__ import annotations
 
+import fcntl
+import sys
+import termios
 from collections.abc import Iterable
+from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["FastServer", "install"]
+__all__ = ["FastServer", "install", "unwritten"]
 
 
 class FastServer(tcp.Server):
@@ -159,3 +163,27 @@ def install(transport: object) -> bool:
         transport._update_direct()
         return True
     return type(transport) is FastServer
+
+
+def unwritten(transport: Any) -> int:
+    """Bytes on their way to the peer that it has not taken: the transport's buffer and the kernel's.
+
+    The kernel's part (``SIOCOUTQ``: sent but not acknowledged, or not sent
+    yet) moves as soon as the peer reads; the transport's only once the
+    kernel's has room again, which can take seconds of reading. 0 when
+    the transport holds nothing (its close does not wait on the peer; no
+    system call is made then, the common case) or cannot tell (not a
+    Twisted TCP transport).
+    """
+    try:
+        held = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
+    if not held:
+        return 0
+    try:
+        queued = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        held += int.from_bytes(queued, sys.byteorder)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return held

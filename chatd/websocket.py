@@ -52,11 +52,8 @@ name gets an error reply, as does a room outside the token's ``rooms``.
 
 from __future__ import annotations
 
-import fcntl
 import operator
 import os
-import sys
-import termios
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -433,14 +430,14 @@ class ServerProtocol(WebSocketServerProtocol):
         Autobahn's covers it (``closeHandshakeTimeout`` runs only for a
         close the server began): the session, its rooms and its buffers
         would be held for ever. So every ``closeHandshakeTimeout`` what is
-        still on its way to the peer (:func:`_unwritten`) is looked at: a
+        still on its way to the peer (:func:`chatd.fastwrite.unwritten`) is looked at: a
         peer that took some of it since the last look gets another period,
         one that took nothing is aborted.
         """
         was_open = self.state != self.STATE_CLOSED
         super().dropConnection(abort)
         if not abort and was_open and self._close_deadline is None and self.closeHandshakeTimeout:
-            self._close_left = _unwritten(self.transport)
+            self._close_left = fastwrite.unwritten(self.transport)
             if self._close_left:
                 self._close_deadline = self.factory.reactor.callLater(self.closeHandshakeTimeout, self._close_overdue)
 
@@ -449,7 +446,7 @@ class ServerProtocol(WebSocketServerProtocol):
         transport = self.transport
         if transport is None or not getattr(transport, "connected", False):
             return
-        left = _unwritten(transport)
+        left = fastwrite.unwritten(transport)
         if left and left < self._close_left:  # the peer is reading: give it another period
             self._close_left = left
             self._close_deadline = self.factory.reactor.callLater(self.closeHandshakeTimeout, self._close_overdue)
@@ -475,30 +472,6 @@ def _say_nothing(*args: Any, **kwargs: Any) -> None:
 
 
 _QUIET = _Quiet()
-
-
-def _unwritten(transport: Any) -> int:
-    """Bytes on their way to the peer that it has not taken: the transport's buffer and the kernel's.
-
-    The kernel's part (``SIOCOUTQ``: sent but not acknowledged, or not sent
-    yet) moves as soon as the peer reads; the transport's only once the
-    kernel's has room again, which can take seconds of reading. 0 when
-    the transport holds nothing (its close does not wait on the peer; no
-    system call is made then, the common case) or cannot tell (not a
-    Twisted TCP transport).
-    """
-    try:
-        held = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return 0
-    if not held:
-        return 0
-    try:
-        queued = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        held += int.from_bytes(queued, sys.byteorder)
-    except (AttributeError, OSError, ValueError):
-        pass
-    return held
 
 
 #: this process's and its reactor thread's ids, for :func:`_transport_details`
