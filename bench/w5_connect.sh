@@ -9,7 +9,7 @@
 #   TREES="main=/src/chatd-main new=/src/chatd" bench/w5_connect.sh 3
 #   TREES="sqlite=. memory=." LABEL_ARGS="memory=--data-dir=" GO=0 bench/w5_connect.sh 2
 #   FLOOR=1 bench/w5_connect.sh 2          # and bench/floor.py, the least a Twisted server does
-#   FLOOR=presence bench/w5_connect.sh 2   # and bench/floor.py --presence: the same, with chatd's join and leave frames
+#   FLOOR=presence bench/w5_connect.sh 2   # both floors: bench/floor.py, and with --presence (chatd's join and leave frames)
 #   AUTOBAHN=1 bench/w5_connect.sh 2       # and the kit's bare Autobahn relay (py-autobahn-prepared, $BENCH_VENV)
 #
 # TREES names chatd source trees (label=path, each with its .venv) to measure
