@@ -4,8 +4,10 @@ The hub numbers, stores and fans out a message through one object, the
 store, whatever backs it:
 
 * :class:`MemoryStore` keeps the windows only (unit tests, ``--data-dir ''``);
-* :class:`SQLiteStore` (the default) writes a file under ``--data-dir`` from
-  one writer thread with group commit, so the reactor never waits on disk;
+* :class:`SQLiteStore` (the default) writes a file under ``--data-dir``, one
+  transaction per reactor turn, and hands the writes to a thread of its own
+  whenever they cannot be quick, so the reactor never waits on a lock or a
+  slow disk;
 * ``chatd.redis.RedisStore`` (``--redis``) numbers and keeps messages in
   Redis, shared by every process.
 
@@ -509,26 +511,47 @@ SEQ_CACHE = 4096
 PROBE_INTERVAL = 2.0
 #: a room's rows in the file may pass ``limit`` by this fraction of it before they are trimmed (see ``_slack``)
 TRIM_SLACK = 0.1
+#: a transaction on the reactor that takes longer than this sends the writes to the writer thread ...
+SLOW_WRITE = 0.010
+#: ... for this many seconds
+SLOW_HOLD_OFF = 30.0
 _STOP = object()
 
 
+class _Busy(Exception):
+    """Another connection holds the file's write lock: the transaction was rolled back, nothing was written."""
+
+
 class SQLiteStore(Store):
-    """Messages in one SQLite file, written by one thread with group commit.
+    """Messages in one SQLite file, written with group commit on the reactor or, when that cannot be quick, a thread.
 
-    Every message waiting when the writer comes round goes into one
-    transaction (``synchronous=NORMAL`` in WAL mode: a commit survives the
-    process being killed, not a power loss),
-    and their Deferreds fire together, in order, on the reactor. The writer
-    gives each message its ``seq`` inside the transaction from the room's row
-    in ``rooms``, so a failed transaction hands out nothing. Retention runs
-    in the same transactions: a room keeps ``limit`` rows (give or take the
-    trimming slack, see :meth:`_slack`), and a periodic prune deletes rows
-    older than ``max_age`` (the ``rooms`` row stays, so ``seq`` goes on).
+    Every message added in one reactor turn goes into one transaction
+    (``synchronous=NORMAL`` in WAL mode: a commit survives the process being
+    killed, not a power loss: no sync is waited for), and their Deferreds fire
+    together, in order. The transaction gives each message its ``seq`` from
+    the room's row in ``rooms``, so a failed transaction hands out nothing.
+    Retention runs in the same transactions: a room keeps ``limit`` rows
+    (give or take the trimming slack, see :meth:`_slack`), and a periodic
+    prune deletes rows older than ``max_age`` (the ``rooms`` row stays, so
+    ``seq`` goes on).
 
-    Rooms are read back (:meth:`_read_room`) by the same thread, after the
-    writes queued before them: a read's result reaches the reactor after
-    the acknowledgements of every message it holds and before those of any
-    it does not, so a resume answered from it has no gap and no duplicate.
+    Why on the reactor: a commit with no sync is tens of microseconds, and
+    handing each message to a thread and back cost three to four times
+    that (W1 at 10,000 deliveries a second, where every message is its own
+    transaction: the writer thread took about 160 µs a message, woken cold
+    on the one core, trading the GIL with the reactor at each of SQLite's
+    calls; the same transaction on the reactor cost about 30).
+    The writer thread (:meth:`_run`) is still there for what could wait:
+    the reactor's connection never waits for a lock (another connection
+    writing, the checkpointer starting the WAL again: its transaction is
+    rolled back and handed to the thread, which waits), a transaction that
+    took longer than ``SLOW_WRITE`` (a disk slow to take writes) sends the
+    writes to the thread for ``SLOW_HOLD_OFF``, and reads, prunes and
+    probes always run there. While the thread has anything to do, every
+    write goes to it too, behind what it has: so writes keep their order,
+    one connection numbers a room at a time, and a room read back by the
+    thread holds every message acknowledged before its answer and none
+    after it, so a resume answered from it has no gap and no duplicate.
     """
 
     durable = True
@@ -541,6 +564,7 @@ class SQLiteStore(Store):
         max_age: float = 0.0,
         synchronous: str = "NORMAL",
         budget: int = HISTORY_MEMORY,
+        inline: bool = True,
     ) -> None:
         super().__init__(reactor, limit, max_age, budget)
         self.reactor = reactor
@@ -551,14 +575,27 @@ class SQLiteStore(Store):
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred | None = None
         self.batches = 0
+        #: transactions the reactor ran itself (the rest of ``batches`` ran on the writer thread)
+        self.inline_batches = 0
+        #: False: every write goes to the writer thread (as when the reactor's writes were slow)
+        self.inline = inline
+        #: the reactor's own connection, which never waits for a lock
+        self._db: sqlite3.Connection | None = None
+        #: room -> last seq, for whichever connection writes (one at a time: see the class docstring)
+        self._seqs: OrderedDict[str, int] = OrderedDict()
+        #: writes added this reactor turn, committed together by ``_flush``
+        self._pending: list[tuple[Message, str | None, defer.Deferred]] = []
+        self._flush_call: Any = None
+        #: items put on the writer thread's queue and not yet answered
+        self._outstanding = 0
+        #: reactor time until which writes go to the thread (a transaction here was slow)
+        self._slow_until = 0.0
         #: set at close: the checkpointer's last turn
         self._closing = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
-        #: written since the checkpointer last looked (set by the writer, read by the checkpointer)
+        #: written since the checkpointer last looked (set by the writers, read by the checkpointer)
         self._written = False
-        #: the checkpointer has copied the WAL up to its last commits: the writer may restart it cheaply
-        self._copied = False
 
     # -- reactor side ------------------------------------------------------------
 
@@ -596,6 +633,7 @@ class SQLiteStore(Store):
             self._checkpoint_db.execute(f"PRAGMA synchronous = {self.synchronous}")
         except sqlite3.Error as e:
             raise StartupError(f"--data-dir: cannot open the history file {self.path!r}: {e}") from None
+        self._db = self._connect(wait=False)
         self._thread = threading.Thread(target=self._run, name="chatd-sqlite", daemon=True)
         self._thread.start()
         self._checkpointer = threading.Thread(target=self._checkpoints, name="chatd-sqlite-checkpoint", daemon=True)
@@ -606,8 +644,10 @@ class SQLiteStore(Store):
             self.open()
         return defer.succeed(None)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    def _connect(self, wait: bool = True) -> sqlite3.Connection:
+        """A connection for writing; ``wait=False``: one that is told at once when the file is locked (the reactor's)."""
+        timeout = BUSY_TIMEOUT_MS / 1000 if wait else 0
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
         # No checkpoint inside a commit: the checkpointer thread copies the WAL (see _checkpoints).
@@ -622,27 +662,70 @@ class SQLiteStore(Store):
         if self._thread is None or self._stopped is not None:
             return defer.fail(StoreUnavailable("history store is not open"))
         d: defer.Deferred = defer.Deferred()
-        self._queue.put(("read", room, d))
+        self._put(("read", room, d))
         return d
 
     def _persist(self, message: Message, client_id: str | None) -> defer.Deferred:
         if self._thread is None or self._stopped is not None:
             return defer.fail(StoreUnavailable("history store is not open"))
         d: defer.Deferred = defer.Deferred()
-        self._queue.put((message, client_id, d))
+        if self._outstanding or not self.inline or self.clock.seconds() < self._slow_until:
+            self._put((message, client_id, d))
+            return d
+        if not self._pending:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+        self._pending.append((message, client_id, d))
         return d
+
+    def _put(self, item: Any) -> None:
+        """Queue ``item`` for the writer thread, behind this turn's writes (which go first, to keep their order)."""
+        if self._pending:
+            self._flush_call.cancel()
+            self._flush_call = None
+            pending, self._pending = self._pending, []
+            for write in pending:
+                self._queue.put(write)
+            self._outstanding += len(pending)
+        self._queue.put(item)
+        self._outstanding += 1
+
+    def _flush(self) -> None:
+        """This turn's writes, in one transaction on the reactor's connection (see the class docstring)."""
+        self._flush_call = None
+        writes, self._pending = self._pending, []
+        if not writes:
+            return
+        started = monotonic()
+        try:
+            results, failed = self._write(self._db, self._seqs, writes, [], wait=False)
+        except _Busy:
+            for write in writes:  # nothing was written: the thread waits for the lock
+                self._put(write)
+            return
+        took = monotonic() - started
+        self._written = True
+        if failed is None:
+            self.inline_batches += 1
+            if took > SLOW_WRITE:
+                self._slow_until = self.clock.seconds() + SLOW_HOLD_OFF
+                log.warn(
+                    "history: a write took {ms:.0f} ms; writing from the writer thread for {hold:.0f} s",
+                    ms=took * 1000,
+                    hold=SLOW_HOLD_OFF,
+                )
+        self._resolve(results, failed)
 
     def _probe(self) -> None:
         """An empty write transaction: clears ``problem`` once the file takes writes again."""
         if self.problem is None or self._stopped is not None:
             return
-        self._queue.put(("probe", None))
+        self._put(("probe", None))
         self.reactor.callLater(PROBE_INTERVAL, self._probe)
 
     def prune(self) -> None:
         super().prune()
         if self.max_age and self._thread is not None and self._stopped is None:
-            self._queue.put(("prune", self.clock.seconds() - self.max_age))
+            self._put(("prune", self.clock.seconds() - self.max_age))
 
     def close(self) -> defer.Deferred:
         if self._thread is None:
@@ -650,8 +733,17 @@ class SQLiteStore(Store):
         if self._stopped is None:
             self._stopped = defer.Deferred()
             self._closing.set()
-            self._queue.put(_STOP)
+            self._put(_STOP)  # this turn's writes first
+            if self._db is not None:
+                self._db.close()  # not the last connection: the writer's, closing last, copies the WAL into the file
+                self._db = None
         return self._stopped
+
+    def _handled(self, count: int, calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        """The writer thread's answers to ``count`` queued items (one wake-up of the reactor for all)."""
+        self._outstanding -= count
+        for call, args in calls:
+            call(*args)
 
     def _resolve(self, results: list[tuple[defer.Deferred, Any]], failed: str | None) -> None:
         if failed:
@@ -671,7 +763,6 @@ class SQLiteStore(Store):
 
     def _run(self) -> None:
         db = self._connect()
-        seqs: OrderedDict[str, int] = OrderedDict()
         try:
             while True:
                 item = self._queue.get()
@@ -686,17 +777,13 @@ class SQLiteStore(Store):
                 prunes = [b[1] for b in batch if isinstance(b, tuple) and b[0] == "prune"]
                 probe = any(isinstance(b, tuple) and b[0] == "probe" for b in batch)
                 reads = [b for b in batch if isinstance(b, tuple) and b[0] == "read"]
+                calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
                 if writes or prunes or probe:
-                    results, failed = self._write(db, seqs, writes, prunes)
-                    self.reactor.callFromThread(self._resolve, results, failed)
+                    calls.append((self._resolve, self._write(db, self._seqs, writes, prunes)))
                     self._written = True
-                    if self._copied:
-                        self._restart_wal(db)
-                    while len(seqs) > SEQ_CACHE:
-                        seqs.popitem(last=False)
                 if reads:  # after the batch's writes: see the class docstring
-                    answers = [(d, self._read(db, room)) for _, room, d in reads]
-                    self.reactor.callFromThread(self._answer, answers)
+                    calls.append((self._answer, ([(d, self._read(db, room)) for _, room, d in reads],)))
+                self.reactor.callFromThread(self._handled, len(batch), calls)
                 if stop:
                     return
         finally:
@@ -709,15 +796,17 @@ class SQLiteStore(Store):
                 self.reactor.callFromThread(self._stopped.callback, None)
 
     def _restart_wal(self, db: sqlite3.Connection) -> None:
-        """Copy the WAL's last few pages into the file and start it again from the top (writer thread).
+        """Copy the WAL's last few pages into the file and start it again from the top (checkpointer thread).
 
-        The checkpointer copies the WAL without holding up the writer, but
-        SQLite starts the WAL again from its beginning only when every frame
-        was copied before a transaction starts: under steady traffic a
-        commit always lands while a copy runs, and the WAL would grow for
-        ever. So once the checkpointer has copied a WAL past
-        ``WAL_RESTART_PAGES``, the writer finishes the job at its next commit:
-        what is left is the frames committed while that copy ran. RESTART,
+        The checkpointer's copies do not hold up the writers, but SQLite
+        starts the WAL again from its beginning only when every frame was
+        copied before a transaction starts: under steady traffic a commit
+        always lands while a copy runs, and the WAL would grow for ever. So
+        once the checkpointer has copied a WAL past ``WAL_RESTART_PAGES``, it
+        finishes the job at once, holding the write lock for it: what is
+        left is the frames committed while that copy ran. Meanwhile the
+        reactor's writes find the file locked and go to the writer thread,
+        which waits for the lock. RESTART,
         not TRUNCATE: the file keeps its size, so later commits write over
         it instead of growing it again (a file growing needs its metadata
         journalled, and that waits behind another file's sync). It never
@@ -767,7 +856,7 @@ class SQLiteStore(Store):
                         log.warn("history file checkpoint failed: {error}", error=str(e))
                     continue
                 if frames >= WAL_RESTART_PAGES and copied == frames:
-                    self._copied = True
+                    self._restart_wal(db)
         finally:
             db.close()
 
@@ -833,8 +922,12 @@ class SQLiteStore(Store):
         seqs: OrderedDict[str, int],
         writes: list[tuple[Message, str | None, defer.Deferred]],
         prunes: list[float],
+        wait: bool = True,
     ) -> tuple[list[tuple[defer.Deferred, Any]], str | None]:
         """One transaction for the whole batch: every Deferred's outcome, in order, and what failed.
+
+        ``wait=False`` (the reactor's connection): a file locked by another
+        connection raises :class:`_Busy`, with nothing written.
 
         Each statement runs once per batch with ``executemany`` rather than
         once per message, which saves the per-call cost in Python (a few per
@@ -910,12 +1003,16 @@ class SQLiteStore(Store):
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            if not wait and getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise _Busy() from None
             log.error("history store write failed: {error}", error=str(e))
             error = StoreUnavailable(f"message not stored: history store failed ({e})")
             return [(d, error) for _, _, d in writes], str(e)
         for room, seq in touched.items():
             seqs[room] = seq
             seqs.move_to_end(room)
+        while len(seqs) > SEQ_CACHE:
+            seqs.popitem(last=False)
         self.batches += 1
         return results, None
 

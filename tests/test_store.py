@@ -64,8 +64,8 @@ async def test_the_data_directory_is_created(tmp_path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_an_add_fires_only_once_the_row_is_committed(db_path: str) -> None:
-    """Acknowledged means stored: the Deferred waits for the writer's commit."""
-    store = opened(db_path)
+    """Acknowledged means stored: the Deferred waits for the writer thread's commit."""
+    store = opened(db_path, inline=False)
     gate = threading.Event()
     real_write = store._write
 
@@ -84,6 +84,93 @@ async def test_an_add_fires_only_once_the_row_is_committed(db_path: str) -> None
     assert rows == [("held", 1)]
     assert stored.message.seq == 1
     await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_add_written_on_the_reactor_is_committed_when_it_fires(db_path: str) -> None:
+    """The same on the reactor: another connection sees the row from the add's first callback on."""
+    store = opened(db_path)
+    seen: list[list[tuple]] = []
+
+    def look(stored: Stored) -> Stored:
+        seen.append(sqlite3.connect(db_path).execute("SELECT text, seq FROM messages").fetchall())
+        return stored
+
+    stored = await store.add("r", "u", "now", _now(), "test").addCallback(look)
+    assert seen == [[("now", 1)]]
+    assert stored.message.seq == 1
+    assert (store.inline_batches, store.batches) == (1, 1), "the write went to the thread"
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_locked_by_another_connection_sends_the_writes_to_the_thread_which_waits(db_path: str) -> None:
+    """The reactor never waits for a lock: its transaction gives up at once and the thread waits instead."""
+    store = opened(db_path)
+    await add(store, "r", "one")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock, as a backup or a second writer would
+    try:
+        held = [defer.ensureDeferred(add(store, "r", text)) for text in ("two", "three")]
+        started = time.monotonic()
+        await deferLater(0.2)
+        assert time.monotonic() - started < 1, "the reactor waited for the lock"
+        assert not any(d.called for d in held), "acknowledged while the file was locked"
+        behind = defer.ensureDeferred(add(store, "r", "four"))  # behind the thread's writes, not beside them
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    stored = await defer.gatherResults([*held, behind])
+    assert [s.message.seq for s in stored] == [2, 3, 4]
+    assert store.problem is None
+    inline = store.inline_batches
+    await add(store, "r", "five")  # the thread has caught up: the reactor writes again
+    assert store.inline_batches == inline + 1
+    await store.close()
+    assert _rows(db_path, "r") == [1, 2, 3, 4, 5]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_write_on_the_reactor_sends_the_writes_to_the_thread_for_a_while(db_path: str, monkeypatch) -> None:
+    from twisted.logger import globalLogPublisher
+
+    from chatd import store as store_module
+
+    monkeypatch.setattr(store_module, "SLOW_WRITE", -1.0)  # every transaction counts as slow
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    store = opened(db_path)
+    try:
+        await add(store, "r", "one")
+        await add(store, "r", "two")
+        await add(store, "r", "three")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert (store.inline_batches, store.batches) == (1, 3), "writes stayed on the reactor after a slow one"
+    assert [e for e in seen if "writing from the writer thread" in e.get("log_format", "")]
+    await store.close()
+    assert _rows(db_path, "r") == [1, 2, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_room_read_back_in_the_turn_a_message_was_added_holds_that_message(db_path: str) -> None:
+    """A write waiting for the end of the turn goes to the thread ahead of a read queued after it.
+
+    Else the thread could read the room before the reactor commits the
+    write, and answer after its acknowledgement: a window without an
+    acknowledged message, and a resume with a gap.
+    """
+    store = opened(db_path)
+    for i in range(3):
+        await add(store, "r", f"m{i}")
+    await store.close()
+    again = opened(db_path)  # "r" is not in memory
+    added = defer.ensureDeferred(add(again, "r", "new"))
+    resume = again.read_since("r", 0)
+    stored = await added
+    assert stored.message.seq == 4
+    assert [m.text for m in (await resume).messages] == ["m0", "m1", "m2", "new"]
+    await again.close()
 
 
 def deferLater(seconds: float) -> defer.Deferred:
@@ -185,7 +272,7 @@ async def test_a_failed_write_is_an_error_and_hands_out_no_seq(db_path: str) -> 
         db.execute("INSERT INTO rooms VALUES ('r', 99) ON CONFLICT (room) DO UPDATE SET last_seq = 99")
         db.execute("INSERT INTO nowhere VALUES (1)")  # fails: no such table
 
-    def failing(db, seqs, writes, prunes):
+    def failing(db, seqs, writes, prunes, wait=True):
         try:
             broken(db, seqs, writes, prunes)
         except sqlite3.Error:
@@ -235,22 +322,28 @@ def test_memory_store_numbers_rooms_independently() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_id_sent_twice_in_one_transaction_is_stored_once(db_path: str) -> None:
+@pytest.mark.parametrize("inline", [True, False], ids=["reactor", "thread"])
+async def test_a_client_id_sent_twice_in_one_transaction_is_stored_once(db_path: str, inline: bool) -> None:
     """The writer itself finds a retry batched with its original (the hub's in-flight check aside)."""
-    store = opened(db_path)
+    store = opened(db_path, inline=inline)
     entered, gate = threading.Event(), threading.Event()
     real_write = store._write
     batches: list[list[str]] = []
 
-    def held_write(db, seqs, writes, prunes):
+    def held_write(db, seqs, writes, prunes, wait=True):
         entered.set()
-        gate.wait(10)
+        if not inline:
+            gate.wait(10)
         batches.append([message.id for message, _, _ in writes])
-        return real_write(db, seqs, writes, prunes)
+        return real_write(db, seqs, writes, prunes, wait)
 
+    first = Message("id-block", 0, "r", "u", "first", _now(), "test")
+    if inline:  # a turn's writes are one transaction: the blocker's turn is over before the three are added
+        await store._persist(first, None)
     store._write = held_write
-    blocker = store._persist(Message("id-block", 0, "r", "u", "first", _now(), "test"), None)
-    assert entered.wait(10)  # the writer holds the blocker's batch: what follows makes one batch
+    blocker = store._persist(first, None) if not inline else defer.succeed(None)
+    if not inline:
+        assert entered.wait(10)  # the writer holds the blocker's batch: what follows makes one batch
     waiting = [store._persist(Message(f"id{i}", 0, "r", "u", f"t{i}", _now(), "test"), "same") for i in range(2)]
     others = store._persist(Message("id2", 0, "r", "u", "other", _now(), "test"), None)
     gate.set()
