@@ -543,11 +543,11 @@ class SQLiteStore(Store):
     calls; the same transaction on the reactor cost about 30).
     The writer thread (:meth:`_run`) is still there for what could wait:
     the reactor's connection never waits for a lock (another connection
-    writing, the checkpointer starting the WAL again: its transaction is
-    rolled back and handed to the thread, which waits), a transaction that
-    took longer than ``SLOW_WRITE`` (a disk slow to take writes) sends the
-    writes to the thread for ``SLOW_HOLD_OFF``, and reads, prunes and
-    probes always run there. While the thread has anything to do, every
+    writing: its transaction is rolled back and handed to the thread, which
+    waits), a transaction that took longer than ``SLOW_WRITE`` (a disk slow
+    to take writes) sends the writes to the thread for ``SLOW_HOLD_OFF``,
+    the WAL's restart (which syncs the file) is the thread's, and reads,
+    prunes and probes always run there. While the thread has anything to do, every
     write goes to it too, behind what it has: so writes keep their order,
     one connection numbers a room at a time, and a room read back by the
     thread holds every message acknowledged before its answer and none
@@ -596,6 +596,8 @@ class SQLiteStore(Store):
         self._checkpoint_db: sqlite3.Connection | None = None
         #: written since the checkpointer last looked (set by the writers, read by the checkpointer)
         self._written = False
+        #: the checkpointer has copied the WAL up to its last commits: the writer thread restarts it (see ``_restart_wal``)
+        self._copied = False
 
     # -- reactor side ------------------------------------------------------------
 
@@ -669,7 +671,7 @@ class SQLiteStore(Store):
         if self._thread is None or self._stopped is not None:
             return defer.fail(StoreUnavailable("history store is not open"))
         d: defer.Deferred = defer.Deferred()
-        if self._outstanding or not self.inline or self.clock.seconds() < self._slow_until:
+        if self._outstanding or self._copied or not self.inline or self.clock.seconds() < self._slow_until:
             self._put((message, client_id, d))
             return d
         if not self._pending:
@@ -783,6 +785,10 @@ class SQLiteStore(Store):
                     self._written = True
                 if reads:  # after the batch's writes: see the class docstring
                     calls.append((self._answer, ([(d, self._read(db, room)) for _, room, d in reads],)))
+                if self._copied and (writes or prunes or probe):  # what was written is acknowledged first
+                    self.reactor.callFromThread(self._handled, 0, calls)
+                    calls = []
+                    self._restart_wal(db)
                 self.reactor.callFromThread(self._handled, len(batch), calls)
                 if stop:
                     return
@@ -796,17 +802,20 @@ class SQLiteStore(Store):
                 self.reactor.callFromThread(self._stopped.callback, None)
 
     def _restart_wal(self, db: sqlite3.Connection) -> None:
-        """Copy the WAL's last few pages into the file and start it again from the top (checkpointer thread).
+        """Copy the WAL's last few pages into the file and start it again from the top (writer thread).
 
-        The checkpointer's copies do not hold up the writers, but SQLite
-        starts the WAL again from its beginning only when every frame was
-        copied before a transaction starts: under steady traffic a commit
-        always lands while a copy runs, and the WAL would grow for ever. So
-        once the checkpointer has copied a WAL past ``WAL_RESTART_PAGES``, it
-        finishes the job at once, holding the write lock for it: what is
-        left is the frames committed while that copy ran. Meanwhile the
-        reactor's writes find the file locked and go to the writer thread,
-        which waits for the lock. RESTART,
+        The checkpointer copies the WAL without holding up the writers, but
+        SQLite starts the WAL again from its beginning only when every frame
+        was copied before a transaction starts: under steady traffic a
+        commit always lands while a copy runs, and the WAL would grow for
+        ever. So once the checkpointer has copied a WAL past
+        ``WAL_RESTART_PAGES``, the next writes go to the writer thread, which
+        finishes the job after committing them: what is left is the frames
+        committed while that copy ran. Writes that come meanwhile queue
+        behind it. (Had the checkpointer done it, holding the write lock,
+        the writes the reactor handed over would wait for the lock in
+        SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between
+        tries: W1's tail at 100 msg/s per sender.) RESTART,
         not TRUNCATE: the file keeps its size, so later commits write over
         it instead of growing it again (a file growing needs its metadata
         journalled, and that waits behind another file's sync). It never
@@ -856,7 +865,7 @@ class SQLiteStore(Store):
                         log.warn("history file checkpoint failed: {error}", error=str(e))
                     continue
                 if frames >= WAL_RESTART_PAGES and copied == frames:
-                    self._restart_wal(db)
+                    self._copied = True
         finally:
             db.close()
 
