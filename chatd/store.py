@@ -996,14 +996,9 @@ class SQLiteStore(Store):
             # Trim a room when its seq passes a multiple of the slack: at most limit + slack - 1 rows stay,
             # with no count kept anywhere, so the rule holds across restarts.
             slack = self._slack()
-            db.executemany(
-                "DELETE FROM messages WHERE room = ? AND seq <= ?",
-                [
-                    (room, seq - limit)
-                    for room, seq in grown
-                    if seq > limit and seq // slack != before[room] // slack
-                ],
-            )
+            trims = [(room, seq - limit) for room, seq in grown if seq > limit and seq // slack != before[room] // slack]
+            if trims:
+                db.executemany("DELETE FROM messages WHERE room = ? AND seq <= ?", trims)
             for cutoff in prunes:
                 db.execute("DELETE FROM messages WHERE time < ?", (cutoff,))
             db.execute("COMMIT")
