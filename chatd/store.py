@@ -511,10 +511,17 @@ SEQ_CACHE = 4096
 PROBE_INTERVAL = 2.0
 #: a room's rows in the file may pass ``limit`` by this fraction of it before they are trimmed (see ``_slack``)
 TRIM_SLACK = 0.1
-#: a transaction on the reactor that takes longer than this sends the writes to the writer thread ...
+#: transactions on the reactor that take longer than this, ``SLOW_WRITES`` in a row (or one longer
+#: than ``SLOW_WRITE_ALONE``), send the writes to the writer thread ...
 SLOW_WRITE = 0.010
+SLOW_WRITES = 3
+SLOW_WRITE_ALONE = 0.1
 #: ... for this many seconds
 SLOW_HOLD_OFF = 30.0
+#: text a reactor turn may commit itself (with at most ``BATCH`` messages); past it the turn's writes go to the thread
+INLINE_MAX_BYTES = 256 * 1024
+#: free bytes a probe wants on the history file's disk before it calls the store healthy again
+PROBE_FREE_BYTES = 1024 * 1024
 _STOP = object()
 
 
@@ -544,8 +551,12 @@ class SQLiteStore(Store):
     The writer thread (:meth:`_run`) is still there for what could wait:
     the reactor's connection never waits for a lock (another connection
     writing: its transaction is rolled back and handed to the thread, which
-    waits), a transaction that took longer than ``SLOW_WRITE`` (a disk slow
-    to take writes) sends the writes to the thread for ``SLOW_HOLD_OFF``,
+    waits), transactions that take longer than ``SLOW_WRITE`` (a disk slow
+    to take writes; ``SLOW_WRITES`` in a row, as one alone may only have
+    been preempted on a busy machine) send the writes to the thread for
+    ``SLOW_HOLD_OFF``, a turn with more than ``BATCH`` messages or
+    ``INLINE_MAX_BYTES`` of text (a burst, which would hold the reactor for
+    as long as it takes to write) is the thread's,
     the WAL's restart (which syncs the file) is the thread's, and reads,
     prunes and probes always run there. While the thread has anything to do, every
     write goes to it too, behind what it has: so writes keep their order,
@@ -583,9 +594,12 @@ class SQLiteStore(Store):
         self._db: sqlite3.Connection | None = None
         #: room -> last seq, for whichever connection writes (one at a time: see the class docstring)
         self._seqs: OrderedDict[str, int] = OrderedDict()
-        #: writes added this reactor turn, committed together by ``_flush``
+        #: writes added this reactor turn, committed together by ``_flush``, and the characters of their text
         self._pending: list[tuple[Message, str | None, defer.Deferred]] = []
+        self._pending_bytes = 0
         self._flush_call: Any = None
+        #: reactor transactions in a row that were slow (see ``SLOW_WRITES``)
+        self._slow_writes = 0
         #: items put on the writer thread's queue and not yet answered
         self._outstanding = 0
         #: reactor time until which writes go to the thread (a transaction here was slow)
@@ -674,9 +688,13 @@ class SQLiteStore(Store):
         if self._outstanding or self._copied or not self.inline or self.clock.seconds() < self._slow_until:
             self._put((message, client_id, d))
             return d
+        if len(self._pending) >= BATCH or self._pending_bytes >= INLINE_MAX_BYTES:
+            self._put((message, client_id, d))  # a burst: the thread takes the turn's writes
+            return d
         if not self._pending:
             self._flush_call = self.reactor.callLater(0, self._flush)
         self._pending.append((message, client_id, d))
+        self._pending_bytes += len(message.text)
         return d
 
     def _put(self, item: Any) -> None:
@@ -685,6 +703,7 @@ class SQLiteStore(Store):
             self._flush_call.cancel()
             self._flush_call = None
             pending, self._pending = self._pending, []
+            self._pending_bytes = 0
             for write in pending:
                 self._queue.put(write)
             self._outstanding += len(pending)
@@ -695,6 +714,7 @@ class SQLiteStore(Store):
         """This turn's writes, in one transaction on the reactor's connection (see the class docstring)."""
         self._flush_call = None
         writes, self._pending = self._pending, []
+        self._pending_bytes = 0
         if not writes:
             return
         started = monotonic()
@@ -708,7 +728,9 @@ class SQLiteStore(Store):
         self._written = True
         if failed is None:
             self.inline_batches += 1
-            if took > SLOW_WRITE:
+            self._slow_writes = self._slow_writes + 1 if took > SLOW_WRITE else 0
+            if self._slow_writes >= SLOW_WRITES or took > SLOW_WRITE_ALONE:
+                self._slow_writes = 0
                 self._slow_until = self.clock.seconds() + SLOW_HOLD_OFF
                 log.warn(
                     "history: a write took {ms:.0f} ms; writing from the writer thread for {hold:.0f} s",
@@ -747,13 +769,13 @@ class SQLiteStore(Store):
         for call, args in calls:
             call(*args)
 
-    def _resolve(self, results: list[tuple[defer.Deferred, Any]], failed: str | None) -> None:
+    def _resolve(self, results: list[tuple[defer.Deferred, Any]], failed: str | None, probed: bool = False) -> None:
         if failed:
             if self.problem is None:
                 # Unhealthy (/health 503) until a write works again: probe now and then.
                 self.reactor.callLater(PROBE_INTERVAL, self._probe)
             self.problem = f"history store: {failed}"
-        elif results:
+        elif results or probed:  # a probe's transaction wrote a page (see _write): the file takes writes
             self.problem = None
         for d, outcome in results:
             if isinstance(outcome, Exception):
@@ -781,7 +803,10 @@ class SQLiteStore(Store):
                 reads = [b for b in batch if isinstance(b, tuple) and b[0] == "read"]
                 calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
                 if writes or prunes or probe:
-                    calls.append((self._resolve, self._write(db, self._seqs, writes, prunes)))
+                    results, failed = self._write(db, self._seqs, writes, prunes)
+                    if probe and failed is None:
+                        failed = self._short_of_space()
+                    calls.append((self._resolve, (results, failed, probe)))
                     self._written = True
                 if reads:  # after the batch's writes: see the class docstring
                     calls.append((self._answer, ([(d, self._read(db, room)) for _, room, d in reads],)))
@@ -800,6 +825,20 @@ class SQLiteStore(Store):
             db.close()
             if self._stopped is not None:
                 self.reactor.callFromThread(self._stopped.callback, None)
+
+    def _short_of_space(self) -> str | None:
+        """Why a probe's page is no proof: the disk has less free than a batch of messages may need (writer thread).
+
+        A failed transaction leaves its frames' room at the end of the WAL,
+        so a one-page probe commits on a disk too full for any message of
+        size; stay unhealthy until there is room for ``PROBE_FREE_BYTES``.
+        """
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        return f"disk almost full: {free} bytes free" if free < PROBE_FREE_BYTES else None
 
     def _restart_wal(self, db: sqlite3.Connection) -> None:
         """Copy the WAL's last few pages into the file and start it again from the top (writer thread).
@@ -1001,15 +1040,23 @@ class SQLiteStore(Store):
                 db.executemany("DELETE FROM messages WHERE room = ? AND seq <= ?", trims)
             for cutoff in prunes:
                 db.execute("DELETE FROM messages WHERE time < ?", (cutoff,))
+            if not writes:
+                # A probe: an empty transaction writes nothing, and commits on a full disk too. Rewriting
+                # the header page (its value unchanged) puts one page in the WAL: it proves the file takes writes.
+                (version,) = db.execute("PRAGMA user_version").fetchone()
+                db.execute(f"PRAGMA user_version = {int(version)}")
             db.execute("COMMIT")
-        except sqlite3.Error as e:
+        except Exception as e:  # not only sqlite3.Error: whatever it was, the lock is let go and the writes fail
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
             if not wait and getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _Busy() from None
-            log.error("history store write failed: {error}", error=str(e))
+            if isinstance(e, sqlite3.Error):
+                log.error("history store write failed: {error}", error=str(e))
+            else:
+                log.failure("history store write failed")
             error = StoreUnavailable(f"message not stored: history store failed ({e})")
             return [(d, error) for _, _, d in writes], str(e)
         for room, seq in touched.items():
