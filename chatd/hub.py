@@ -753,6 +753,7 @@ class Hub(Service):
             "connections_accepted": self.connections_total,
             "rooms": len(self.rooms()),
             "memory": {"room_table": len(self._rooms), **self.store.memory()},
+            "history": self.store.writes(),
             "messages": {
                 "total": self.messages_total,
                 "per_second": self._rate.per_second(),

@@ -449,6 +449,10 @@ class Store:
         """How many rooms are in memory now."""
         return len(self._windows)
 
+    def writes(self) -> dict[str, Any]:
+        """How messages are being written now (a figure for ``/stats``); empty for a store that has no writer."""
+        return {}
+
     def memory(self) -> dict[str, int]:
         """What the windows hold now: rooms, messages, approximate bytes, rooms held, evictions."""
         return {
@@ -685,7 +689,7 @@ class SQLiteStore(Store):
         if self._thread is None or self._stopped is not None:
             return defer.fail(StoreUnavailable("history store is not open"))
         d: defer.Deferred = defer.Deferred()
-        if self._outstanding or self._copied or not self.inline or self.clock.seconds() < self._slow_until:
+        if self._outstanding or self._copied or not self.inline or (self._slow_until and self._still_slow()):
             self._put((message, client_id, d))
             return d
         if len(self._pending) >= BATCH or self._pending_bytes >= INLINE_MAX_BYTES:
@@ -696,6 +700,28 @@ class SQLiteStore(Store):
         self._pending.append((message, client_id, d))
         self._pending_bytes += len(message.text)
         return d
+
+    def _still_slow(self) -> bool:
+        """Whether the hold-off after slow writes still runs; says so in the log when it ends."""
+        if self.clock.seconds() < self._slow_until:
+            return True
+        self._slow_until = 0.0
+        log.info("history: writing on the reactor again")
+        return False
+
+    def writes(self) -> dict[str, Any]:
+        if not self.inline:
+            writer = "thread"
+        elif self._slow_until and self.clock.seconds() < self._slow_until:
+            writer = "thread: writes were slow"
+        else:
+            writer = "reactor"
+        return {
+            "writer": writer,
+            "transactions": self.batches,
+            "on_reactor": self.inline_batches,
+            "queued": self._outstanding,
+        }
 
     def _put(self, item: Any) -> None:
         """Queue ``item`` for the writer thread, behind this turn's writes (which go first, to keep their order)."""

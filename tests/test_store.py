@@ -116,6 +116,7 @@ async def test_a_file_locked_by_another_connection_sends_the_writes_to_the_threa
         await deferLater(0.2)
         assert time.monotonic() - started < 1, "the reactor waited for the lock"
         assert not any(d.called for d in held), "acknowledged while the file was locked"
+        assert store.writes()["queued"] == 2, "/stats does not show the writes waiting for the lock"
         behind = defer.ensureDeferred(add(store, "r", "four"))  # behind the thread's writes, not beside them
     finally:
         other.execute("COMMIT")
@@ -149,8 +150,13 @@ async def test_slow_writes_on_the_reactor_send_the_writes_to_the_thread_for_a_wh
     assert store_module.SLOW_WRITES == 3
     assert (store.inline_batches, store.batches) == (3, 5), "writes stayed on the reactor after slow ones"
     assert [e for e in seen if "writing from the writer thread" in e.get("log_format", "")]
+    assert store.writes() == {"writer": "thread: writes were slow", "transactions": 5, "on_reactor": 3, "queued": 0}
+    monkeypatch.setattr(store_module, "SLOW_WRITE", 60.0)
+    store._slow_until = reactor.seconds()  # the hold-off is over
+    await add(store, "r", "back")
+    assert store.writes() == {"writer": "reactor", "transactions": 6, "on_reactor": 4, "queued": 0}
     await store.close()
-    assert _rows(db_path, "r") == [1, 2, 3, 4, 5]
+    assert _rows(db_path, "r") == [1, 2, 3, 4, 5, 6]
 
 
 @pytest_twisted.ensureDeferred
