@@ -602,6 +602,8 @@ class SQLiteStore(Store):
         self._pending: list[tuple[Message, str | None, defer.Deferred]] = []
         self._pending_bytes = 0
         self._flush_call: Any = None
+        #: the next probe, while ``problem`` is set (one chain of probes at a time)
+        self._probe_call: Any = None
         #: reactor transactions in a row that were slow (see ``SLOW_WRITES``)
         self._slow_writes = 0
         #: items put on the writer thread's queue and not yet answered
@@ -767,10 +769,11 @@ class SQLiteStore(Store):
 
     def _probe(self) -> None:
         """An empty write transaction: clears ``problem`` once the file takes writes again."""
+        self._probe_call = None
         if self.problem is None or self._stopped is not None:
             return
         self._put(("probe", None))
-        self.reactor.callLater(PROBE_INTERVAL, self._probe)
+        self._probe_call = self.reactor.callLater(PROBE_INTERVAL, self._probe)
 
     def prune(self) -> None:
         super().prune()
@@ -783,6 +786,9 @@ class SQLiteStore(Store):
         if self._stopped is None:
             self._stopped = defer.Deferred()
             self._closing.set()
+            if self._probe_call is not None:
+                self._probe_call.cancel()
+                self._probe_call = None
             self._put(_STOP)  # this turn's writes first
             if self._db is not None:
                 self._db.close()  # not the last connection: the writer's, closing last, copies the WAL into the file
@@ -797,9 +803,9 @@ class SQLiteStore(Store):
 
     def _resolve(self, results: list[tuple[defer.Deferred, Any]], failed: str | None, probed: bool = False) -> None:
         if failed:
-            if self.problem is None:
+            if self._probe_call is None and self._stopped is None:
                 # Unhealthy (/health 503) until a write works again: probe now and then.
-                self.reactor.callLater(PROBE_INTERVAL, self._probe)
+                self._probe_call = self.reactor.callLater(PROBE_INTERVAL, self._probe)
             self.problem = f"history store: {failed}"
         elif results or probed:  # a probe's transaction wrote a page (see _write): the file takes writes
             self.problem = None
@@ -1077,6 +1083,10 @@ class SQLiteStore(Store):
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            # Read the batch's rooms from the file next time: another connection (a second process on the
+            # file, an operator's tool) may have numbered one past the cache, and failed every write after.
+            for room in before:
+                seqs.pop(room, None)
             if not wait and getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _Busy() from None
             if isinstance(e, sqlite3.Error):

@@ -661,3 +661,68 @@ async def test_a_probe_clears_the_problem_once_the_file_takes_writes_again(db_pa
     finally:
         await store.close()
 
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("inline", [True, False], ids=["reactor", "thread"])
+async def test_a_room_another_connection_wrote_is_writable_again_after_one_failed_batch(db_path: str, inline: bool) -> None:
+    """The writers' cache of last seqs must not outlive a failed transaction.
+
+    Another connection (a second chatd started on the same --data-dir during a
+    restart, an operator's tool) adds a row to a room this process has cached:
+    the next transaction numbers from the stale cache and fails on the primary
+    key. The cache was only updated on success, so every later write to that
+    room failed the same way, for as long as the process ran (and took every
+    other room's messages in its batch with it).
+    """
+    store = opened(db_path, inline=inline)
+    await add(store, "r", "one")  # seq 1, cached
+    other = opened(db_path)
+    assert (await add(other, "r", "elsewhere")).message.seq == 2
+    await other.close()
+    outcomes = []
+    for text in ("two", "three", "four"):
+        try:
+            outcomes.append((await add(store, "r", text)).message.seq)
+        except StoreUnavailable:
+            outcomes.append(None)
+    # At most the first fails (numbered from the stale cache); it hands out no seq, and the room goes on.
+    assert outcomes in ([3, 4, 5], [None, 3, 4]), outcomes
+    await store.close()
+    assert _rows(db_path, "r") == [1, 2, *(s for s in outcomes if s)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disk_that_fails_now_and_then_keeps_one_probe_going(db_path: str, monkeypatch) -> None:
+    """A write failing after a success had cleared ``problem`` started another probe chain beside the running one.
+
+    Each chain reschedules itself while ``problem`` is set, so on a disk that
+    takes some writes and not others (nearly full: small ones fit) the chains
+    piled up, each queueing a probe to the writer thread every interval.
+    """
+    from chatd import store as store_module
+
+    monkeypatch.setattr(store_module, "PROBE_INTERVAL", 0.2)
+    store = opened(db_path)
+    real_write = store._write
+
+    def nearly_full(db, seqs, writes, prunes, wait=True):
+        if writes and writes[0][0].text == "big":
+            return [(d, StoreUnavailable("message not stored: disk full")) for _, _, d in writes], "disk full"
+        return real_write(db, seqs, writes, prunes, wait)
+
+    store._write = nearly_full
+    for _ in range(6):
+        with pytest.raises(StoreUnavailable):
+            await add(store, "r", "big")
+        await add(store, "r", "small")
+        with pytest.raises(StoreUnavailable):
+            await add(store, "r", "big")
+        await deferLater(0.05)
+    probes = [c for c in reactor.getDelayedCalls() if getattr(c.func, "__self__", None) is store]
+    try:
+        assert len(probes) <= 1, f"{len(probes)} probe chains running"
+    finally:
+        await store.close()
+        for call in probes:
+            if call.active():
+                call.cancel()
