@@ -553,16 +553,21 @@ class SQLiteStore(Store):
     on the one core, trading the GIL with the reactor at each of SQLite's
     calls; the same transaction on the reactor cost about 30).
     The writer thread (:meth:`_run`) is still there for what could wait:
-    the reactor's connection never waits for a lock (another connection
-    writing: its transaction is rolled back and handed to the thread, which
-    waits), transactions that take longer than ``SLOW_WRITE`` (a disk slow
-    to take writes; ``SLOW_WRITES`` in a row, as one alone may only have
-    been preempted on a busy machine) send the writes to the thread for
-    ``SLOW_HOLD_OFF``, a turn with more than ``BATCH`` messages or
-    ``INLINE_MAX_BYTES`` of text (a burst, which would hold the reactor for
-    as long as it takes to write) is the thread's,
-    the WAL's restart (which syncs the file) is the thread's, and reads,
-    prunes and probes always run there. While the thread has anything to do, every
+
+    * the reactor's connection never waits for a lock: when another
+      connection is writing, its transaction is rolled back and handed to
+      the thread, which waits;
+    * transactions longer than ``SLOW_WRITE`` (a disk slow to take writes;
+      ``SLOW_WRITES`` in a row, as one alone may only have been preempted on
+      a busy machine, or one past ``SLOW_WRITE_ALONE``) send the writes to
+      the thread for ``SLOW_HOLD_OFF``;
+    * a turn with more than ``BATCH`` messages or ``INLINE_MAX_BYTES`` of
+      text (a burst, which would hold the reactor for as long as it takes
+      to write) is the thread's;
+    * so is the WAL's restart (which syncs the file), and reads, prunes and
+      probes always run there.
+
+    While the thread has anything to do, every
     write goes to it too, behind what it has: so writes keep their order,
     one connection numbers a room at a time, and a room read back by the
     thread holds every message acknowledged before its answer and none
