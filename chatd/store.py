@@ -888,10 +888,12 @@ class SQLiteStore(Store):
         ``WAL_RESTART_PAGES``, the next writes go to the writer thread, which
         finishes the job after committing them: what is left is the frames
         committed while that copy ran. Writes that come meanwhile queue
-        behind it. (Had the checkpointer done it, holding the write lock,
-        the writes the reactor handed over would wait for the lock in
-        SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between
-        tries: W1's tail at 100 msg/s per sender.) RESTART,
+        behind it. (Done by the checkpointer, it needs the write lock, which
+        a reactor writing every turn holds whenever that thread gets the GIL
+        back: without waiting it found the lock taken nearly every time and
+        the WAL grew for as long as the traffic lasted; waiting, the writes
+        the reactor handed over meanwhile would wait in SQLite's busy
+        handler, which sleeps 1, 2, 5, 10 ... ms between tries.) RESTART,
         not TRUNCATE: the file keeps its size, so later commits write over
         it instead of growing it again (a file growing needs its metadata
         journalled, and that waits behind another file's sync). It never
