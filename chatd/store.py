@@ -696,11 +696,15 @@ class SQLiteStore(Store):
         if self._thread is None or self._stopped is not None:
             return defer.fail(StoreUnavailable("history store is not open"))
         d: defer.Deferred = defer.Deferred()
-        if self._outstanding or self._copied or not self.inline or (self._slow_until and self._still_slow()):
-            self._put((message, client_id, d))
-            return d
-        if len(self._pending) >= BATCH or self._pending_bytes >= INLINE_MAX_BYTES:
-            self._put((message, client_id, d))  # a burst: the thread takes the turn's writes
+        if (
+            self._outstanding
+            or self._copied
+            or not self.inline
+            or (self._slow_until and self._still_slow())
+            or len(self._pending) >= BATCH  # a burst: the thread takes the turn's writes
+            or self._pending_bytes >= INLINE_MAX_BYTES
+        ):
+            self._put((message, client_id, d))  # the thread's, for a reason in the class docstring
             return d
         if not self._pending:
             self._flush_call = self.reactor.callLater(0, self._flush)
@@ -719,7 +723,7 @@ class SQLiteStore(Store):
     def writes(self) -> dict[str, Any]:
         if not self.inline:
             writer = "thread"
-        elif self._slow_until and self.clock.seconds() < self._slow_until:
+        elif self._slow_until and self._still_slow():
             writer = "thread: writes were slow"
         else:
             writer = "reactor"
