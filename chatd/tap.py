@@ -95,6 +95,12 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
         "seconds a WebSocket (/ws) client may send no message and no ping before it is closed "
         "(4008); 0 never closes an idle client",
     ),
+    "ws-keep-alive": (
+        "WS_KEEP_ALIVE",
+        30,
+        "seconds a WebSocket (/ws) client may send nothing before the server pings it; a ping "
+        "unanswered as long closes the connection; 0 never pings",
+    ),
     "workers": (
         "WORKERS",
         1,
@@ -130,6 +136,7 @@ _ZERO_MEANS_OFF = {
     "max-connections-per-ip",
     "max-rooms-per-connection",
     "idle-timeout",
+    "ws-keep-alive",
 }
 
 # Options whose default follows from others (their INTEGERS default is the rule, for --help).
@@ -462,6 +469,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         write_limit=options["write-buffer-size"],
         idle_timeout=options["idle-timeout"],
         handshake_timeout=options["handshake-timeout"],
+        keep_alive=options["ws-keep-alive"],
     )
     ws_factory.closes.setServiceParent(top)  # after the hub: stops once the listeners and the drain have
     ws = Listener(endpoint("ws"), _timed(ws_site(hub, ws_factory, options["metrics-token"]), options, hub, "websocket"))
