@@ -507,6 +507,28 @@ async def test_seq_survives_a_restart_after_trimming_and_age_pruning(db_path: st
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_rooms_row_is_written_only_when_its_last_seq_could_be_lost(db_path: str) -> None:
+    """A room's last seq is its newest row's: writing ``rooms`` with every message wrote one more page a commit."""
+    store = opened(db_path, limit=20)  # trimmed every 2 messages past 20
+    for i in range(9):
+        await add(store, "r", f"m{i}")
+    await store.close()
+    file = sqlite3.connect(db_path)
+    assert file.execute("SELECT last_seq FROM rooms WHERE room = 'r'").fetchall() == [(1,)]  # its first: not cached
+    file.close()
+
+    again = opened(db_path, limit=20)
+    assert (await again.read_since("r", 0)).last_seq == 9
+    for i in range(9, 23):
+        assert (await add(again, "r", f"m{i}")).message.seq == i + 1
+    await again.close()
+    file = sqlite3.connect(db_path)
+    # seq 22 was a trim: the row went with it; 23 was not
+    assert file.execute("SELECT last_seq FROM rooms WHERE room = 'r'").fetchall() == [(22,)]
+    file.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_file_from_before_keeps_its_messages_and_loses_the_time_index(db_path: str) -> None:
     """Older files carry an index on ``time`` that every write paid for; opening drops it, nothing else."""
     store = opened(db_path)
