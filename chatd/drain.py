@@ -16,6 +16,10 @@ order). Its ``stopService``:
    away (``Session.going_away``: WebSocket close 1001, SignalR close with
    reconnect allowed, gRPC ``UNAVAILABLE``), in batches spread over a
    jittered window so thousands of clients do not reconnect at one instant;
+   A session with a message still waiting for the store (``in_flight``) is
+   told once the store has answered it, so its sender gets ``sent`` (or
+   the error) before the close: otherwise a message stored during the
+   drain was never acknowledged to the client that sent it;
 3. waits for those sessions to finish their close handshakes (their pending
    writes flush first), but never longer than the drain timeout;
 4. lets the rest of the tree stop: listeners close, the hub flushes.
@@ -74,6 +78,8 @@ class Drain(Service):
         self._poll: Any = None
         self._deadline: Any = None
         self._done: defer.Deferred | None = None
+        #: sessions whose batch has come but which wait for the store's answer to a message
+        self._answering: list[Any] = []
 
     def schedule(self, count: int) -> list[float]:
         """When each of ``count`` batches is told to go, in seconds from now.
@@ -126,14 +132,20 @@ class Drain(Service):
             )
 
     def _go(self, batch: list[Any]) -> None:
+        self._tell(batch)
+        self._check()
+
+    def _tell(self, batch: list[Any]) -> None:
         for session in batch:
             if session.id not in self.hub.sessions:
+                continue
+            if session.in_flight:
+                self._answering.append(session)
                 continue
             try:
                 session.going_away(GOING_AWAY)
             except Exception:
                 log.failure("telling {session} to go away failed", session=session)
-        self._check()
 
     def _check(self) -> None:
         """Finish once every session is gone; otherwise look again shortly.
@@ -143,6 +155,9 @@ class Drain(Service):
         """
         if self._done is None:
             return
+        if self._answering:
+            waiting, self._answering = self._answering, []
+            self._tell(waiting)
         if not self.hub.sessions:
             self._finish(False)
         elif self._poll is None or not self._poll.active():
@@ -156,6 +171,7 @@ class Drain(Service):
             if call is not None and call.active():
                 call.cancel()
         self._calls, self._poll, self._deadline = [], None, None
+        self._answering = []
         left = list(self.hub.sessions.values())
         if timed_out and left:
             log.warn("drain timed out: dropping {n} sessions", n=len(left))

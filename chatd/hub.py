@@ -68,6 +68,8 @@ class Session:
     """
 
     protocol = "unknown"
+    #: messages this session sent that the store has not answered yet (see ``chatd.drain``)
+    in_flight = 0
     #: whether :meth:`Hub.connect` counts this session against its address's limit; False when
     #: the adapter holds the address's slot for the whole connection itself (SignalR, from negotiate)
     counts_address = True
@@ -645,7 +647,11 @@ class Hub(Service):
                 user_rate.refund(sender)
             raise self._connection_limited(source, bucket, protocol)
         d = self.store.add(name, sender, body, self.clock.seconds(), protocol, key)
-        d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
+        if isinstance(source, Session):
+            source.in_flight += 1
+            d.addCallbacks(self._stored, self._not_stored, callbackArgs=(source,), errbackArgs=(protocol, source))
+        else:
+            d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
         return d
 
     def check_rate(self, user: str, source: Session | str | None = None, protocol: str = "none") -> None:
@@ -690,7 +696,9 @@ class Hub(Service):
             f"(bursts of {rate.burst}); try again shortly"
         )
 
-    def _stored(self, stored: Stored) -> Message:
+    def _stored(self, stored: Stored, source: Session | None = None) -> Message:
+        if source is not None:
+            source.in_flight -= 1
         message = stored.message
         if not stored.duplicate:
             self.messages_total += 1
@@ -699,7 +707,9 @@ class Hub(Service):
             self.broker.stored(message)
         return message
 
-    def _not_stored(self, failure: Failure, protocol: str) -> Failure:
+    def _not_stored(self, failure: Failure, protocol: str, source: Session | None = None) -> Failure:
+        if source is not None:
+            source.in_flight -= 1
         self.metrics.error("not_stored", protocol)
         return failure
 

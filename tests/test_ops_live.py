@@ -4,6 +4,7 @@ listener, the /metrics scrape, and the drain seen from the outside."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -166,6 +167,56 @@ async def test_draining_shows_503_then_tells_clients_1001_and_refuses_newcomers(
         await deferToThread(lambda: None)  # let the reactor see the closes
     await stopped
     assert not running.hub.sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_answers_a_message_waiting_for_the_store_before_telling_its_sender_to_go(
+    start, tmp_path
+) -> None:
+    """A message accepted before the drain gets its ``sent`` before the 1001, even if the store is slow.
+
+    The drain told every session to go at its batch's time, whatever it had
+    in flight: a message waiting for the history file (here, locked by
+    another process) was stored, but its sender had been closed with 1001
+    first and never got its ``sent``, so it could not know.
+    """
+    import sqlite3
+
+    running = await start("--data-dir", str(tmp_path))
+    drain = running.service.getServiceNamed("drain")
+    clock = drain.clock = Clock()
+    a = await deferToThread(lambda: Client(running.ws_url))
+    await deferToThread(a.join, "d", "alice")
+    other = sqlite3.connect(str(tmp_path / "chatd.sqlite3"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        await deferToThread(a.send, type="message", room="d", message="in flight", ref="m1")
+        for _ in range(20):  # the message reaches the store, which waits for the lock
+            await deferToThread(time.sleep, 0.01)
+        stopped = running.service.stopService()
+        clock.advance(0)  # the one batch's time
+        await deferToThread(time.sleep, 0.3)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    for _ in range(100):  # the drain looks again every poll_interval
+        clock.advance(drain.poll_interval)
+        await deferToThread(time.sleep, 0.02)
+        if stopped.called:
+            break
+
+    def frames():
+        seen = []
+        try:
+            while True:
+                seen.append(a.recv(timeout=5)["type"])
+        except ConnectionClosed as closed:
+            return seen, closed.rcvd.code
+
+    seen, code = await deferToThread(frames)
+    assert "sent" in seen, seen
+    assert code == 1001
+    await stopped
 
 
 @pytest_twisted.ensureDeferred

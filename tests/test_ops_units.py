@@ -193,6 +193,32 @@ def test_drain_tells_sessions_in_paced_jittered_batches_then_finishes() -> None:
     assert done.called and not hub.sessions
 
 
+def test_drain_tells_a_session_with_a_message_in_the_store_once_it_is_answered() -> None:
+    clock, hub, sessions, drain = _drain_setup(2, timeout=4, batch=2)
+    busy, idle = sessions
+    busy.in_flight = 1
+    done = drain.stopService()
+    clock.advance(1)  # the batch's time
+    assert idle.told_at == 1 and busy.told_at is None
+    clock.advance(0.5)
+    assert busy.told_at is None
+    busy.in_flight = 0  # the store answered; its sender has its ``sent``
+    clock.advance(drain.poll_interval)
+    assert busy.told_at == pytest.approx(1.55)
+    clock.pump([0.05] * 20)
+    assert done.called and not hub.sessions
+
+
+def test_drain_drops_a_session_whose_message_never_leaves_the_store_at_the_timeout() -> None:
+    clock, hub, sessions, drain = _drain_setup(1, timeout=4)
+    sessions[0].in_flight = 1
+    done = drain.stopService()
+    clock.pump([0.5] * 7)
+    assert not done.called and sessions[0].told_at is None
+    clock.advance(0.5)
+    assert done.called and not hub.sessions
+
+
 def test_drain_jitter_differs_between_batches() -> None:
     import random
 

@@ -512,20 +512,22 @@ async def test_a_rooms_row_is_written_only_when_its_last_seq_could_be_lost(db_pa
     store = opened(db_path, limit=20)  # trimmed every 2 messages past 20
     for i in range(9):
         await add(store, "r", f"m{i}")
+    writes = store.batches
+    assert store._db.execute("SELECT last_seq FROM rooms WHERE room = 'r'").fetchall() == [(1,)]  # its first only
     await store.close()
+    assert store.batches == writes
     file = sqlite3.connect(db_path)
-    assert file.execute("SELECT last_seq FROM rooms WHERE room = 'r'").fetchall() == [(1,)]  # its first: not cached
+    # A clean close notes every room's last seq: a chatd from before _LAST_SEQ numbers from the row alone.
+    assert file.execute("SELECT last_seq FROM rooms WHERE room = 'r'").fetchall() == [(9,)]
     file.close()
 
     again = opened(db_path, limit=20)
     assert (await again.read_since("r", 0)).last_seq == 9
     for i in range(9, 23):
         assert (await add(again, "r", f"m{i}")).message.seq == i + 1
-    await again.close()
-    file = sqlite3.connect(db_path)
     # seq 22 was a trim: the row went with it; 23 was not
-    assert file.execute("SELECT last_seq FROM rooms WHERE room = 'r'").fetchall() == [(22,)]
-    file.close()
+    assert again._db.execute("SELECT last_seq FROM rooms WHERE room = 'r'").fetchall() == [(22,)]
+    await again.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -690,6 +692,56 @@ async def test_the_wal_restart_leaves_the_writes_on_the_reactor(db_path: str, mo
             seqs = [s.message.seq for s in stored if s.message.room == room]
             assert seqs == list(range(1, len(seqs) + 1))
         assert os.path.getsize(db_path + "-wal") // 4096 < len(added) / 5
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_checkpoint_that_fails_while_catching_up_does_not_stop_the_checkpointer(db_path: str, monkeypatch) -> None:
+    """A disk error in the catch-up copies must be handled like one in the first copy: warned, tried again."""
+    from chatd import store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.02)
+    monkeypatch.setattr(store_module, "WAL_RESTART_PAGES", 20)
+
+    class Flaky:  # the checkpointer's connection: its next copy fails once, as on a disk that errs now and then
+        def __init__(self, db):
+            self.db, self.fail_next = db, False
+
+        def execute(self, sql, *args):
+            if self.fail_next and "wal_checkpoint" in sql:
+                self.fail_next = False
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.db.execute(sql, *args)
+
+        def close(self):
+            self.db.close()
+
+    real_checkpoint = SQLiteStore._checkpoint
+    failed = []
+
+    def checkpoint(db):
+        frames, copied = real_checkpoint(db)
+        if frames >= store_module.WAL_RESTART_PAGES and copied == frames and not failed:
+            failed.append(1)
+            db.fail_next = True  # the first catch-up copy fails
+        return frames, copied
+
+    monkeypatch.setattr(SQLiteStore, "_checkpoint", staticmethod(checkpoint))
+    real_checkpoints = SQLiteStore._checkpoints
+
+    def checkpoints(self):
+        self._checkpoint_db = Flaky(self._checkpoint_db)
+        real_checkpoints(self)
+
+    monkeypatch.setattr(SQLiteStore, "_checkpoints", checkpoints)
+    store = opened(db_path)
+    try:
+        for i in range(400):
+            await store.add(f"room{i % 50}", "u", "x" * 500, _now(), "test")
+            await deferLater(0.002)
+        assert failed, "no catch-up copy was made: nothing was tested"
+        assert store._checkpointer.is_alive(), "one failed copy ended the checkpointer thread"
     finally:
         await store.close()
 
