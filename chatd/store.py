@@ -648,6 +648,8 @@ class SQLiteStore(Store):
         self._closing = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
+        #: each writing connection's ``PRAGMA data_version`` at its last transaction (see ``_write``)
+        self._data_versions: dict[int, int] = {}
         #: written since the checkpointer last looked (set by the writers, read by the checkpointer)
         self._written = False
         #: the checkpointer has copied the WAL up to its last commits: the writer thread restarts it (see ``_restart_wal``)
@@ -1131,6 +1133,13 @@ class SQLiteStore(Store):
         results: list[tuple[defer.Deferred, Any]] = []
         try:
             db.execute("BEGIN IMMEDIATE")
+            (version,) = db.execute("PRAGMA data_version").fetchone()
+            if self._data_versions.setdefault(id(db), version) != version:
+                # Another connection committed since this one's last transaction: another chatd on the
+                # file, or an operator's tool. The cached seqs may be behind it, and once it has trimmed
+                # the rows they would collide with, an insert would hand out a seq it gave already.
+                self._data_versions[id(db)] = version
+                seqs.clear()
             for message, client_id, d in writes:
                 room = message.room
                 seq = touched.get(room)

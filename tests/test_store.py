@@ -747,6 +747,26 @@ async def test_a_checkpoint_that_fails_while_catching_up_does_not_stop_the_check
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("inline", [True, False], ids=["reactor", "thread"])
+async def test_a_room_another_process_wrote_and_trimmed_gets_no_seq_twice(db_path: str, inline: bool) -> None:
+    """Two chatds on one file (one draining, one started): a cached seq must not be handed out again.
+
+    The other store numbered 6-10 and trimmed rows up to 8; this one's
+    cache still said 5, and its insert of seq 6 met no row to collide
+    with: seq 6 acknowledged twice, for two messages.
+    """
+    first = opened(db_path, limit=2, inline=inline)
+    second = opened(db_path, limit=2, inline=inline)
+    try:
+        assert [(await add(first, "r", f"a{i}")).message.seq for i in range(5)] == [1, 2, 3, 4, 5]
+        assert [(await add(second, "r", f"b{i}")).message.seq for i in range(5)] == [6, 7, 8, 9, 10]
+        assert (await add(first, "r", "a5")).message.seq == 11
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_probe_clears_the_problem_once_the_file_takes_writes_again(db_path: str, monkeypatch) -> None:
     """/health 503 must end when the disk is back, even if nobody sends (a load balancer stops sending them).
 
