@@ -24,6 +24,11 @@ order). Its ``stopService``:
    writes flush first), but never longer than the drain timeout;
 4. lets the rest of the tree stop: listeners close, the hub flushes.
 
+A second SIGTERM or SIGINT during a shutdown ends the drain at once (the
+sessions left are dropped) and is logged as such; Twisted's own handler
+would have called ``reactor.stop()`` again, which logs a
+``ReactorNotRunning`` traceback at critical level.
+
 Time comes from the injected clock, so all of this is unit-tested with
 ``task.Clock``.
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,6 +105,7 @@ class Drain(Service):
         self.draining = True
         self.hub.accepting = False
         self.hub.closing = True
+        self._hurry_on_a_second_signal()
         self._hold()
         sessions = list(self.hub.sessions.values())
         batches = [sessions[i : i + self.batch_size] for i in range(0, len(sessions), self.batch_size)]
@@ -116,6 +123,30 @@ class Drain(Service):
         self._deadline = self.clock.callLater(self.timeout, self._finish, True)
         self._check()
         return done
+
+    def _hurry_on_a_second_signal(self) -> None:
+        """From now to the process's end, SIGTERM and SIGINT end the drain instead of stopping the reactor again.
+
+        Only when the reactor itself is stopping (a signal, or
+        ``reactor.stop()``): a test stopping the service in a running
+        process keeps its handlers.
+        """
+        reactor = self._reactor
+        if reactor is None or not getattr(reactor, "_stopped", False):
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def again(number: int, frame: Any) -> None:
+            name = signal.Signals(number).name
+            if self._done is not None:
+                log.info("{signal} again: ending the drain now", signal=name)
+                reactor.callFromThread(self._finish, True, f"drain ended by a second {name}")
+            else:
+                log.info("{signal} again: already stopping", signal=name)
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, again)
 
     def _hold(self) -> None:
         """Leave new connections in the inherited sockets' queues, for the next process."""
@@ -163,7 +194,7 @@ class Drain(Service):
         elif self._poll is None or not self._poll.active():
             self._poll = self.clock.callLater(self.poll_interval, self._check)
 
-    def _finish(self, timed_out: bool) -> None:
+    def _finish(self, timed_out: bool, why: str = "drain timed out") -> None:
         done, self._done = self._done, None
         if done is None:
             return
@@ -174,7 +205,7 @@ class Drain(Service):
         self._answering = []
         left = list(self.hub.sessions.values())
         if timed_out and left:
-            log.warn("drain timed out: dropping {n} sessions", n=len(left))
+            log.warn("{why}: dropping {n} sessions", why=why, n=len(left))
             for session in left:
                 self.hub.disconnect(session)
         else:

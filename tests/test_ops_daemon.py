@@ -73,6 +73,44 @@ def test_ready_watchdog_and_stopping_reach_systemd_and_sigterm_drains_to_exit_0(
         notify.close()
 
 
+def test_a_second_sigterm_ends_the_drain_at_once_without_a_traceback(tmp_path) -> None:
+    """Twisted's handler would call reactor.stop() again: ReactorNotRunning, logged at critical."""
+    import sqlite3
+    import time
+
+    def stats(daemon: Daemon) -> dict:
+        with urllib.request.urlopen(daemon.url(path="/stats"), timeout=10) as r:
+            return json.loads(r.read())
+
+    def wait_for(condition, what: str) -> None:
+        for _ in range(300):
+            if condition():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"never: {what}")
+
+    with Daemon("--data-dir", str(tmp_path), env={"DRAIN_TIMEOUT": "60"}) as daemon:
+        daemon.wait_healthy()
+        with Client(daemon.ws_url) as a:
+            a.join("r", "alice")
+            other = sqlite3.connect(str(tmp_path / "chatd.sqlite3"), isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the drain then waits for alice's message to be answered
+            try:
+                a.send(type="message", room="r", message="waits for the file", ref="m1")
+                wait_for(lambda: stats(daemon)["history"]["queued"] >= 1, "the message waits for the file")
+                daemon.proc.send_signal(signal.SIGTERM)
+                wait_for(lambda: "draining 1 sessions" in daemon.output, "the drain started")
+                daemon.proc.send_signal(signal.SIGTERM)
+                wait_for(lambda: "SIGTERM again: ending the drain now" in daemon.output, "the drain ended")
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert daemon.proc.wait(timeout=30) == 0
+        log = daemon.output
+        assert "drain ended by a second SIGTERM: dropping 1 sessions" in log
+        assert "Traceback" not in log and "ReactorNotRunning" not in log, log
+
+
 def _spawn(
     twistd_args: list[str],
     chatd_args: list[str],

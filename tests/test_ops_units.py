@@ -249,6 +249,41 @@ def test_drain_with_no_sessions_finishes_at_once_and_clears_the_sigterm_exit() -
     assert not clock.getDelayedCalls()
 
 
+def test_a_second_sigterm_while_the_reactor_stops_ends_the_drain_at_once() -> None:
+    class FakeReactor:
+        _exitSignal = signal.SIGTERM
+        _stopped = True  # reactor.stop() has run: this is the process's shutdown
+
+        @staticmethod
+        def callFromThread(f, *args):  # noqa: N802 (Twisted's name)
+            f(*args)
+
+    clock, hub, sessions, drain = _drain_setup(3, timeout=10, leaves_after=None)
+    drain._reactor = FakeReactor
+    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        done = drain.stopService()
+        clock.advance(1)
+        assert not done.called and len(hub.sessions) == 3
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert done.called and not hub.sessions
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # and again: nothing more to do, nothing raised
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
+def test_stopping_the_drain_in_a_running_process_leaves_the_signal_handlers_alone() -> None:
+    class RunningReactor:
+        _stopped = False
+
+    clock, hub, sessions, drain = _drain_setup(1)
+    drain._reactor = RunningReactor
+    before = signal.getsignal(signal.SIGTERM)
+    drain.stopService()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 class FakePort:
     reading = True
 
