@@ -19,7 +19,10 @@ order). Its ``stopService``:
    A session with a message still waiting for the store (``in_flight``) is
    told once the store has answered it, so its sender gets ``sent`` (or
    the error) before the close: otherwise a message stored during the
-   drain was never acknowledged to the client that sent it;
+   drain was never acknowledged to the client that sent it. Meanwhile it
+   may send nothing more (``Session.leaving``: refused as "server shutting
+   down"), or a client sending faster than the store answers would never
+   be told;
 3. waits for those sessions to finish their close handshakes (their pending
    writes flush first), but never longer than the drain timeout;
 4. lets the rest of the tree stop: listeners close, the hub flushes.
@@ -27,7 +30,12 @@ order). Its ``stopService``:
 A second SIGTERM or SIGINT during a shutdown ends the drain at once (the
 sessions left are dropped) and is logged as such; Twisted's own handler
 would have called ``reactor.stop()`` again, which logs a
-``ReactorNotRunning`` traceback at critical level.
+``ReactorNotRunning`` traceback at critical level. A worker of
+``--workers`` takes more SIGTERMs as "already stopping": systemd's default
+kill mode, or a terminal's Ctrl-C, reaches the supervisor and every worker
+at once, and the supervisor then passes its own SIGTERM on. It ends its
+drain on :data:`HURRY`, which the supervisor sends on a second signal of
+its own (``chatd.workers``).
 
 Time comes from the injected clock, so all of this is unit-tested with
 ``task.Clock``.
@@ -49,6 +57,8 @@ from twisted.logger import Logger
 log = Logger()
 
 GOING_AWAY = "server shutting down, reconnect shortly"
+#: what a supervisor sends its workers to end their drains at once
+HURRY = signal.SIGUSR2
 
 
 class Drain(Service):
@@ -67,8 +77,11 @@ class Drain(Service):
         rng: Callable[[], float] = random.random,
         reactor: Any = None,
         held: Sequence[Any] = (),
+        worker: bool = False,
     ) -> None:
         self.hub = hub
+        #: a worker of a supervisor: only :data:`HURRY` ends the drain early (see the module docstring)
+        self.worker = worker
         #: listeners (``chatd.tap.Listener``) whose socket the next process inherits
         self.held = list(held)
         self.clock = clock
@@ -86,6 +99,11 @@ class Drain(Service):
         self._done: defer.Deferred | None = None
         #: sessions whose batch has come but which wait for the store's answer to a message
         self._answering: list[Any] = []
+
+    def startService(self) -> None:
+        super().startService()
+        if self.worker and threading.current_thread() is threading.main_thread():
+            signal.signal(HURRY, signal.SIG_IGN)  # its default would end the process: until a drain, it means nothing
 
     def schedule(self, count: int) -> list[float]:
         """When each of ``count`` batches is told to go, in seconds from now.
@@ -137,15 +155,18 @@ class Drain(Service):
         if threading.current_thread() is not threading.main_thread():
             return
 
+        hurry = (HURRY,) if self.worker else (signal.SIGTERM, signal.SIGINT)
+
         def again(number: int, frame: Any) -> None:
             name = signal.Signals(number).name
-            if self._done is not None:
-                log.info("{signal} again: ending the drain now", signal=name)
-                reactor.callFromThread(self._finish, True, f"drain ended by a second {name}")
+            if number in hurry and self._done is not None:
+                why = f"{name} from the supervisor" if self.worker else f"{name} again"
+                log.info("{why}: ending the drain now", why=why)
+                reactor.callFromThread(self._finish, True, f"drain ended by {why}")
             else:
                 log.info("{signal} again: already stopping", signal=name)
 
-        for number in (signal.SIGTERM, signal.SIGINT):
+        for number in {signal.SIGTERM, signal.SIGINT, *hurry}:
             signal.signal(number, again)
 
     def _hold(self) -> None:
@@ -171,6 +192,7 @@ class Drain(Service):
             if session.id not in self.hub.sessions:
                 continue
             if session.in_flight:
+                session.leaving = True  # what it sent is answered; nothing new is taken (Hub.publish)
                 self._answering.append(session)
                 continue
             try:

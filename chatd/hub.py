@@ -47,6 +47,10 @@ class AddressFull(ServerFull):
     """``--max-connections-per-ip`` connections are open from this client's address already."""
 
 
+class ShuttingDown(ChatError):
+    """The server is shutting down: this request is refused, and the client should come back shortly."""
+
+
 class SessionClosed(ChatError):
     """The session was closed while the request ran (a replay too big for a slow reader).
 
@@ -70,6 +74,8 @@ class Session:
     protocol = "unknown"
     #: messages this session sent that the store has not answered yet (see ``chatd.drain``)
     in_flight = 0
+    #: set by the drain once this session's batch has come: it may send nothing more (see ``chatd.drain``)
+    leaving = False
     #: whether :meth:`Hub.connect` counts this session against its address's limit; False when
     #: the adapter holds the address's slot for the whole connection itself (SignalR, from negotiate)
     counts_address = True
@@ -638,6 +644,8 @@ class Hub(Service):
             identity.check_user(sender)
         body = validate.message(text, self.limits)
         key = validate.client_id(client_id)
+        if isinstance(source, Session) and source.leaving:
+            raise ShuttingDown("server shutting down, reconnect shortly: message not sent")
         # One look at each bucket: a refusal by the second gives the first its token back.
         user_rate, bucket = self._user_rate, self._bucket(source)
         if user_rate is not None and not user_rate.take(sender):

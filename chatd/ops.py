@@ -142,6 +142,7 @@ def add_operations(top: MultiService, hub: Any, options: Any, reactor: Any) -> N
         spread=None if options.get("redis") else SOLO_SPREAD,
         reactor=reactor,
         held=inherited_listeners(top, options),
+        worker=options.get("worker-index") is not None,
     )
     drain.setServiceParent(top)
     SystemdNotifier(reactor).setServiceParent(top)

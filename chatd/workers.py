@@ -260,12 +260,39 @@ class WorkerPool(Service):
         if not self.processes:
             return defer.succeed(None)
         self._stopped = defer.Deferred()
+        self._hurry_on_a_second_signal()
         for process in list(self.processes.values()):
             process.signal("TERM")
         # Each worker drains within --drain-timeout; then it is killed.
         kill = self.reactor.callLater(self.options["drain-timeout"] + 15, self._kill)
         self._stopped.addBoth(lambda r: kill.active() and kill.cancel() or r)
         return self._stopped
+
+    def _hurry_on_a_second_signal(self) -> None:
+        """While the workers drain, a second SIGTERM or SIGINT ends their drains (``chatd.drain.HURRY``).
+
+        Twisted's handler would have called ``reactor.stop()`` again: a
+        ``ReactorNotRunning`` traceback at critical level, the workers
+        draining on. Only when the reactor itself is stopping.
+        """
+        from chatd.drain import HURRY
+
+        if not getattr(self.reactor, "_stopped", False):
+            return
+        told = []
+
+        def again(number: int, frame: Any) -> None:
+            name = signal.Signals(number).name
+            if told:
+                log.info("{signal} again: already stopping", signal=name)
+                return
+            told.append(number)
+            log.info("{signal} again: ending the workers' drains now", signal=name)
+            for process in list(self.processes.values()):
+                self.reactor.callFromThread(process.signal, HURRY)
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, again)
 
     def _kill(self) -> None:
         for process in list(self.processes.values()):

@@ -107,7 +107,7 @@ def test_a_second_sigterm_ends_the_drain_at_once_without_a_traceback(tmp_path) -
                 other.close()
             assert daemon.proc.wait(timeout=30) == 0
         log = daemon.output
-        assert "drain ended by a second SIGTERM: dropping 1 sessions" in log
+        assert "drain ended by SIGTERM again: dropping 1 sessions" in log
         assert "Traceback" not in log and "ReactorNotRunning" not in log, log
 
 

@@ -219,6 +219,44 @@ def test_drain_drops_a_session_whose_message_never_leaves_the_store_at_the_timeo
     assert done.called and not hub.sessions
 
 
+def test_drain_tells_a_session_that_keeps_sending_well_before_the_timeout() -> None:
+    """A client sending every 0.1 s during the drain, to a store answering each message in
+    0.2 s, always has one in flight: it must still be told to go, not be cut at the timeout."""
+    from chatd.validate import ChatError
+
+    clock, hub, sessions, drain = _drain_setup(1, timeout=10, batch=1)
+    (sender,) = sessions
+    hub.identify(sender, "alice")
+    hub.join(sender, "r")
+    add = hub.store.add
+
+    def slow_add(*args, **kwargs):
+        answer: defer.Deferred = defer.Deferred()
+        add(*args, **kwargs).addBoth(lambda r: clock.callLater(0.2, answer.callback, r))
+        return answer
+
+    hub.store.add = slow_add
+    acked: list = []
+    refused: list = []
+
+    def send() -> None:
+        if sender.id in hub.sessions and sender.told_at is None:
+            try:
+                hub.publish("r", "alice", "more", "websocket", source=sender).addCallback(acked.append)
+            except ChatError as e:
+                refused.append(e.reason)  # refused with a reason: nothing lost
+            clock.callLater(0.1, send)
+
+    send()
+    done = drain.stopService()
+    clock.pump([0.05] * 100)  # 5 s: half the drain timeout
+    assert sender.told_at is not None, f"not told after 5 s; in_flight={sender.in_flight}, acked={len(acked)}"
+    assert sender.in_flight == 0
+    assert refused and all("shutting down" in r for r in refused)
+    clock.pump([0.05] * 120)
+    assert done.called
+
+
 def test_drain_jitter_differs_between_batches() -> None:
     import random
 

@@ -236,3 +236,61 @@ def test_every_listener_asks_for_the_kernels_largest_backlog_unless_told() -> No
         assert _listen_backlog(daemon.ports["signalr"]) == somaxconn()
         assert _listen_backlog(web) == 7, "an explicit backlog= wins"
         assert _listen_backlog(daemon.ports["grpc"]) >= 1024  # grpcio asks for the maximum itself
+
+
+def _held_message(daemon: Daemon, redis) -> Client:
+    """A client whose message waits for Redis (stopped with SIGSTOP): its worker's drain waits for the answer."""
+    a = Client(daemon.ws_url)
+    a.join("r", "alice")
+    redis.proc.send_signal(signal.SIGSTOP)
+    a.send(type="message", room="r", message="held", ref="m1")
+    time.sleep(0.5)
+    return a
+
+
+def _read_to_close(a: Client) -> None:
+    try:
+        while True:
+            a.recv(timeout=15)
+    except Exception:  # noqa: BLE001 - the close ends it, whatever form it takes
+        pass
+
+
+def test_one_systemd_stop_is_not_a_second_sigterm_to_the_workers(redis) -> None:
+    """Without KillMode=mixed (or on Ctrl-C) SIGTERM reaches every process of the unit, supervisor and workers;
+    the supervisor then passes its own on. One stop must drain the workers as one stop, not a hurried second."""
+    with Daemon("--workers", "2", "--redis", redis.url, "--drain-timeout", "8") as daemon:
+        daemon.wait_healthy()
+        wait_for(lambda: len(workers_of(daemon)) == 2)
+        try:
+            a = _held_message(daemon, redis)
+            for pid in [daemon.proc.pid, *workers_of(daemon)]:  # what systemd's control-group mode does
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(1.5)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)  # Redis answers well within the drain timeout
+        _read_to_close(a)
+        assert daemon.proc.wait(timeout=40) == 0
+    log = daemon.output
+    assert "ending the drain now" not in log, log
+    assert "Traceback" not in log, log
+
+
+def test_a_second_sigterm_to_the_supervisor_ends_the_workers_drains_without_a_traceback(redis) -> None:
+    """As without workers: a second SIGTERM while the workers drain ends their drains, no ReactorNotRunning."""
+    with Daemon("--workers", "2", "--redis", redis.url, "--drain-timeout", "30") as daemon:
+        daemon.wait_healthy()
+        wait_for(lambda: len(workers_of(daemon)) == 2)
+        try:
+            a = _held_message(daemon, redis)
+            daemon.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "draining 1 sessions" in daemon.output)
+            time.sleep(0.3)
+            daemon.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "drain ended by SIGUSR2 from the supervisor: dropping 1 sessions" in daemon.output)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        _read_to_close(a)
+        assert daemon.proc.wait(timeout=40) == 0
+    log = daemon.output
+    assert "Traceback" not in log and "ReactorNotRunning" not in log, log

@@ -44,7 +44,7 @@ from chatd import validate
 from chatd.auth import Authenticator, Forbidden, Identity, Unauthenticated, bearer
 from chatd.events import Event, Message, Presence, Truncated, rfc3339
 from chatd.grpc.generated import chat_pb2 as pb
-from chatd.hub import Hub, Joined, ServerFull, Session, SessionClosed
+from chatd.hub import Hub, Joined, ServerFull, Session, SessionClosed, ShuttingDown
 from chatd.store import StoreUnavailable
 from chatd.validate import ChatError, RateLimited
 
@@ -97,10 +97,6 @@ class _End(NamedTuple):
 
     code: grpc.StatusCode
     details: str
-
-
-class ShuttingDown(ChatError):
-    """A new stream refused because the server is draining."""
 
 
 def status_for(error: ChatError, hub: Hub) -> tuple[grpc.StatusCode, str]:
