@@ -669,6 +669,8 @@ class Hub(Service):
         before they publish (the seed form joins first): refused, they must
         change nothing.
         """
+        if isinstance(source, Session) and source.leaving:
+            raise ShuttingDown("server shutting down, reconnect shortly: message not sent")
         if self._user_rate is not None and not self._user_rate.allows(user):
             raise self._rate_limited(user)
         bucket = self._bucket(source)

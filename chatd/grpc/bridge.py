@@ -499,7 +499,7 @@ class ChatServicer:
 
 
 def _error_event(error: ChatError, request: str) -> pb.ChatEvent:
-    if isinstance(error, StoreUnavailable):
+    if isinstance(error, (StoreUnavailable, ShuttingDown)):
         code = Code.UNAVAILABLE
     elif isinstance(error, Forbidden):
         code = Code.PERMISSION_DENIED
