@@ -28,7 +28,8 @@ order). Its ``stopService``:
 4. lets the rest of the tree stop: listeners close, the hub flushes.
 
 A second SIGTERM or SIGINT during a shutdown ends the drain at once (the
-sessions left are dropped) and is logged as such; Twisted's own handler
+sessions left are dropped) and is logged as such, even if it comes before
+the drain has started (:func:`take_over_signals`); Twisted's own handler
 would have called ``reactor.stop()`` again, which logs a
 ``ReactorNotRunning`` traceback at critical level. A worker of
 ``--workers`` takes more SIGTERMs as "already stopping": systemd's default
@@ -61,6 +62,32 @@ GOING_AWAY = "server shutting down, reconnect shortly"
 HURRY = signal.SIGUSR2
 
 
+def take_over_signals(again: Callable[[int], None], extra: Sequence[int] = ()) -> bool:
+    """This process's SIGTERM and SIGINT from now on: the first is Twisted's (``reactor.stop()``), the rest ``again``'s.
+
+    Twisted's handler runs for every signal, and a second ``reactor.stop()``
+    logs ``ReactorNotRunning`` at critical level; two SIGTERMs can come
+    almost together (systemd's and a supervisor's), before any service has
+    heard of the first. The ``extra`` signals always go to ``again``. Only
+    where Twisted handles both (``False``: nothing was changed); main thread only.
+    """
+    twisted = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    if not all(callable(handler) for handler in twisted.values()):
+        return False
+    first: list[int] = []
+
+    def handler(number: int, frame: Any) -> None:
+        if number in twisted and not first:
+            first.append(number)
+            twisted[number](number, frame)  # type: ignore[operator]
+            return
+        again(number)
+
+    for number in (*twisted, *extra):
+        signal.signal(number, handler)
+    return True
+
+
 class Drain(Service):
     """Drain the hub's sessions on stop, within ``timeout`` seconds."""
 
@@ -78,10 +105,15 @@ class Drain(Service):
         reactor: Any = None,
         held: Sequence[Any] = (),
         worker: bool = False,
+        owns_process: bool = False,
     ) -> None:
         self.hub = hub
         #: a worker of a supervisor: only :data:`HURRY` ends the drain early (see the module docstring)
         self.worker = worker
+        #: the process is this chatd's (twistd's), not a test's: its signals are the drain's to handle
+        self.owns_process = owns_process
+        #: why the drain is to end as soon as it starts (a hurry that came before it)
+        self._hurry: str | None = None
         #: listeners (``chatd.tap.Listener``) whose socket the next process inherits
         self.held = list(held)
         self.clock = clock
@@ -102,8 +134,25 @@ class Drain(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.worker and threading.current_thread() is threading.main_thread():
-            signal.signal(HURRY, signal.SIG_IGN)  # its default would end the process: until a drain, it means nothing
+        if self.owns_process:  # once the reactor runs: it installs Twisted's handlers as it starts
+            self._reactor.callWhenRunning(self._take_over_signals)
+
+    def _take_over_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            take_over_signals(self._again, (HURRY,) if self.worker else ())
+
+    def _again(self, number: int) -> None:
+        """A signal after the first (or the supervisor's hurry): end the drain, now or as soon as it starts."""
+        name = signal.Signals(number).name
+        if self.worker and number != HURRY or self.draining and self._done is None:
+            log.info("{signal} again: already stopping", signal=name)
+            return
+        why = f"{name} from the supervisor" if self.worker else f"{name} again"
+        if self._done is None:  # not draining yet: the reactor has yet to stop the services
+            self._hurry = why
+            return
+        log.info("{why}: ending the drain now", why=why)
+        self._reactor.callFromThread(self._finish, True, f"drain ended by {why}")
 
     def schedule(self, count: int) -> list[float]:
         """When each of ``count`` batches is told to go, in seconds from now.
@@ -123,7 +172,6 @@ class Drain(Service):
         self.draining = True
         self.hub.accepting = False
         self.hub.closing = True
-        self._hurry_on_a_second_signal()
         self._hold()
         sessions = list(self.hub.sessions.values())
         batches = [sessions[i : i + self.batch_size] for i in range(0, len(sessions), self.batch_size)]
@@ -140,34 +188,10 @@ class Drain(Service):
         ]
         self._deadline = self.clock.callLater(self.timeout, self._finish, True)
         self._check()
+        if self._hurry is not None:
+            log.info("{why}: ending the drain now", why=self._hurry)
+            self._finish(True, f"drain ended by {self._hurry}")
         return done
-
-    def _hurry_on_a_second_signal(self) -> None:
-        """From now to the process's end, SIGTERM and SIGINT end the drain instead of stopping the reactor again.
-
-        Only when the reactor itself is stopping (a signal, or
-        ``reactor.stop()``): a test stopping the service in a running
-        process keeps its handlers.
-        """
-        reactor = self._reactor
-        if reactor is None or not getattr(reactor, "_stopped", False):
-            return
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        hurry = (HURRY,) if self.worker else (signal.SIGTERM, signal.SIGINT)
-
-        def again(number: int, frame: Any) -> None:
-            name = signal.Signals(number).name
-            if number in hurry and self._done is not None:
-                why = f"{name} from the supervisor" if self.worker else f"{name} again"
-                log.info("{why}: ending the drain now", why=why)
-                reactor.callFromThread(self._finish, True, f"drain ended by {why}")
-            else:
-                log.info("{signal} again: already stopping", signal=name)
-
-        for number in {signal.SIGTERM, signal.SIGINT, *hurry}:
-            signal.signal(number, again)
 
     def _hold(self) -> None:
         """Leave new connections in the inherited sockets' queues, for the next process."""

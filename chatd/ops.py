@@ -143,6 +143,8 @@ def add_operations(top: MultiService, hub: Any, options: Any, reactor: Any) -> N
         reactor=reactor,
         held=inherited_listeners(top, options),
         worker=options.get("worker-index") is not None,
+        # twistd builds the service before its reactor runs; a test builds it in a running one
+        owns_process=not getattr(reactor, "running", True),
     )
     drain.setServiceParent(top)
     SystemdNotifier(reactor).setServiceParent(top)

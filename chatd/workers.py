@@ -165,6 +165,10 @@ class WorkerPool(Service):
         self.processes: dict[int, WorkerProcess] = {}
         self.stopping = False
         self._stopped: defer.Deferred | None = None
+        #: the workers were told to end their drains (see ``_again``)
+        self._hurried = False
+        #: twistd builds the supervisor before its reactor runs: the process's signals are its own
+        self.owns_process = not getattr(reactor, "running", True)
 
     def privilegedStartService(self) -> None:
         # Bound before privileges drop and before any worker runs: a port in
@@ -199,6 +203,10 @@ class WorkerPool(Service):
         if not self.sockets:
             self.privilegedStartService()
         super().startService()
+        if self.owns_process:  # once the reactor runs: it installs Twisted's handlers as it starts
+            from chatd.drain import take_over_signals
+
+            self.reactor.callWhenRunning(take_over_signals, self._again)
         for index in range(self.count):
             self._spawn(index)
         log.info("{count} workers started", count=self.count)
@@ -260,7 +268,6 @@ class WorkerPool(Service):
         if not self.processes:
             return defer.succeed(None)
         self._stopped = defer.Deferred()
-        self._hurry_on_a_second_signal()
         for process in list(self.processes.values()):
             process.signal("TERM")
         # Each worker drains within --drain-timeout; then it is killed.
@@ -268,31 +275,18 @@ class WorkerPool(Service):
         self._stopped.addBoth(lambda r: kill.active() and kill.cancel() or r)
         return self._stopped
 
-    def _hurry_on_a_second_signal(self) -> None:
-        """While the workers drain, a second SIGTERM or SIGINT ends their drains (``chatd.drain.HURRY``).
-
-        Twisted's handler would have called ``reactor.stop()`` again: a
-        ``ReactorNotRunning`` traceback at critical level, the workers
-        draining on. Only when the reactor itself is stopping.
-        """
+    def _again(self, number: int) -> None:
+        """A second SIGTERM or SIGINT: every worker ends its drain (``chatd.drain.HURRY``), once."""
         from chatd.drain import HURRY
 
-        if not getattr(self.reactor, "_stopped", False):
+        name = signal.Signals(number).name
+        if self._hurried:
+            log.info("{signal} again: already stopping", signal=name)
             return
-        told = []
-
-        def again(number: int, frame: Any) -> None:
-            name = signal.Signals(number).name
-            if told:
-                log.info("{signal} again: already stopping", signal=name)
-                return
-            told.append(number)
-            log.info("{signal} again: ending the workers' drains now", signal=name)
-            for process in list(self.processes.values()):
-                self.reactor.callFromThread(process.signal, HURRY)
-
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, again)
+        self._hurried = True
+        log.info("{signal} again: ending the workers' drains now", signal=name)
+        for process in list(self.processes.values()):
+            self.reactor.callFromThread(process.signal, HURRY)
 
     def _kill(self) -> None:
         for process in list(self.processes.values()):

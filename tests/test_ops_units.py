@@ -23,7 +23,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from chatd import ops, sdnotify, tap
-from chatd.drain import GOING_AWAY, Drain
+from chatd.drain import GOING_AWAY, HURRY, Drain
 from chatd.events import Event
 from chatd.http import health
 from chatd.hub import Hub, LocalBroker, ServerFull, Session
@@ -287,37 +287,78 @@ def test_drain_with_no_sessions_finishes_at_once_and_clears_the_sigterm_exit() -
     assert not clock.getDelayedCalls()
 
 
-def test_a_second_sigterm_while_the_reactor_stops_ends_the_drain_at_once() -> None:
-    class FakeReactor:
-        _exitSignal = signal.SIGTERM
-        _stopped = True  # reactor.stop() has run: this is the process's shutdown
+class _Signals:
+    """Twisted's handlers as a stand-in (they record), restored after the test."""
 
-        @staticmethod
-        def callFromThread(f, *args):  # noqa: N802 (Twisted's name)
-            f(*args)
+    def __enter__(self):
+        self.before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT, HURRY)}
+        self.twisted: list[int] = []
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda n, f: self.twisted.append(n))
+        return self
 
-    clock, hub, sessions, drain = _drain_setup(3, timeout=10, leaves_after=None)
-    drain._reactor = FakeReactor
-    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        done = drain.stopService()
-        clock.advance(1)
-        assert not done.called and len(hub.sessions) == 3
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
-        assert done.called and not hub.sessions
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # and again: nothing more to do, nothing raised
-    finally:
-        for number, handler in before.items():
+    def send(self, number: int) -> None:
+        signal.getsignal(number)(number, None)
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.before.items():
             signal.signal(number, handler)
 
 
-def test_stopping_the_drain_in_a_running_process_leaves_the_signal_handlers_alone() -> None:
-    class RunningReactor:
-        _stopped = False
+class _ImmediateReactor:
+    @staticmethod
+    def callFromThread(f, *args):  # noqa: N802 (Twisted's name)
+        f(*args)
 
+    callWhenRunning = callFromThread  # the reactor runs already
+
+
+def test_a_second_sigterm_ends_the_drain_at_once_and_a_third_changes_nothing() -> None:
+    clock, hub, sessions, drain = _drain_setup(3, timeout=10, leaves_after=None)
+    drain._reactor, drain.owns_process = _ImmediateReactor, True
+    with _Signals() as signals:
+        drain.startService()
+        signals.send(signal.SIGTERM)
+        assert signals.twisted == [signal.SIGTERM]  # the first is Twisted's: it stops the reactor
+        done = drain.stopService()
+        clock.advance(1)
+        assert not done.called and len(hub.sessions) == 3
+        signals.send(signal.SIGTERM)
+        assert done.called and not hub.sessions
+        signals.send(signal.SIGINT)  # and again: nothing more to do, nothing raised
+        assert signals.twisted == [signal.SIGTERM]
+
+
+def test_a_second_signal_before_the_drain_starts_ends_it_as_soon_as_it_does() -> None:
+    """Two SIGTERMs almost together: both came before the reactor stopped the services."""
+    clock, hub, sessions, drain = _drain_setup(2, timeout=10, leaves_after=None)
+    drain._reactor, drain.owns_process = _ImmediateReactor, True
+    with _Signals() as signals:
+        drain.startService()
+        signals.send(signal.SIGTERM)
+        signals.send(signal.SIGTERM)
+        assert signals.twisted == [signal.SIGTERM]
+        done = drain.stopService()
+        assert done.called and not hub.sessions
+
+
+def test_a_worker_takes_more_sigterms_as_already_stopping_and_ends_its_drain_on_the_supervisors_hurry() -> None:
+    clock, hub, sessions, drain = _drain_setup(2, timeout=10, leaves_after=None)
+    drain._reactor, drain.owns_process, drain.worker = _ImmediateReactor, True, True
+    with _Signals() as signals:
+        drain.startService()
+        signals.send(HURRY)  # the supervisor's, before this worker's own SIGTERM was handled: kept
+        signals.send(signal.SIGTERM)  # systemd's
+        signals.send(signal.SIGTERM)  # the supervisor's: not a hurry
+        assert signals.twisted == [signal.SIGTERM]
+        done = drain.stopService()
+        assert done.called and not hub.sessions
+
+
+def test_a_drain_in_a_process_it_does_not_own_leaves_the_signal_handlers_alone() -> None:
     clock, hub, sessions, drain = _drain_setup(1)
-    drain._reactor = RunningReactor
     before = signal.getsignal(signal.SIGTERM)
+    drain.startService()
     drain.stopService()
     assert signal.getsignal(signal.SIGTERM) is before
 

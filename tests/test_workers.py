@@ -294,3 +294,33 @@ def test_a_second_sigterm_to_the_supervisor_ends_the_workers_drains_without_a_tr
         assert daemon.proc.wait(timeout=40) == 0
     log = daemon.output
     assert "Traceback" not in log and "ReactorNotRunning" not in log, log
+
+
+def test_a_second_sigterm_still_ends_a_drain_that_started_after_it(redis) -> None:
+    """A worker slow to take the supervisor's SIGTERM (stopped for 1 s here, as a busy or descheduled
+    process would be) gets the hurry before its drain has started: it is kept, and ends the drain once it does."""
+    with Daemon("--workers", "2", "--redis", redis.url, "--drain-timeout", "25") as daemon:
+        daemon.wait_healthy()
+        wait_for(lambda: len(workers_of(daemon)) == 2)
+        workers = workers_of(daemon)
+        try:
+            a = _held_message(daemon, redis)  # one worker's drain waits for Redis
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            daemon.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            daemon.proc.send_signal(signal.SIGTERM)  # the operator: "now"
+            time.sleep(0.5)
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            wait_for(lambda: "drain ended by SIGUSR2 from the supervisor" in daemon.output, timeout=10)
+        finally:
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            redis.proc.send_signal(signal.SIGCONT)
+        _read_to_close(a)
+        assert daemon.proc.wait(timeout=40) == 0
+    assert "Traceback" not in daemon.output, daemon.output
