@@ -15,7 +15,7 @@ order). Its ``stopService``:
 2. tells every session, whatever its protocol, that the server is going
    away (``Session.going_away``: WebSocket close 1001, SignalR close with
    reconnect allowed, gRPC ``UNAVAILABLE``), in batches spread over a
-   jittered window so thousands of clients do not reconnect at one instant;
+   jittered window so thousands of clients do not reconnect at one instant.
    A session with a message still waiting for the store (``in_flight``) is
    told once the store has answered it, so its sender gets ``sent`` (or
    the error) before the close: otherwise a message stored during the

@@ -644,8 +644,8 @@ class Hub(Service):
             identity.check_user(sender)
         body = validate.message(text, self.limits)
         key = validate.client_id(client_id)
-        if isinstance(source, Session) and source.leaving:
-            raise ShuttingDown("server shutting down, reconnect shortly: message not sent")
+        session = source if isinstance(source, Session) else None
+        self._refuse_if_leaving(session)
         # One look at each bucket: a refusal by the second gives the first its token back.
         user_rate, bucket = self._user_rate, self._bucket(source)
         if user_rate is not None and not user_rate.take(sender):
@@ -655,11 +655,9 @@ class Hub(Service):
                 user_rate.refund(sender)
             raise self._connection_limited(source, bucket, protocol)
         d = self.store.add(name, sender, body, self.clock.seconds(), protocol, key)
-        if isinstance(source, Session):
-            source.in_flight += 1
-            d.addCallbacks(self._stored, self._not_stored, callbackArgs=(source,), errbackArgs=(protocol, source))
-        else:
-            d.addCallbacks(self._stored, self._not_stored, errbackArgs=(protocol,))
+        if session is not None:
+            session.in_flight += 1
+        d.addCallbacks(self._stored, self._not_stored, callbackArgs=(session,), errbackArgs=(protocol, session))
         return d
 
     def check_rate(self, user: str, source: Session | str | None = None, protocol: str = "none") -> None:
@@ -669,13 +667,18 @@ class Hub(Service):
         before they publish (the seed form joins first): refused, they must
         change nothing.
         """
-        if isinstance(source, Session) and source.leaving:
-            raise ShuttingDown("server shutting down, reconnect shortly: message not sent")
+        self._refuse_if_leaving(source if isinstance(source, Session) else None)
         if self._user_rate is not None and not self._user_rate.allows(user):
             raise self._rate_limited(user)
         bucket = self._bucket(source)
         if bucket is not None and not self._connection_rate.allows(bucket):  # type: ignore[union-attr]
             raise self._connection_limited(source, bucket, protocol)
+
+    @staticmethod
+    def _refuse_if_leaving(session: Session | None) -> None:
+        """A session the drain is waiting to tell to go sends nothing more (see ``chatd.drain``)."""
+        if session is not None and session.leaving:
+            raise ShuttingDown("server shutting down, reconnect shortly: message not sent")
 
     def _connection_limited(
         self, source: Session | str | None, bucket: tuple[str, object], protocol: str

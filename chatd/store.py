@@ -1202,10 +1202,6 @@ class SQLiteStore(Store):
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            # Read the batch's rooms from the file next time: another connection (a second process on the
-            # file, an operator's tool) may have numbered one past the cache, and failed every write after.
-            for room in before:
-                seqs.pop(room, None)
             if not wait and getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _Busy() from None
             if isinstance(e, sqlite3.Error):

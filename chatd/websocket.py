@@ -1085,8 +1085,6 @@ class ChatWebSocketFactory(WebSocketServerFactory):
         self.idle_timeout = idle_timeout
         #: logs each close (a service of its own, so a summary still pending is written at stop)
         self.closes = CloseLog(hub.clock)
-        #: seconds of silence from a client before it is pinged; as long again to answer (0: no pings)
-        self.keep_alive = keep_alive
         self.setProtocolOptions(
             **server_options(read_limit, handshake_timeout), autoPingInterval=keep_alive, autoPingTimeout=keep_alive
         )

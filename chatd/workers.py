@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from chatd import logs, sdnotify
+from chatd.drain import HURRY, take_over_signals
 from chatd.startup import StartupError, bind_error
 
 log = Logger()
@@ -204,8 +205,6 @@ class WorkerPool(Service):
             self.privilegedStartService()
         super().startService()
         if self.owns_process:  # once the reactor runs: it installs Twisted's handlers as it starts
-            from chatd.drain import take_over_signals
-
             self.reactor.callWhenRunning(take_over_signals, self._again)
         for index in range(self.count):
             self._spawn(index)
@@ -277,8 +276,6 @@ class WorkerPool(Service):
 
     def _again(self, number: int) -> None:
         """A second SIGTERM or SIGINT: every worker ends its drain (``chatd.drain.HURRY``), once."""
-        from chatd.drain import HURRY
-
         name = signal.Signals(number).name
         if self._hurried:
             log.info("{signal} again: already stopping", signal=name)
