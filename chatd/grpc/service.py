@@ -34,6 +34,7 @@ log = Logger()
 
 DEFAULT_ADDRESS = "[::]:50051"
 SHUTDOWN_REASON = "server shutting down, reconnect later"
+PENDING_CALLS = 10_000  # the least of GrpcService.pending_calls
 
 #: ``--grpc-server``: ``grpc.aio`` on a loop of its own (the default: a stream costs a coroutine,
 #: not a thread, and a delivery 4-6x less CPU, see bench/grpc_streams.py), or grpcio's thread-per-call server
@@ -192,6 +193,12 @@ class GrpcService(Service):
             per_address=hub.addresses.limit,
         )
         self.health = self._new_health()
+        #: calls grpc's core has read but the server has not yet picked up. grpc's
+        #: defaults (1,000, then random bare ``CANCELLED``s up to 3,000) let grpc,
+        #: not ``--grpc-max-streams``, decide a reconnect storm: a burst of every
+        #: stream re-opening, each with a unary call, must reach the stream limit,
+        #: which refuses with a reason. Past this, grpc still cancels (memory bound).
+        self.pending_calls = max(PENDING_CALLS, 2 * max_streams)
         self.port: int | None = None
         self._server: Any = None
         self._health_loop: task.LoopingCall | None = None
@@ -238,6 +245,9 @@ class GrpcService(Service):
                 ("grpc.so_reuseport", int(self.reuse_port)),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
+                # No random early cancels: see pending_calls.
+                ("grpc.server.max_pending_requests", self.pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", self.pending_calls),
             ],
         )
         handlers = method_handlers(self.servicer)
