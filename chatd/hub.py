@@ -79,6 +79,10 @@ class Session:
     #: whether :meth:`Hub.connect` counts this session against its address's limit; False when
     #: the adapter holds the address's slot for the whole connection itself (SignalR, from negotiate)
     counts_address = True
+    #: False for a session that drops presence events (a gRPC ``StreamMessages`` stream):
+    #: the hub then never hands them to it, so a join in a room of N such streams costs
+    #: no N calls that do nothing
+    hears_presence = True
 
     def __init__(self, peer: str = "", identity: Identity | None = None) -> None:
         self.id = next(_session_ids)
@@ -732,7 +736,11 @@ class Hub(Service):
         if r is None:
             return
         # A delivery may close a slow session, which edits the room: iterate a copy.
-        sessions: list[Session] = list(r.sessions.values())
+        sessions: list[Session]
+        if event.kind == "presence":
+            sessions = [s for s in r.sessions.values() if s.hears_presence]
+        else:
+            sessions = list(r.sessions.values())
         for session in sessions:
             try:
                 session.deliver(event)

@@ -166,6 +166,20 @@ def test_presence_on_join_leave_and_disconnect(hub: Hub) -> None:
     assert bob.rooms == set()
 
 
+def test_a_session_deaf_to_presence_is_not_handed_it_and_still_gets_messages(hub: Hub) -> None:
+    """A gRPC ``StreamMessages`` stream carries messages only: a room of N of them
+    must not cost N calls per join (10,000 streams opened at once took 14 s)."""
+    listener, deaf = connected(hub, "listener"), connected(hub, "deaf")
+    deaf.hears_presence = False
+    hub.join(deaf, "r")
+    hub.join(listener, "r")
+    publish(hub, "r", "listener", "hi", "fake")
+    hub.disconnect(listener)
+    assert [e.kind for e in deaf.events] == ["message"]
+    assert listener.presence() == [("join", "listener")]
+    assert hub.members("r") == ["deaf"]  # still a member, with presence counted for it
+
+
 def test_a_user_with_two_connections_leaves_when_the_last_one_goes(hub: Hub) -> None:
     watcher = connected(hub, "watcher")
     hub.join(watcher, "r")

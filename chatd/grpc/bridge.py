@@ -144,6 +144,7 @@ class GrpcSession(Session):
         super().__init__(peer, identity)
         self.limit = limit
         self.chat = chat
+        self.hears_presence = chat  # StreamMessages carries messages only
         self.close_reason: str | None = None
         self._hub = hub
         self._reactor = reactor
