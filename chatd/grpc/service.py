@@ -161,6 +161,11 @@ class GrpcService(Service):
     name = "grpc"
     kind = "threaded"
     health_interval = 0.5  # how often health follows the hub (the hub has no change callbacks)
+    #: the shortest gap between a client's keep-alive pings the server takes, with or without a
+    #: call open. grpc's default (5 minutes while no data flows) ends a quiet stream of a client
+    #: that pings every 10-30 s, as chat clients behind NATs and load balancers do, with
+    #: GOAWAY "too_many_pings" at the third ping; faster than this, that still happens.
+    min_ping_interval_ms = 10_000
 
     def __init__(
         self,
@@ -245,6 +250,8 @@ class GrpcService(Service):
                 ("grpc.so_reuseport", int(self.reuse_port)),
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
+                ("grpc.keepalive_permit_without_calls", 1),
                 # No random early cancels: see pending_calls.
                 ("grpc.server.max_pending_requests", self.pending_calls),
                 ("grpc.server.max_pending_requests_hard_limit", self.pending_calls),
