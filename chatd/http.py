@@ -3,6 +3,7 @@ and the Origin policy that the WebSocket upgrade and SignalR's CORS both use."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable
 from html import escape
 from typing import Any
@@ -143,6 +144,52 @@ class InfoPage(Resource):
         ).encode()
 
 
+#: The largest request body the ``--ws`` and ``--web`` listeners keep: they serve only GETs.
+NO_BODY_LIMIT = 65536
+
+
+class BoundedRequest(Request):
+    """A ``twisted.web`` request that keeps at most ``NO_BODY_LIMIT`` bytes of body; past it, 413.
+
+    twisted.web reads a whole body, of any size, before a resource sees it,
+    and spools one over 100,000 bytes to a temporary file: one client POSTing
+    to ``/health`` had the daemon write 2.5 GB to disk in 12 s. Past the
+    bound nothing is stored (the rest is read and dropped until the request's
+    deadline) and the answer is 413, whatever the resource.
+    """
+
+    body_limit = NO_BODY_LIMIT
+    body_overflow = False
+    _body_received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.body_limit:
+            self.body_overflow = True
+            self.content = io.BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_overflow:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.body_limit:
+            self.body_overflow = True
+            self.content.close()
+            self.content = io.BytesIO()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self.body_overflow:
+            super().process()
+            return
+        self.setResponseCode(413)
+        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.write(f"Request body too large: the limit is {self.body_limit} bytes".encode())
+        self.finish()
+
+
 class DeadlineChannel(HTTPChannel):
     """An HTTP connection that must deliver each whole request within ``deadline`` seconds.
 
@@ -205,6 +252,13 @@ class DeadlineChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
         if self.transport is not None and not self.transport.disconnecting:
+            if self._waitingForTransport and getattr(self, "_networkProducer", None) is not None:
+                # The transport said "full" while this request was answered, when
+                # twisted.web only notes it (it pauses reading only between requests)
+                # and never pauses later: a client pipelining requests and reading
+                # nothing had every answer buffered, without end. Stop reading now;
+                # the transport's resumeProducing starts it again once drained.
+                self._networkProducer.pauseProducing()
             self._arm()  # waiting for the next request on a kept-alive connection
 
     def connectionLost(self, reason: Any) -> None:

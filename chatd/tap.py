@@ -21,7 +21,7 @@ from chatd import auth, signalr, store, webclient, websocket, workers
 from chatd.fastpoll import EventDispatch
 from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
-from chatd.http import InfoPage, JsonResource, OriginPolicy, health, with_deadline
+from chatd.http import BoundedRequest, InfoPage, JsonResource, OriginPolicy, health, with_deadline
 from chatd.hub import Hub
 from chatd.ops import ServiceTree, add_operations, check_options, metrics_resource
 from chatd.startup import StartupError, check_endpoint_tls, check_pem, listen_error
@@ -375,6 +375,7 @@ def ws_site(hub: Hub, factory: websocket.ChatWebSocketFactory, metrics_token: st
     root.putChild(b"stats", JsonResource(lambda: (200, hub.stats())))
     root.putChild(b"metrics", metrics_resource(hub, metrics_token))
     site = Site(root)
+    site.requestFactory = BoundedRequest  # no body of any size spooled to disk (twisted.web's default)
     site.noisy = False
     return websocket.serve_upgrades(site, factory)
 

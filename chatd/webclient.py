@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from chatd import __version__
-from chatd.http import JsonResource, health, write_json
+from chatd.http import BoundedRequest, JsonResource, health, write_json
 
 log = Logger()
 
@@ -398,5 +398,6 @@ def web_site(hub: Any, listeners: ListenerMap, files: Path | None = None) -> Sit
     root.putChild(b"stats", _SecureJson(lambda: (200, hub.stats())))
     root.putChild(b"health", _SecureJson(lambda: health(hub, "web")))
     site = Site(root)
+    site.requestFactory = BoundedRequest  # no body of any size spooled to disk (twisted.web's default)
     site.noisy = False
     return site

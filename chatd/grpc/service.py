@@ -35,6 +35,12 @@ log = Logger()
 DEFAULT_ADDRESS = "[::]:50051"
 SHUTDOWN_REASON = "server shutting down, reconnect later"
 PENDING_CALLS = 10_000  # the least of GrpcService.pending_calls
+#: the metadata a call may carry, all of it taken (twisted.web's bound on an HTTP request's
+#: headers). grpc's default refuses at random between 8 KiB and 16 KiB (RESOURCE_EXHAUSTED
+#: "received metadata size exceeds soft limit"): a token chatd accepts (up to
+#: chatd.auth.MAX_TOKEN_LENGTH, 8,192 characters) with the call's other headers passed 8 KiB,
+#: and about one call in twenty failed. Soft limit = hard limit: past it, every call is refused.
+MAX_METADATA_SIZE = 16_384
 
 #: ``--grpc-server``: ``grpc.aio`` on a loop of its own (the default: a stream costs a coroutine,
 #: not a thread, and a delivery 4-6x less CPU, see bench/grpc_streams.py), or grpcio's thread-per-call server
@@ -246,6 +252,8 @@ class GrpcService(Service):
             interceptors,
             [
                 ("grpc.max_receive_message_length", self.max_message_size),
+                ("grpc.max_metadata_size", MAX_METADATA_SIZE),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_SIZE),
                 # Linux gRPC shares ports by default; a busy port must fail loudly.
                 ("grpc.so_reuseport", int(self.reuse_port)),
                 ("grpc.keepalive_time_ms", 60_000),

@@ -258,7 +258,9 @@ class SignalRWebSocketFactory(WebSocketServerFactory):
 
     protocol = SignalRWebSocketProtocol
 
-    def __init__(self, manager: ConnectionManager, read_limit: int, handshake_timeout: float = 15) -> None:
+    def __init__(
+        self, manager: ConnectionManager, read_limit: int, handshake_timeout: float = 15, message_limit: int = 0
+    ) -> None:
         super().__init__()
         self.manager = manager
         self.pending: tuple[HubConnection | None, str | None, Identity | None] = (None, None, None)
@@ -266,7 +268,14 @@ class SignalRWebSocketFactory(WebSocketServerFactory):
         self._last_frame: tuple[bytes | None, bool, PreparedMessage | None] = (None, False, None)
         # No WebSocket pings: SignalR has its own, and signalrcore reads
         # ping frames as data.
-        self.setProtocolOptions(**server_options(read_limit, handshake_timeout), autoPingInterval=0)
+        options = server_options(read_limit, handshake_timeout)
+        # One WebSocket message may hold many records: the .NET client sends all its pipe
+        # holds as one message (records written while a send was in flight), as ASP.NET
+        # Core takes it; a message bounded by one record's limit was closed with 1009.
+        # Each record is still bounded by the codec; the message (and any frame of it,
+        # one frame when the pipe held one segment) as a POST body is.
+        options["maxFramePayloadSize"] = options["maxMessagePayloadSize"] = max(read_limit, message_limit)
+        self.setProtocolOptions(**options, autoPingInterval=0)
 
     def frame(self, record: bytes, binary: bool) -> PreparedMessage:
         """The WebSocket frame of ``record``, built once for a fan-out.
@@ -918,8 +927,8 @@ def site(
     options = options or Options()
     manager = ConnectionManager(hub, clock, options)
     frame_limit = max(read_limit, options.max_message_size)
-    ws_factory = SignalRWebSocketFactory(manager, frame_limit, handshake_timeout)
     body_limit = max_post if max_post else _RECORDS_PER_POST * frame_limit
+    ws_factory = SignalRWebSocketFactory(manager, frame_limit, handshake_timeout, body_limit)
     root = Resource()
     root.putChild(b"signalr", ConnectionResource(hub, manager, origins, ws_factory, body_limit))
     return SignalRSite(root, manager, body_limit)
