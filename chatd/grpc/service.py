@@ -105,6 +105,8 @@ def from_options(hub: Hub, options: Any, reactor: Any) -> GrpcService:
         max_message_size=options["read-buffer-size"],
         tls_cert=options["grpc-tls-cert"] or None,
         tls_key=options["grpc-tls-key"] or None,
+        max_connections=options["max-connections"],
+        handshake_timeout=options["handshake-timeout"],
     )
 
 
@@ -172,6 +174,9 @@ class GrpcService(Service):
     #: that pings every 10-30 s, as chat clients behind NATs and load balancers do, with
     #: GOAWAY "too_many_pings" at the third ping; faster than this, that still happens.
     min_ping_interval_ms = 10_000
+    #: a connection with no call open this long is sent GOAWAY (grpc's default: never). A client
+    #: connects again on its next call; an address holding connections it does not use lets go.
+    idle_connection_ms = 300_000
 
     def __init__(
         self,
@@ -187,6 +192,8 @@ class GrpcService(Service):
         tls_key: str | None = None,
         grace: float = 5.0,
         reuse_port: bool = False,
+        max_connections: int = 0,
+        handshake_timeout: float = 15.0,
     ) -> None:
         self.hub = hub
         self.reactor = reactor
@@ -196,6 +203,11 @@ class GrpcService(Service):
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.grace = grace
         self.reuse_port = reuse_port
+        #: HTTP/2 connections open at once (0: no bound); grpc's default has none, and a
+        #: connection that opens no call is no client of the hub, so no other limit counts it
+        self.max_connections = max_connections
+        #: seconds a new connection has to finish TLS and the HTTP/2 preface (grpc's default: 120)
+        self.handshake_timeout = handshake_timeout
         self.servicer = self._new_servicer(queue_size)
         # Every streaming call of every service counts (hub.metrics is thread-safe).
         self.streams = self.stream_limit(
@@ -260,6 +272,9 @@ class GrpcService(Service):
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
                 ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_connection_idle_ms", self.idle_connection_ms),
+                ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout * 1000)),
+                *([("grpc.max_allowed_incoming_connections", self.max_connections)] if self.max_connections else []),
                 # No random early cancels: see pending_calls.
                 ("grpc.server.max_pending_requests", self.pending_calls),
                 ("grpc.server.max_pending_requests_hard_limit", self.pending_calls),
