@@ -72,6 +72,8 @@ HEARTBEAT_TTL = 10
 HEARTBEAT_INTERVAL = 3.0
 REAP_INTERVAL = 4.0
 CHECK_INTERVAL = 1.0
+#: checks (CHECK_INTERVAL apart) a probe may go unanswered before the subscription is taken for dead
+PROBE_CHECKS = 5
 REPLY_TIMEOUT = 5
 #: seconds a read waits for its own marker to come back on the subscription (see RedisBackplane._barrier)
 BARRIER_TIMEOUT = 2.0
@@ -451,6 +453,10 @@ class RedisBackplane(Store):
         #: marker id -> the read waiting for it to come back on the subscription
         self._markers: dict[str, tuple[defer.Deferred, Any]] = {}
         self._marker_count = 0
+        #: events received on the subscription, and that count when the outstanding probe was sent
+        self._events_seen = 0
+        self._probe: tuple[int, int] | None = None  # (events seen then, checks since)
+        self._seen_at_check = 0
         self.synced = defer.Deferred()
         self._commands = _Link(reactor, self.settings, _Factory(txredisapi.RedisProtocol, self.settings),
                                "command", self._commands_ready, self._down)
@@ -516,7 +522,46 @@ class RedisBackplane(Store):
         """A connection dropped: unhealthy at once, not at the next check."""
         self.problem = reason
 
+    def _probe_subscription(self) -> None:
+        """Drop a subscription that has gone silent (a flow dropped on the way, no FIN or RST).
+
+        The subscriber connection sends nothing and has no reply timeout: left
+        alone, it would wait for ever while the other processes' messages are
+        lost to this one and its senders' acks never come. When nothing came on
+        it since the last check, a marker is published; if nothing at all comes
+        back within PROBE_CHECKS checks, the connection is aborted, and the
+        link reconnects and catches up.
+        """
+        sub, cmd = self._events.proto, self._commands.proto
+        if sub is None or cmd is None:
+            self._probe = None
+            return
+        if self._probe is not None:
+            seen, checks = self._probe
+            if self._events_seen == seen:
+                if checks + 1 < PROBE_CHECKS:
+                    self._probe = (seen, checks + 1)
+                    return
+                self._probe = None
+                log.warn("redis subscriber: nothing came back in {n} s; reconnecting", n=PROBE_CHECKS * CHECK_INTERVAL)
+                self._events.last_error = "subscription silent"
+                if sub.transport is not None:
+                    sub.transport.abortConnection()
+                return
+            self._probe = None  # something came back: alive
+        if self._events_seen != self._seen_at_check:
+            self._seen_at_check = self._events_seen  # events are coming: alive, no probe needed
+            return
+        self._probe = (self._events_seen, 0)
+
+        def unsent(_: Failure) -> None:
+            self._probe = None  # the command connection's trouble, not the subscription's
+
+        marker = orjson.dumps({"k": "r", "id": self.proc + ":probe"})
+        defer.maybeDeferred(cmd.execute_command, "PUBLISH", CHANNEL, marker).addErrback(unsent)
+
     def _check(self) -> defer.Deferred:
+        self._probe_subscription()
         def ok(_: Any) -> None:
             if self._events.proto is None:
                 self.problem = f"redis subscription down: {self._events.last_error}"
@@ -842,6 +887,7 @@ class RedisBackplane(Store):
             self._sync_generation += 1  # syncs begun under it fetch again; its catch-up stops
 
     def _on_event(self, raw: Any) -> None:
+        self._events_seen += 1
         try:
             event = orjson.loads(raw)
         except orjson.JSONDecodeError:
