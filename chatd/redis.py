@@ -453,10 +453,10 @@ class RedisBackplane(Store):
         #: marker id -> the read waiting for it to come back on the subscription
         self._markers: dict[str, tuple[defer.Deferred, Any]] = {}
         self._marker_count = 0
-        #: events received on the subscription, and that count when the outstanding probe was sent
+        #: events received on the subscription; that count at the last check; checks since with none
         self._events_seen = 0
-        self._probe: tuple[int, int] | None = None  # (events seen then, checks since)
         self._seen_at_check = 0
+        self._silent_checks = 0
         self.synced = defer.Deferred()
         self._commands = _Link(reactor, self.settings, _Factory(txredisapi.RedisProtocol, self.settings),
                                "command", self._commands_ready, self._down)
@@ -527,41 +527,31 @@ class RedisBackplane(Store):
 
         The subscriber connection sends nothing and has no reply timeout: left
         alone, it would wait for ever while the other processes' messages are
-        lost to this one and its senders' acks never come. When nothing came on
-        it since the last check, a marker is published; if nothing at all comes
-        back within PROBE_CHECKS checks, the connection is aborted, and the
-        link reconnects and catches up.
+        lost to this one and its senders' acks never come. After a check with
+        nothing on it, a marker (ignored by every process) is published to draw
+        an event; after PROBE_CHECKS such checks in a row, the connection is
+        aborted, and the link reconnects and catches up. Counted in checks, not
+        seconds: a process that was itself stopped is not taken for a dead link.
         """
         sub, cmd = self._events.proto, self._commands.proto
-        if sub is None or cmd is None:
-            self._probe = None
+        if sub is None or cmd is None or self._events_seen != self._seen_at_check:
+            self._seen_at_check = self._events_seen
+            self._silent_checks = 0
             return
-        if self._probe is not None:
-            seen, checks = self._probe
-            if self._events_seen == seen:
-                if checks + 1 < PROBE_CHECKS:
-                    self._probe = (seen, checks + 1)
-                    return
-                self._probe = None
-                log.warn("redis subscriber: nothing came back in {n} s; reconnecting", n=PROBE_CHECKS * CHECK_INTERVAL)
-                self._events.last_error = "subscription silent"
-                if sub.transport is not None:
-                    sub.transport.abortConnection()
-                return
-            self._probe = None  # something came back: alive
-        if self._events_seen != self._seen_at_check:
-            self._seen_at_check = self._events_seen  # events are coming: alive, no probe needed
+        self._silent_checks += 1
+        if self._silent_checks <= PROBE_CHECKS:
+            marker = orjson.dumps({"k": "r", "id": self.proc + ":probe"})
+            defer.maybeDeferred(cmd.execute_command, "PUBLISH", CHANNEL, marker).addErrback(lambda _: None)
             return
-        self._probe = (self._events_seen, 0)
-
-        def unsent(_: Failure) -> None:
-            self._probe = None  # the command connection's trouble, not the subscription's
-
-        marker = orjson.dumps({"k": "r", "id": self.proc + ":probe"})
-        defer.maybeDeferred(cmd.execute_command, "PUBLISH", CHANNEL, marker).addErrback(unsent)
+        self._silent_checks = 0
+        log.warn("redis subscriber: nothing came back in {n} s; reconnecting", n=PROBE_CHECKS * CHECK_INTERVAL)
+        self._events.last_error = "subscription silent"
+        if sub.transport is not None:
+            sub.transport.abortConnection()
 
     def _check(self) -> defer.Deferred:
         self._probe_subscription()
+
         def ok(_: Any) -> None:
             if self._events.proto is None:
                 self.problem = f"redis subscription down: {self._events.last_error}"
