@@ -22,20 +22,21 @@ class Member(Session):
         pass
 
 
-def _hub() -> Hub:
+def _watched_hub() -> tuple[Hub, Member]:
+    """A hub with a watcher in room "other", which a refused message must not touch."""
     hub = Hub(Clock())
     hub.startService()
-    return hub
+    watcher = Member()
+    hub.connect(watcher)
+    hub.identify(watcher, "watcher")
+    hub.join(watcher, "other")
+    return hub, watcher
 
 
 def test_a_leaving_websocket_session_sending_the_seed_form_joins_nothing() -> None:
     from chatd.websocket import _seed
 
-    hub = _hub()
-    watcher = Member()
-    hub.connect(watcher)
-    hub.identify(watcher, "watcher")
-    hub.join(watcher, "other")
+    hub, watcher = _watched_hub()
     session = Member()
     hub.connect(session)
     session.leaving = True  # the drain's batch came while a message was in flight
@@ -54,11 +55,7 @@ def test_a_leaving_signalr_session_sending_to_another_room_joins_nothing() -> No
     from chatd.signalr.chat import ChatHub
     from chatd.signalr.connection import HubConnection
 
-    hub = _hub()
-    watcher = Member()
-    hub.connect(watcher)
-    hub.identify(watcher, "watcher")
-    hub.join(watcher, "other")
+    hub, watcher = _watched_hub()
     connection = HubConnection(hub.clock, lambda c: ChatHub(hub, c), connection_id="c", user="alice")
     chat = ChatHub(hub, connection)
     chat.session.leaving = True
