@@ -145,8 +145,11 @@ def test_the_fanout_micro_bench_measures_deliveries_that_reach_every_member() ->
 def test_the_fanout_micro_bench_times_a_whole_chat_frame_too() -> None:
     from bench import fanout
 
+    # measure() itself fails when a member misses a frame. Which path costs more is the
+    # bench's to say, not a test's: on a shared machine a preemption reversed it in CI.
     figures = fanout.measure(members=5, messages=20, rounds=2, path="message")
-    assert figures["chatd"] > figures["bare"] > 0
+    assert figures["chatd"] > 0 and figures["bare"] > 0
+    assert figures["python"] == figures["chatd"] - figures["bare"]
 
 
 def test_the_connect_micro_bench_times_chatd_and_the_presence_floor_through_whole_connections() -> None:
