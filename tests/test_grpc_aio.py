@@ -253,3 +253,40 @@ def test_twistd_with_the_aio_server_drains_streams_with_unavailable_and_exits_cl
                 assert "shutting down" in e.details()
         assert daemon.proc.returncode == 0, output
         assert "aio server" in output
+
+
+_STOP_BEFORE_START = """
+import time
+from twisted.internet import reactor
+from chatd.grpc.aio import AioGrpcService, _Loop
+from chatd.hub import Hub
+from chatd.validate import Limits
+
+def go():
+    hub = Hub(reactor, limits=Limits(history_limit=10))
+    hub.startService()
+    service = AioGrpcService(hub, reactor, "127.0.0.1:0")
+    # The loop is busy (as when it serves other calls) while the service starts and stops:
+    # the stop is queued on the loop before the server's start has run its first step.
+    _Loop.get().call_soon_threadsafe(time.sleep, 0.3)
+    service.startService()
+    done = service.stopService()
+    done.addCallbacks(lambda _: print("stopped"), lambda f: print("stop failed", f.getErrorMessage()))
+    done.addBoth(lambda _: reactor.stop())
+
+reactor.callWhenRunning(go)
+reactor.run()
+"""
+
+
+def test_an_aio_server_stopped_before_its_start_has_run_stops_cleanly() -> None:
+    """A stop (SIGTERM, a test's teardown) right after the start waits for the start.
+
+    Before, grpc core's server was shut down first and then started: the
+    start dereferenced a listener the shutdown had released (SIGSEGV).
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _STOP_BEFORE_START], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr[-3000:]

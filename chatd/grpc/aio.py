@@ -32,6 +32,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import concurrent.futures
 import fcntl
 import functools
 import inspect
@@ -463,6 +464,8 @@ class AioGrpcService(GrpcService):
 
     loop: asyncio.AbstractEventLoop
     servicer: AioChatServicer
+    #: the server's start, queued on the loop (see :meth:`_stop`)
+    _starting: concurrent.futures.Future | None = None
 
     def _new_servicer(self, queue_size: int) -> ChatServicer:
         return AioChatServicer(self.hub, self.reactor, queue_size=queue_size)
@@ -487,7 +490,7 @@ class AioGrpcService(GrpcService):
         return asyncio.run_coroutine_threadsafe(build(), self.loop).result()
 
     def _start_server(self, server: Any) -> None:
-        started = asyncio.run_coroutine_threadsafe(server.start(), self.loop)
+        started = self._starting = asyncio.run_coroutine_threadsafe(server.start(), self.loop)
         _to_deferred(self.reactor, started).addErrback(lambda f: log.failure("gRPC aio server failed to start", f))
 
     def _set_status(self, status: int) -> None:
@@ -503,8 +506,22 @@ class AioGrpcService(GrpcService):
         _to_deferred(self.reactor, done).addErrback(lambda f: log.failure("gRPC health shutdown failed", f))
 
     def _stop(self, server: Any) -> defer.Deferred:
-        """``server.stop(grace)`` on the loop: the streams' ends queued just before go out first."""
-        return _to_deferred(self.reactor, asyncio.run_coroutine_threadsafe(server.stop(self.grace), self.loop))
+        """``server.stop(grace)`` on the loop once its start has run: the streams' ends queued just before go out first.
+
+        ``server.start()`` only queues grpc core's start on the loop (a task's
+        first step); a stop that came right after the start (a SIGTERM at
+        once, a test's teardown) ran ahead of it, and core then started a
+        server whose listeners the shutdown had already released: SIGSEGV.
+        So the stop waits for the start, whatever its outcome.
+        """
+        starting, self._starting = self._starting, None
+
+        async def stop() -> None:
+            if starting is not None:
+                await asyncio.wait([asyncio.wrap_future(starting)])
+            await server.stop(self.grace)
+
+        return _to_deferred(self.reactor, asyncio.run_coroutine_threadsafe(stop(), self.loop))
 
 
 __all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "GrpcLoop", "Outbox"]
