@@ -29,6 +29,7 @@ class Blackhole:
         self.target = target
         self.frozen: set[socket.socket] = set()
         self.subscribers: list[socket.socket] = []
+        self.piped: list[socket.socket] = []
         self.server = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -39,6 +40,7 @@ class Blackhole:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.piped += (client, upstream)
             threading.Thread(target=self._pipe, args=(client, upstream, client), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, client), daemon=True).start()
 
@@ -48,7 +50,7 @@ class Blackhole:
                 data = src.recv(65536)
             except OSError:
                 data = b""
-            if key in self.frozen:
+            if data and key in self.frozen:
                 continue  # dropped on the floor; the flow stays open
             if not data:
                 for s in (src, dst):
@@ -65,7 +67,13 @@ class Blackhole:
         self.frozen.update(self.subscribers)
 
     def close(self) -> None:
-        self.server.close()
+        """End the proxy's threads: its accept and every pipe (a closed socket alone wakes neither)."""
+        for s in (self.server, *self.piped):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
 
 def test_a_silently_dead_subscription_is_noticed_and_nothing_is_lost(redis: RedisServer) -> None:
