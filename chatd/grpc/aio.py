@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -452,6 +453,43 @@ class AioStreamLimit(StreamLimit, grpc.aio.ServerInterceptor):
         return handler._replace(**{field: _wrapped(getattr(handler, field), before)})
 
 
+# -- health -------------------------------------------------------------------------
+
+
+class AioHealthServicer(HealthServicer):
+    """grpcio's aio health servicer whose ``Watch`` writes without holding the service's lock.
+
+    grpcio's ``Watch`` awaits ``context.write`` inside ``async with condition``,
+    and ``set`` takes that condition before it records a status: one client
+    that opens a ``Watch`` and grants no flow-control window (HTTP/2
+    ``INITIAL_WINDOW_SIZE`` 0; health needs no token) held it for good, so
+    the status never changed again and ``Check`` answered SERVING through a
+    store failure or a drain. Here the condition is held only to wait.
+    """
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        last = None
+        try:
+            while True:
+                status = self._server_status.get(service, unknown)
+                if status != last:
+                    last = status
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    continue  # it may have changed while the write waited
+                async with condition:
+                    if self._server_status.get(service, unknown) == last:
+                        await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
+
 # -- the service ----------------------------------------------------------------------
 
 
@@ -471,7 +509,7 @@ class AioGrpcService(GrpcService):
         return AioChatServicer(self.hub, self.reactor, queue_size=queue_size)
 
     def _new_health(self) -> Any:
-        return HealthServicer()
+        return AioHealthServicer()
 
     def _new_server(self, interceptors: tuple[Any, ...], options: list[tuple[str, int]]) -> Any:
         """Built on the loop (``grpc.aio`` binds a server to the loop it is made on).
@@ -524,4 +562,4 @@ class AioGrpcService(GrpcService):
         return _to_deferred(self.reactor, asyncio.run_coroutine_threadsafe(stop(), self.loop))
 
 
-__all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "GrpcLoop", "Outbox"]
+__all__ = ["AioChatServicer", "AioGrpcService", "AioGrpcSession", "AioHealthServicer", "GrpcLoop", "Outbox"]

@@ -113,11 +113,10 @@ def from_options(hub: Hub, options: Any, reactor: Any) -> GrpcService:
 class _OneThread:
     """Runs calls in order on one daemon thread of its own, for work that may block.
 
-    grpcio's health servicer sends a status change to every ``Watch`` client
-    from the thread that makes the change, and waits until each message is
-    sent: a client that stops reading (stopped, or its connection's window
-    full) holds that thread until it dies or the server cancels its call. So
-    health changes never run on the reactor; one thread keeps them in order.
+    grpcio's health servicer takes a lock in every change, and its
+    callback-style ``Watch`` (no longer used, see ``_new_health``) sent each
+    change from inside it, waiting until a client that did not read took it.
+    So health changes never run on the reactor; one thread keeps them in order.
     A daemon thread cannot hold up the process's exit. Each call's outcome
     comes back to the reactor as a Deferred.
     """
@@ -237,7 +236,18 @@ class GrpcService(Service):
         return ChatServicer(self.hub, self.reactor, queue_size=queue_size)
 
     def _new_health(self) -> Any:
-        return health.HealthServicer()
+        """grpcio's health servicer, its ``Watch`` a blocking stream (a worker each, counted as a stream).
+
+        The callback-style ``Watch`` (grpcio's default) sends a change to each
+        watcher from inside ``set``, holding the servicer's lock until the
+        message is sent: one client that opens a ``Watch`` and grants no
+        flow-control window (HTTP/2 ``INITIAL_WINDOW_SIZE`` 0, health needs no
+        token) held it for good, every ``Check`` then waited on the lock and
+        timed out (each holding a worker), and health never changed again. A
+        blocking ``Watch`` hands each change to its own worker's queue without
+        waiting, so a client that does not read holds only its own worker.
+        """
+        return health.HealthServicer(experimental_non_blocking=False)
 
     def _new_server(self, interceptors: tuple[Any, ...], options: list[tuple[str, int]]) -> Any:
         return grpc.server(
