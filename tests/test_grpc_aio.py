@@ -290,3 +290,35 @@ def test_an_aio_server_stopped_before_its_start_has_run_stops_cleanly() -> None:
 
     done = subprocess.run([sys.executable, "-c", _STOP_BEFORE_START], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr[-3000:]
+
+
+def test_chat_streams_ended_by_a_drain_log_no_failure() -> None:
+    """A Chat whose client's side is still open, ended from the server (here a drain), is no failure.
+
+    Its reader, waiting for the client's next event, gets grpcio's
+    ``AbortError``; it was logged as a critical "request failed" with a
+    traceback, one per open Chat at every shutdown (and at every stream ended
+    as too slow or by an operator).
+    """
+    import queue
+
+    with Daemon("--grpc-server", "aio", "--drain-timeout", "1") as daemon:
+        daemon.wait_healthy()
+        with grpc.insecure_channel(f"127.0.0.1:{daemon.ports['grpc']}") as channel:
+            stub = ChatServiceStub(channel)
+            calls = []
+            for i in range(3):
+                outbox: queue.Queue = queue.Queue()
+                outbox.put(pb.ChatEvent(join=pb.Join(room="lobby", user=f"cat{i}")))
+                call = stub.Chat(iter(outbox.get, None), timeout=TIMEOUT)
+                next(call)  # the join has been handled
+                calls.append((outbox, call))
+            output = daemon.stop(signal.SIGTERM)
+            for outbox, call in calls:
+                with pytest.raises(grpc.RpcError) as ended:
+                    for _ in call:  # presence of the later joins, then the end
+                        pass
+                assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+                outbox.put(None)
+    assert daemon.proc.returncode == 0, output
+    assert "request failed" not in output, output[-3000:]

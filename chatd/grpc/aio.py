@@ -360,8 +360,12 @@ class AioChatServicer(ChatServicer):
                 if session.ended:
                     return
                 await self._on_reactor(self._chat_event, session, event)
-        except (grpc.RpcError, asyncio.CancelledError):
-            return  # cancelled or broken: the handler tidies up
+        except (grpc.RpcError, grpc.aio.AbortError, asyncio.CancelledError):
+            # Cancelled or broken: the handler tidies up. AbortError: the call was
+            # ended from this side (shutdown, too slow, an operator) while this read
+            # waited; it was logged as a failure, one critical traceback per open
+            # Chat at every drain.
+            return
         except Exception:
             log.failure("gRPC Chat request failed on {session}", session=session)
             self.reactor.callFromThread(session.end, Code.INTERNAL, "internal error")
