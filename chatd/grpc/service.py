@@ -374,6 +374,10 @@ class GrpcService(Service):
         if self._health_loop is not None and self._health_loop.running:
             self._health_loop.stop()
         self._enter_shutdown()
+        # Should the service start again, it serves a fresh health servicer: the one
+        # shut down ignores every later status, so health said NOT_SERVING for good.
+        self._serving = None
+        self.health = self._new_health()
         for session in list(self.hub.sessions.values()):
             if isinstance(session, GrpcSession):
                 session.going_away(SHUTDOWN_REASON)
