@@ -139,8 +139,9 @@ class Store:
         self._bytes = 0
         #: room -> how many reasons it has to stay in memory (its members here, reads being answered)
         self._holds: dict[str, int] = {}
-        #: room -> the Deferreds waiting for it to be read back from the store
-        self._loading: dict[str, list[defer.Deferred]] = {}
+        #: room -> the Deferreds waiting for it to be read back from the store: those that run
+        #: on the window as read (joins), and those that run once the read has settled (reads)
+        self._loading: dict[str, tuple[list[defer.Deferred], list[defer.Deferred]]] = {}
         #: (room, client_id) of an add not yet stored -> the retries waiting for it
         self._in_flight: dict[tuple[str, str], list[defer.Deferred]] = {}
         #: what :meth:`add` failed with last, and whether the store works now
@@ -245,16 +246,18 @@ class Store:
         if self.durable:
             self._forget(room)
 
-    def using(self, room: str, read: Callable[[], Any]) -> defer.Deferred:
+    def using(self, room: str, read: Callable[[], Any], settled: bool = False) -> defer.Deferred:
         """``read()``, run once ``room``'s window is in memory and exact; fires with its result.
 
         At once (an already fired Deferred) when it is; else once the room
         has been read back from the store, off the reactor. The room is held
         while ``read`` runs, so what ``read`` does (a resume joining the
         room) happens on the window it read, in the same reactor turn.
+        ``settled``: only after what the read found newer than its window
+        (or held back meanwhile) is delivered into it (see :meth:`_ready`).
         """
         self.hold(room)
-        d = self._ready(room)
+        d = self._ready(room, settled)
         d.addCallback(lambda _: read())
 
         def done(result: Any) -> Any:
@@ -265,35 +268,48 @@ class Store:
 
     def read_recent(self, room: str, limit: int) -> defer.Deferred:
         """:meth:`recent`, reading the room back from the store if it is not in memory."""
-        return self.using(room, lambda: self.recent(room, limit))
+        return self.using(room, lambda: self.recent(room, limit), settled=True)
 
     def read_since(self, room: str, seq: int) -> defer.Deferred:
         """:meth:`since`, reading the room back from the store if it is not in memory."""
-        return self.using(room, lambda: self.since(room, seq))
+        return self.using(room, lambda: self.since(room, seq), settled=True)
 
-    def _ready(self, room: str) -> defer.Deferred:
-        """Fires once ``room``'s window is in memory and complete (or known not to exist)."""
+    def _ready(self, room: str, settled: bool = False) -> defer.Deferred:
+        """Fires once ``room``'s window is in memory and complete (or known not to exist).
+
+        A read of the store may find messages newer than the window it
+        builds (Redis: stored while the read ran, acknowledged already);
+        they are delivered once the waiters on the window have run
+        (:meth:`_after_read`), so that a member joining at the read gets them
+        live. A ``settled`` waiter (a history or resume read, which joins
+        nobody) runs after that delivery: before, a history read that came
+        while a join's read was in flight answered without messages its
+        sender had been told were stored.
+        """
         window = self._windows.get(room)
         if not self.durable or (window is not None and window.complete):
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
-        waiting = self._loading.get(room)
-        if waiting is not None:
-            waiting.append(d)
+        loading = self._loading.get(room)
+        if loading is not None:
+            loading[settled].append(d)
             return d
-        waiting = self._loading[room] = [d]
+        first, after = self._loading[room] = ([], [])
+        (after if settled else first).append(d)
 
         def read(window: _Window) -> None:
             self._loading.pop(room, None)
             if self._holds.get(room):
                 self._install(room, window)
-            for w in waiting:
+            for w in first:
                 w.callback(None)
             self._after_read(room)
+            for w in after:
+                w.callback(None)
 
         def failed(failure: Any) -> None:
             self._loading.pop(room, None)
-            for w in waiting:
+            for w in first + after:
                 w.errback(failure)
             self._after_read(room)
 
