@@ -576,6 +576,10 @@ class _Busy(Exception):
     """Another connection holds the file's write lock: the transaction was rolled back, nothing was written."""
 
 
+class _Moved(Exception):
+    """The history file (or its WAL) at the path is no longer the one chatd opened: nothing may be written."""
+
+
 class SQLiteStore(Store):
     """Messages in one SQLite file, written with group commit on the reactor or, when that cannot be quick, a thread.
 
@@ -672,6 +676,11 @@ class SQLiteStore(Store):
         self._copied = False
         #: the writer thread is restarting the WAL for the reactor, whose writes wait meanwhile (see ``_restarted``)
         self._restarting = False
+        #: (device, inode) of the file and its WAL as opened (see ``_check_file``)
+        self._identity: tuple[tuple[int, int], ...] | None = None
+        #: while writes fail: when the log last said so, and the messages refused since (see ``_log_failure``)
+        self._failure_logged = 0.0
+        self._refused = 0
 
     # -- reactor side ------------------------------------------------------------
 
@@ -710,6 +719,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as e:
             raise StartupError(f"--data-dir: cannot open the history file {self.path!r}: {e}") from None
         self._db = self._connect(wait=False)
+        self._identity = self._file_identity()
         self._thread = threading.Thread(target=self._run, name="chatd-sqlite", daemon=True)
         self._thread.start()
         self._checkpointer = threading.Thread(target=self._checkpoints, name="chatd-sqlite-checkpoint", daemon=True)
@@ -729,6 +739,35 @@ class SQLiteStore(Store):
         # No checkpoint inside a commit: the checkpointer thread copies the WAL (see _checkpoints).
         db.execute("PRAGMA wal_autocheckpoint = 0")
         return db
+
+    def _file_identity(self) -> tuple[tuple[int, int], ...]:
+        """(device, inode) of the history file and of its WAL, as they are at the path now."""
+        identity = []
+        for path in (self.path, self.path + "-wal"):
+            st = os.stat(path)
+            identity.append((st.st_dev, st.st_ino))
+        return tuple(identity)
+
+    def _check_file(self) -> None:
+        """Raise :class:`_Moved` unless the path still names the file and WAL chatd has open (in every write).
+
+        SQLite keeps writing to a file deleted, renamed or replaced under
+        it (an operator's ``rm``, a restore copied over it, a data
+        directory removed): every commit succeeds, into an inode nothing
+        will ever open again. Each message would be acknowledged and lost
+        at the next start, and the file found there then (none, or an old
+        one) numbers the room from a ``seq`` already handed out. So every
+        transaction first checks the path (two ``stat`` calls, about
+        1.5 us), and refuses its writes once it has changed; only a restart
+        opens the file at the path again, as reopening it here would number
+        rooms anew under connected clients.
+        """
+        try:
+            same = self._identity is None or self._file_identity() == self._identity
+        except OSError:
+            same = False
+        if not same:
+            raise _Moved(f"the history file {self.path} or its WAL was deleted or replaced while open; restart chatd")
 
     def _load(self, db: sqlite3.Connection) -> None:
         rooms = db.execute("SELECT count(*) FROM rooms").fetchone()[0]
@@ -1149,6 +1188,7 @@ class SQLiteStore(Store):
         results: list[tuple[defer.Deferred, Any]] = []
         try:
             db.execute("BEGIN IMMEDIATE")
+            self._check_file()
             (version,) = db.execute("PRAGMA data_version").fetchone()
             if self._data_versions.setdefault(id(db), version) != version:
                 # Another connection committed since this one's last transaction: another chatd on the
@@ -1220,7 +1260,7 @@ class SQLiteStore(Store):
                 pass
             if not wait and getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _Busy() from None
-            if isinstance(e, sqlite3.Error):
+            if isinstance(e, (sqlite3.Error, _Moved)):
                 log.error("history store write failed: {error}", error=str(e))
             else:
                 log.failure("history store write failed")
