@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import queue
 import sqlite3
+import struct
 import tempfile
 import threading
 from collections import OrderedDict, deque
@@ -574,6 +575,14 @@ _STOP = object()
 _RESTART = object()
 
 
+#: the start of SQLite's WAL index (the ``-shm`` file): version, unused, change counter, isInit,
+#: big-endian checksums, page size (1 means 65536), frames in the WAL (mxFrame), pages in the database
+_SHM_HEADER = struct.Struct("=IIIBBHII")
+#: bytes of the WAL's header, and of each frame's header before its page
+WAL_HEADER = 32
+WAL_FRAME_HEADER = 24
+
+
 class _Busy(Exception):
     """Another connection holds the file's write lock: the transaction was rolled back, nothing was written."""
 
@@ -680,6 +689,9 @@ class SQLiteStore(Store):
         self._restarting = False
         #: (device, inode) of the file and its WAL as opened (see ``_check_file``)
         self._identity: tuple[tuple[int, int], ...] | None = None
+        #: the file's size at the last write (it never shrinks), and the WAL index opened to read its header
+        self._file_size = 0
+        self._shm: int | None = None
         #: while writes fail: when the log last said so, and the messages refused since (see ``_log_failure``)
         self._failure_logged = 0.0
         self._refused = 0
@@ -722,6 +734,8 @@ class SQLiteStore(Store):
             raise StartupError(f"--data-dir: cannot open the history file {self.path!r}: {e}") from None
         self._db = self._connect(wait=False)
         self._identity = self._file_identity()
+        self._file_size = os.stat(self.path).st_size
+        self._shm = os.open(self.path + "-shm", os.O_RDONLY)
         self._thread = threading.Thread(target=self._run, name="chatd-sqlite", daemon=True)
         self._thread.start()
         self._checkpointer = threading.Thread(target=self._checkpoints, name="chatd-sqlite-checkpoint", daemon=True)
@@ -751,25 +765,47 @@ class SQLiteStore(Store):
         return tuple(identity)
 
     def _check_file(self) -> None:
-        """Raise :class:`_Moved` unless the path still names the file and WAL chatd has open (in every write).
+        """Raise :class:`_Moved` unless the path still names the file and WAL chatd has open, whole (in every write).
 
         SQLite keeps writing to a file deleted, renamed or replaced under
         it (an operator's ``rm``, a restore copied over it, a data
         directory removed): every commit succeeds, into an inode nothing
         will ever open again. Each message would be acknowledged and lost
         at the next start, and the file found there then (none, or an old
-        one) numbers the room from a ``seq`` already handed out. So every
-        transaction first checks the path (two ``stat`` calls, about
-        1.5 us), and refuses its writes once it has changed; only a restart
-        opens the file at the path again, as reopening it here would number
-        rooms anew under connected clients.
+        one) numbers the room from a ``seq`` already handed out. A file
+        emptied in place (``: > chatd.sqlite3-wal`` to free space) is the
+        same loss: SQLite writes the next frames at their old offsets behind
+        a header of zeros, and the next start reads none of it.
+
+        So every transaction first checks, under the write lock, that the
+        path still names the inodes opened; that the file has not shrunk
+        (chatd never shrinks it: no VACUUM, no auto-vacuum); and that the
+        WAL still holds every frame SQLite's index (the ``-shm`` header,
+        written under the same lock) says it has. Two ``stat`` calls and a
+        ``pread``: a few microseconds. Once that fails its writes are
+        refused until a restart opens the file at the path again: reopening
+        it here would number rooms anew under connected clients.
         """
         try:
-            same = self._identity is None or self._file_identity() == self._identity
+            st_db = os.stat(self.path)
+            st_wal = os.stat(self.path + "-wal")
+            header = os.pread(self._shm, _SHM_HEADER.size, 0) if self._shm is not None else b""
         except OSError:
-            same = False
-        if not same:
-            raise _Moved(f"the history file {self.path} or its WAL was deleted or replaced while open; restart chatd")
+            st_db = st_wal = None
+            header = b""
+        whole = st_db is not None and st_wal is not None
+        if whole and self._identity is not None:
+            whole = ((st_db.st_dev, st_db.st_ino), (st_wal.st_dev, st_wal.st_ino)) == self._identity
+            whole = whole and st_db.st_size >= self._file_size
+            if whole and len(header) == _SHM_HEADER.size:
+                page, frames = _SHM_HEADER.unpack(header)[5:7]
+                page = 65536 if page == 1 else page
+                whole = not frames or st_wal.st_size >= WAL_HEADER + frames * (WAL_FRAME_HEADER + page)
+        if not whole:
+            raise _Moved(
+                f"the history file {self.path} or its WAL was deleted, replaced or emptied while open; restart chatd"
+            )
+        self._file_size = st_db.st_size
 
     def _load(self, db: sqlite3.Connection) -> None:
         rooms = db.execute("SELECT count(*) FROM rooms").fetchone()[0]
@@ -1009,6 +1045,9 @@ class SQLiteStore(Store):
             if self._checkpointer is not None:
                 self._checkpointer.join(10)
             db.close()
+            if self._shm is not None:
+                os.close(self._shm)
+                self._shm = None
             if self._stopped is not None:
                 self.reactor.callFromThread(self._stopped.callback, None)
 

@@ -53,6 +53,13 @@ def _replace(path: Path) -> None:
 # died. Now every transaction checks the path still names the files it has
 # open, and refuses its writes (an error, /health 503 with the reason) until
 # a restart.
+#
+# DEFECT 3 (critical, found with the fix for 1): the file or its WAL emptied in
+# place (`: > chatd.sqlite3-wal`, the way one frees space) is the same loss
+# with the same inode: SQLite writes the next frames at their old offsets
+# behind a header of zeros, every message is acknowledged, and the next start
+# reads none of them (the room numbered from 1 again). Now a write also checks
+# the file has not shrunk and the WAL holds every frame SQLite's index says.
 @pytest.mark.parametrize(
     "harm",
     [
@@ -60,6 +67,8 @@ def _replace(path: Path) -> None:
         pytest.param(lambda p: p.with_name(p.name + "-wal").unlink(), id="wal-deleted"),
         pytest.param(lambda p: p.rename(p.with_name("moved.sqlite3")), id="file-renamed"),
         pytest.param(_replace, id="file-replaced"),
+        pytest.param(lambda p: os.truncate(p.with_name(p.name + "-wal"), 0), id="wal-emptied"),
+        pytest.param(lambda p: os.truncate(p, 0), id="file-emptied"),
     ],
 )
 def test_a_history_file_deleted_or_replaced_under_the_daemon_acknowledges_nothing_more(tmp_path, harm) -> None:
