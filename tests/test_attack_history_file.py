@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.daemon import Daemon
 from tests.test_redis import eventually, health
 from tests.wsclient import Client
@@ -96,8 +97,7 @@ def test_a_history_file_deleted_or_replaced_under_the_daemon_acknowledges_nothin
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
     """A 4 MB tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill the disk needs root (CI runs as root)")
+    require(os.geteuid() == 0, "mounting a small tmpfs to fill the disk needs root (CI runs as root)")
     mount = Path(tempfile.mkdtemp(prefix="chatd-small-disk-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
     try:
