@@ -57,6 +57,18 @@ def source_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return environ
 
 
+def run_python(source: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``source`` run by a fresh Python on this tree: a crash or a wedge there fails a test, not pytest."""
+    return subprocess.run(
+        [sys.executable, "-c", source, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
+        env=source_env(),
+    )
+
+
 class Daemon:
     """A ``twistd -n chatd`` process on free loopback ports, using this source tree."""
 

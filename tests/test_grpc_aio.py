@@ -30,7 +30,7 @@ from chatd.grpc.generated.chat_pb2_grpc import ChatServiceStub
 from chatd.hub import Hub
 from chatd.validate import Limits
 from tests import grpcservers
-from tests.daemon import Daemon
+from tests.daemon import Daemon, run_python
 from tests.wsclient import Client
 
 start, grpc_server = grpcservers.start, grpcservers.grpc_server
@@ -285,10 +285,7 @@ def test_an_aio_server_stopped_before_its_start_has_run_stops_cleanly() -> None:
     Before, grpc core's server was shut down first and then started: the
     start dereferenced a listener the shutdown had released (SIGSEGV).
     """
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", _STOP_BEFORE_START], capture_output=True, text=True, timeout=60)
+    done = run_python(_STOP_BEFORE_START)
     assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr[-3000:]
 
 

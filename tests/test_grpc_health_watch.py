@@ -11,12 +11,9 @@ test rather than hanging pytest.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.daemon import ROOT, source_env
+from tests.daemon import run_python
 
 _SCENARIO = """
 import os, socket, struct, sys
@@ -73,12 +70,5 @@ reactor.run()
 
 @pytest.mark.parametrize("kind", ["aio", "threaded"])
 def test_a_health_watch_that_grants_no_window_does_not_freeze_health(kind: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _SCENARIO, kind],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=str(ROOT),
-        env=source_env(),
-    )
+    done = run_python(_SCENARIO, kind)
     assert done.stdout.split() == ["before", "1", "after", "2"], (done.stdout, done.stderr[-3000:])

@@ -7,12 +7,9 @@ NOT_SERVING for good. Run in a subprocess on each server kind.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.daemon import ROOT, source_env
+from tests.daemon import run_python
 
 _SCENARIO = """
 import os, sys, grpc
@@ -50,12 +47,5 @@ reactor.run()
 
 @pytest.mark.parametrize("kind", ["aio", "threaded"])
 def test_a_grpc_service_started_again_after_a_stop_is_serving(kind: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _SCENARIO, kind],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=str(ROOT),
-        env=source_env(),
-    )
+    done = run_python(_SCENARIO, kind)
     assert done.stdout.split() == ["first", "1", "again", "1"], (done.stdout, done.stderr[-3000:])
