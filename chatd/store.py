@@ -291,12 +291,14 @@ class Store:
         if not self.durable or (window is not None and window.complete):
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
-        loading = self._loading.get(room)
-        if loading is not None:
-            loading[settled].append(d)
+        waiting = self._loading.get(room)
+        in_flight = waiting is not None
+        if waiting is None:
+            waiting = self._loading[room] = ([], [])
+        waiting[settled].append(d)  # (on the window as read, once settled)
+        if in_flight:
             return d
-        first, after = self._loading[room] = ([], [])
-        (after if settled else first).append(d)
+        first, after = waiting
 
         def read(window: _Window) -> None:
             self._loading.pop(room, None)
