@@ -179,3 +179,104 @@ async def test_websocket_client_that_stops_reading_is_closed_and_others_carry_on
     finally:
         await deferToThread(good.close)
         slow.close()
+
+
+# -- the direct write path (SignalRSession.deliver) --------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_deliveries_take_the_direct_path_and_keep_the_protocol(start):
+    """JSON and MessagePack clients over a plain WebSocket get every event as the codec encodes it,
+    in order, while the server writes frames straight to the socket; data flowing counts as the
+    keep-alive, and once the server's close frame is out no data frame follows it."""
+    import msgpack
+
+    running = await start("--max-message-rate", "0", "--signalr-keep-alive", "1")
+    hub = running.hub
+    json_ws = await deferToThread(_open_ws, running.url("signalr", "ws", "/signalr?user=jay"), max_queue=None)
+    pack_ws = await deferToThread(_open_ws, running.url("signalr", "ws", "/signalr?user=max"), max_queue=None)
+    try:
+        await deferToThread(json_ws.send, '{"protocol":"json","version":1}\x1e')
+        assert await deferToThread(json_ws.recv, 10) == "{}\x1e"
+        await deferToThread(pack_ws.send, '{"protocol":"messagepack","version":1}\x1e')
+        assert await deferToThread(pack_ws.recv, 10) == b"{}\x1e"
+        sessions = {s.user: s for s in hub.sessions.values()}
+        for user in ("jay", "max"):
+            transport = sessions[user].connection.transport
+            assert transport.direct is transport.transport and transport.direct.direct  # the path under test
+
+        def read(ws, decode, count: int) -> list:
+            """Every record up to the count-th ReceiveMessage (presence and pings included)."""
+            records: list = []
+            while sum(1 for r in records if "ReceiveMessage" in str(r)) < count:
+                records.extend(decode(ws.recv(timeout=10)))
+            return records
+
+        def json_records(frame: str) -> list:
+            return [json.loads(r) for r in frame.split("\x1e") if r]
+
+        def pack_records(frame: bytes) -> list:
+            out, data = [], frame
+            while data:  # each record: a varint length, then that many bytes of MessagePack
+                size = shift = i = 0
+                while True:
+                    byte = data[i]
+                    size |= (byte & 0x7F) << shift
+                    i, shift = i + 1, shift + 7
+                    if not byte & 0x80:
+                        break
+                out.append(msgpack.unpackb(data[i : i + size]))
+                data = data[i + size :]
+            return out
+
+        # Messages for 2.5 s, one every 0.25 s: the keep-alive (1 s) sends no ping in between.
+        texts = []
+        for i in range(10):
+            texts.append(f"m{i} é")
+            hub.publish("general", "eve", texts[-1], "websocket")
+            await deferToThread(__import__("time").sleep, 0.25)
+        got_json = await deferToThread(read, json_ws, json_records, len(texts))
+        got_pack = await deferToThread(read, pack_ws, pack_records, len(texts))
+        assert [r for r in got_json if r.get("target") != "UserJoined"] == [
+            {"type": 1, "target": "ReceiveMessage", "arguments": ["eve", t, "general"]} for t in texts
+        ]  # no ping ({"type": 6}) among them: the messages kept the connection alive
+        assert [r for r in got_pack if r[3] != "UserJoined"] == [
+            [1, {}, None, "ReceiveMessage", ["eve", t, "general"], []] for t in texts
+        ]
+
+        # Once the server's close frame is out (the session is in the room until the TCP
+        # connection ends), a message to the room writes no data frame after it.
+        raw = await deferToThread(_NonReader, running.ports["signalr"], "raw")
+        try:
+            (session,) = [s for s in hub.sessions.values() if s.user == "raw"]
+            session.connection.transport.sendCloseFrame(code=1000, isReply=False)
+            hub.publish("general", "eve", "after the close", "websocket")
+            assert session.id in hub.sessions  # delivered to, not yet gone
+
+            def frames_after_open() -> list[int]:
+                data = b""
+                raw.sock.settimeout(1)
+                try:
+                    while chunk := raw.sock.recv(65536):
+                        data += chunk
+                except TimeoutError:
+                    pass
+                opcodes = []
+                while data:  # unmasked server frames, payloads under 64 KiB here
+                    size, at = data[1] & 0x7F, 2
+                    if size == 126:
+                        size, at = int.from_bytes(data[2:4], "big"), 4
+                    opcodes.append(data[0] & 0x0F)
+                    data = data[at + size :]
+                return opcodes
+
+            opcodes = await deferToThread(frames_after_open)
+            assert opcodes and opcodes[-1] == 0x8 and opcodes.count(0x8) == 1, opcodes
+        finally:
+            raw.close()
+        assert [r for r in await deferToThread(read, pack_ws, pack_records, 1) if r[3] == "ReceiveMessage"] == [
+            [1, {}, None, "ReceiveMessage", ["eve", "after the close", "general"], []]
+        ]
+    finally:
+        await deferToThread(json_ws.close)
+        await deferToThread(pack_ws.close)

@@ -53,6 +53,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,8 +64,9 @@ from chatd.hub import Hub, Joined, Session
 from chatd.logs import printable
 from chatd.ordered import InOrder
 from chatd.signalr import protocol as p
-from chatd.signalr.connection import CLOSED, HubConnection
+from chatd.signalr.connection import CLOSED, OPEN, HubConnection
 from chatd.validate import ChatError
+from chatd.websocket import frame
 
 log = Logger()
 
@@ -101,6 +103,16 @@ def _encoder(codec_name: str) -> Callable[[Event], bytes]:
 _EVENT_ENCODERS = {name: _encoder(name) for name in _ENCODERS}
 
 
+def _framer(codec_name: str) -> Callable[[Event], PreparedMessage]:
+    key, encode, binary = _CACHE_KEYS[codec_name], _EVENT_ENCODERS[codec_name], codec_name == "messagepack"
+    return lambda event: frame(event.encoded(key, encode), binary)
+
+
+#: the per-event cache key and builder of each hub protocol's WebSocket frame
+_FRAMES = {name: (f"{_CACHE_KEYS[name]}-frame", _framer(name)) for name in _ENCODERS}
+_DELIVERED = frozenset(("message", "presence", "truncated"))
+
+
 class SignalRSession(Session):
     """The hub's handle on one SignalR connection."""
 
@@ -114,10 +126,25 @@ class SignalRSession(Session):
         self._chat = chat
 
     def deliver(self, event: Event) -> None:
-        name = self.connection.protocol_name
-        if name is None or event.kind not in ("message", "presence", "truncated"):
+        if event.kind not in _DELIVERED:
             return
-        self.connection.send_record(event.encoded(_CACHE_KEYS[name], _EVENT_ENCODERS[name]))
+        connection = self.connection
+        codec = connection.codec
+        if codec is None:
+            return
+        # The common case first, as the WebSocket session does (this runs once
+        # per recipient): a WebSocket with nothing buffered and no close under
+        # way sends the event's one shared frame straight to its socket. A
+        # stateful connection keeps each record for a resend, so it takes the
+        # general path; so does every other transport.
+        transport = connection.transport
+        out = getattr(transport, "direct", None)
+        if out is not None and out.direct and connection.state == OPEN and not connection.stateful:
+            key, build = _FRAMES[codec.name]
+            out.send_direct(event.encoded(key, build).payloadHybi)
+            connection.last_sent = connection.clock.seconds()
+        else:
+            connection.send_record(event.encoded(_CACHE_KEYS[codec.name], _EVENT_ENCODERS[codec.name]))
         if event.kind != "presence" and self._chat.streams:
             self._chat.stream_event(event)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -74,6 +74,9 @@ class Transport(Protocol):
     #: whether a new transport may take over after this one drops (stateful reconnect);
     #: optional, False when missing
     supports_reconnect: bool
+    #: a socket that takes a whole frame at once now, or None (see ``chatd.signalr.chat.SignalRSession.deliver``);
+    #: optional, None when missing
+    direct: Any
 
     def write(self, data: bytes, binary: bool) -> None: ...
 
@@ -132,7 +135,8 @@ class HubConnection:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         now = clock.seconds()
-        self._last_sent = now
+        #: when the server last wrote to the client: the keep-alive pings only after a quiet spell
+        self.last_sent = now
         self._last_received = now
         self._tick: IDelayedCall | None = None
         self._timer: IDelayedCall | None = clock.callLater(
@@ -382,7 +386,7 @@ class HubConnection:
             self._write(self.codec.encode({"type": p.ACK, "sequenceId": self._latest_received}))  # type: ignore[union-attr]
 
     def _write(self, record: bytes) -> None:
-        self._last_sent = self.clock.seconds()
+        self.last_sent = self.clock.seconds()
         binary = self.codec.binary if self.codec is not None else False
         self.transport.write(record, binary)  # type: ignore[union-attr]
 
@@ -404,7 +408,7 @@ class HubConnection:
         if self._tick is not None and self._tick.active():
             return
         due = min(
-            self._last_sent + self.options.keep_alive,
+            self.last_sent + self.options.keep_alive,
             self._last_received + self.options.client_timeout,
         )
         self._tick = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._on_tick)
@@ -423,7 +427,7 @@ class HubConnection:
             log.info("{peer}: client timeout", peer=self.peer)
             self.close(error="Client timeout elapsed without receiving a message from the client.")
             return
-        if now - self._last_sent >= self.options.keep_alive:
+        if now - self.last_sent >= self.options.keep_alive:
             self._write(self.codec.encode(p.PING_MESSAGE))  # type: ignore[union-attr]
         self._schedule_tick()
 

@@ -210,6 +210,9 @@ class SignalRWebSocketProtocol(FastReceive, DirectSend, ServerProtocol):
     supports_reconnect = True
     connection: HubConnection | None = None
     _target: tuple[HubConnection | None, str | None, Identity | None] = (None, None, None)
+    #: the socket while a shared frame may go straight to it (see ``SignalRSession.deliver``):
+    #: a plain TCP connection, no compression, nothing queued by Autobahn, no close frame sent
+    direct: fastwrite.FastServer | None = None
 
     def onOpen(self) -> None:
         connection, user, identity = self._target
@@ -227,7 +230,8 @@ class SignalRWebSocketProtocol(FastReceive, DirectSend, ServerProtocol):
         self.connection = connection
         self.budget = SendBudget(manager.options.write_limit, self._too_slow)
         self.budget.attach(self.transport)
-        fastwrite.install(self.transport)
+        if fastwrite.install(self.transport) and self._perMessageCompress is None and not self.logOctets:
+            self.direct = self.transport
         connection.attach(self)
 
     def write(self, data: bytes, binary: bool) -> None:
@@ -238,6 +242,18 @@ class SignalRWebSocketProtocol(FastReceive, DirectSend, ServerProtocol):
 
     def close(self) -> None:
         self.sendClose(1000)
+
+    def sendCloseFrame(  # noqa: N802 (Autobahn's names)
+        self,
+        code: int | None = None,
+        reasonUtf8: bytes | None = None,  # noqa: N803
+        isReply: bool = False,  # noqa: N803
+    ) -> None:
+        self.direct = None  # no data frame may follow a close frame (RFC 6455 5.5.1)
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+
+    def _queue_used(self) -> None:
+        self.direct = None  # frames must queue behind Autobahn's from now on
 
     def _too_slow(self) -> None:
         if self.connection is not None:
@@ -308,6 +324,7 @@ class ServerSentEventsTransport:
     name = SERVER_SENT_EVENTS
     supports_binary = False
     inherent_keep_alive = False
+    direct = None
 
     def __init__(self, request: Request, connection: HubConnection, write_limit: int) -> None:
         self.request = request
@@ -355,6 +372,7 @@ class LongPollingTransport:
     name = LONG_POLLING
     supports_binary = True
     inherent_keep_alive = True
+    direct = None
 
     def __init__(self, connection: HubConnection, manager: ConnectionManager) -> None:
         self.connection = connection
