@@ -198,3 +198,38 @@ def test_the_presence_floor_answers_a_join_as_chatd_does() -> None:
     finally:
         floor.terminate()
         floor.wait(10)
+
+
+def test_a_sender_fired_early_stamps_when_it_sent_and_a_late_one_when_it_was_due() -> None:
+    """Latency is receive time minus the stamp: an early timer must not make it negative, and a
+    late send keeps its due time (open loop: the wait counts)."""
+    from bench.client import Conn, Sender
+
+    sent: list[bytes] = []
+
+    class Worker:
+        payload = 128
+        win_start, win_end = 0, 1 << 62
+        sent_room: dict = {}
+        senders_running = 0
+
+        class loop:  # noqa: N801 - stands in for the asyncio loop
+            @staticmethod
+            def call_at(when: float, f):
+                return None  # fired by hand below
+
+    class Connection:
+        @staticmethod
+        def send_chat(sender, text: bytes) -> None:
+            sent.append(text)
+
+    sender = Sender(Worker(), Connection(), Conn(room=0, sender=0, user=0, kind="ws"))  # type: ignore[arg-type]
+    now = time.time_ns()
+    sender.start(rate=1.0, t0=now + 10**9, stop=now + 10**10, phase=0.0, offset=0)  # due in a second
+    sender._fire()  # fired early
+    stamped = int(sent[-1].split(b":")[3])  # b:<sender>:<seq>:<stamp>:padding
+    assert now <= stamped <= time.time_ns()
+    due = now - 10**9  # due a second ago: fired late
+    sender.next = due
+    sender._fire()
+    assert int(sent[-1].split(b":")[3]) == due
