@@ -79,6 +79,26 @@ def test_join_room_since_replays_as_receive_message_and_reports(clock, hub):
     }
 
 
+def test_a_join_since_replays_to_receive_message_only_not_again_to_an_open_stream_of_the_room(clock, hub):
+    """A StreamRoom that already carried the room's messages does not get them again, out of
+    order, when the same connection then replays them with JoinRoom(room, user, since)."""
+    conn, t, _ = open_connection(clock, hub)
+    t.take()
+    conn.data_received(
+        p.JsonCodec().encode(
+            {"type": p.STREAM_INVOCATION, "invocationId": "s", "target": "StreamRoom", "arguments": ["news"]}
+        )
+    )
+    publish(hub, "news", 3)
+    invoke(conn, "JoinRoom", "news", "ada", 1, invocation_id="j")
+    hub.publish("news", "bob", "live", "websocket")
+    out = t.take()
+    items = [m["item"] for m in out if m["type"] == p.STREAM_ITEM]
+    assert [i["seq"] for i in items] == [1, 2, 3, 4]  # each once, in order
+    replayed = [m["arguments"][1] for m in out if m["type"] == p.INVOCATION and m["target"] == "ReceiveMessage"]
+    assert replayed == ["m0", "m1", "m2", "m1", "m2", "live"]  # live, the replay asked for, live
+
+
 def test_bad_since_is_a_completion_error_and_joins_nothing(clock, hub):
     conn, t, _ = open_connection(clock, hub)
     t.take()

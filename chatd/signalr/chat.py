@@ -59,7 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd import validate
-from chatd.events import Event
+from chatd.events import Event, Message
 from chatd.hub import Hub, Joined, Session
 from chatd.logs import printable
 from chatd.ordered import InOrder
@@ -128,6 +128,17 @@ class SignalRSession(Session):
     def deliver(self, event: Event) -> None:
         if event.kind not in _DELIVERED:
             return
+        self._send(event)
+        if event.kind != "presence" and self._chat.streams:
+            self._chat.stream_event(event)
+
+    def replay(self, message: Message) -> None:
+        # A JoinRoom(room, user, since) replay is for the client's ReceiveMessage
+        # handlers alone: an open StreamRoom of the room carried these messages
+        # already (or never promised them: a stream replays with its own since).
+        self._send(message)
+
+    def _send(self, event: Event) -> None:
         connection = self.connection
         codec = connection.codec
         if codec is None:
@@ -145,8 +156,6 @@ class SignalRSession(Session):
             connection.last_sent = connection.clock.seconds()
         else:
             connection.send_record(event.encoded(_CACHE_KEYS[codec.name], _EVENT_ENCODERS[codec.name]))
-        if event.kind != "presence" and self._chat.streams:
-            self._chat.stream_event(event)
 
     def close(self, reason: str) -> None:
         self.connection.close(error=reason)
