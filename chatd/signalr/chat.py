@@ -82,7 +82,8 @@ _JSON = p.JsonCodec()
 _MSGPACK = p.MessagePackCodec()
 #: the per-event encoding cache key of each hub protocol
 _CACHE_KEYS = {"json": "signalr-json", "messagepack": "signalr-msgpack"}
-_ENCODERS = {"json": _JSON.encode, "messagepack": _MSGPACK.encode}
+_CODECS = {"json": _JSON, "messagepack": _MSGPACK}
+_ENCODERS = {name: codec.encode for name, codec in _CODECS.items()}
 
 
 def event_invocation(event: Event) -> dict:
@@ -104,7 +105,7 @@ _EVENT_ENCODERS = {name: _encoder(name) for name in _ENCODERS}
 
 
 def _framer(codec_name: str) -> Callable[[Event], PreparedMessage]:
-    key, encode, binary = _CACHE_KEYS[codec_name], _EVENT_ENCODERS[codec_name], codec_name == "messagepack"
+    key, encode, binary = _CACHE_KEYS[codec_name], _EVENT_ENCODERS[codec_name], _CODECS[codec_name].binary
     return lambda event: frame(event.encoded(key, encode), binary)
 
 
