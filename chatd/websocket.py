@@ -11,6 +11,7 @@ Client to server (one JSON object per text frame)::
     {"type": "leave", "room": R}                  -> {"type": "left", "room"}
     {"type": "message", "room": R, "message": M}  (must have joined R)
     {"type": "history", "room": R, "limit": N}    -> {"type": "history", "room", "messages": [...]}
+                                                  (the newest that fit in 1 MiB; "truncated": true if not all)
     {"type": "ping"}                              -> {"type": "pong"}
 
 Any request may carry ``"ref"`` (string or number); replies and errors echo it,
@@ -1011,12 +1012,40 @@ def _sent(request: dict, stored: defer.Deferred) -> defer.Deferred:
     return stored.addCallback(ack)
 
 
+#: the largest ``history`` reply, in bytes: the ``websockets`` library's default limit on a message it reads
+HISTORY_REPLY_MAX = 1 << 20
+
+
 def _history(hub: Hub, session: Session, request: dict) -> defer.Deferred:
     messages = hub.history(request.get("room"), request.get("limit"), session.identity)
     _reading(session, messages)
-    return messages.addCallback(
-        lambda kept: {"type": "history", "room": request["room"], "messages": [m.as_dict() for m in kept]}
-    )
+    return messages.addCallback(_history_reply, request)
+
+
+def _history_reply(kept: list[Message], request: dict) -> dict:
+    """The newest of ``kept`` whose reply, ``ref`` included, fits in ``HISTORY_REPLY_MAX``; ``truncated`` if not all.
+
+    A room's kept messages at the default limits (100 of 4,096 characters)
+    are up to 1.6 MB of JSON in three- and four-byte UTF-8 text; the
+    ``websockets`` client reads at most 1 MiB a message unless told
+    otherwise and closed the connection on such a reply (1009). The older
+    messages left out are still kept: ``join`` with ``since`` replays every
+    kept message, one frame each.
+    """
+    reply: dict[str, Any] = {"type": "history", "room": request["room"], "messages": []}
+    bodies = [m.as_dict() for m in kept]
+    envelope = dict(reply, truncated=True)
+    _echo_ref(request, envelope)
+    room_left = HISTORY_REPLY_MAX - len(orjson.dumps(envelope))
+    start = len(bodies)
+    while start and room_left >= 0:
+        room_left -= len(orjson.dumps(bodies[start - 1])) + (start < len(bodies))  # the comma between two
+        if room_left >= 0:
+            start -= 1
+    reply["messages"] = bodies[start:]
+    if start:
+        reply["truncated"] = True
+    return reply
 
 
 def _reading(session: Session, answer: defer.Deferred) -> None:

@@ -224,6 +224,47 @@ async def test_history_returns_the_last_n(start) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_history_reply_fits_the_common_client_frame_limit(start) -> None:
+    """A full room of long non-Latin messages, under the default limits, is a reply a ``websockets`` client can read.
+
+    100 kept messages of 4,096 characters (both defaults) of three-byte
+    UTF-8 text are about 1.2 MB of JSON; the ``websockets`` library reads at
+    most 1 MiB a message unless told otherwise, and closed the connection
+    (1009, message too big) on the history reply. The reply now holds the
+    newest messages that fit in 1 MiB and says some were left out.
+    """
+    running = await start("--max-message-rate", "0", "--max-connection-rate", "0")
+    text = "漢字かな" * 1024  # 4,096 characters, 12,288 bytes
+
+    def scenario():
+        with Client(running.ws_url, max_size=None) as sender:
+            sender.join("r", "alice")
+            for i in range(100):
+                sender.send(type="message", room="r", message=f"{i:03d}" + text[3:])
+                sender.recv_type("message")
+        # The library's own default frame limit (1 MiB), as most of its users run it.
+        with Client(running.ws_url) as reader:
+            reader.join("r", "bob")
+            reader.send(type="history", room="r", ref="h1")
+            frame = reader.ws.recv(timeout=10)
+            assert len(frame.encode()) <= 1 << 20
+            reply = json.loads(frame)
+            assert reply["type"] == "history" and reply["ref"] == "h1" and reply["truncated"] is True
+            seqs = [m["seq"] for m in reply["messages"]]
+            assert len(seqs) >= 80 and seqs == list(range(101 - len(seqs), 101))  # the newest, in order
+            assert all(m["message"][3:] == text[3:] for m in reply["messages"])
+            # What fits is whole, and says nothing was left out.
+            reader.send(type="history", room="r", limit=10)
+            reply = reader.recv_type("history")
+            assert [m["seq"] for m in reply["messages"]] == list(range(91, 101))
+            assert "truncated" not in reply
+            reader.send(type="ping")
+            assert reader.recv_type("pong") == {"type": "pong"}  # still connected
+
+    await deferToThread(scenario)
+
+
+@pytest_twisted.ensureDeferred
 async def test_health_and_stats_report_the_right_counts(chatd) -> None:
     def scenario():
         code, body = get_json(chatd.http_url + "/health")
