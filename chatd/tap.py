@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatd import auth, signalr, store, webclient, websocket, workers
+from chatd import auth, signalr, store, validate, webclient, websocket, workers
 from chatd.fastpoll import EventDispatch
 from chatd.gctune import GcTuning
 from chatd.grpc import service as grpc_service
@@ -40,8 +40,10 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
     "read-buffer-size": ("READ_BUFFER_SIZE", 65536, "largest inbound message (WebSocket, SignalR, gRPC), in bytes"),
     "write-buffer-size": (
         "WRITE_BUFFER_SIZE",
-        1048576,
-        "bytes that may wait for a slow client before it is disconnected",
+        "the larger of 1048576 and a full room's history",
+        "bytes that may wait for a slow client before it is disconnected; a full room's history is "
+        "--history-limit x (6 x --max-message-length + 512) bytes at most, and a client that reads must be able "
+        "to take one (a history reply, a resume)",
     ),
     "history-limit": ("HISTORY_LIMIT", 100, "messages kept per room for history and resume"),
     "history-max-age": (
@@ -109,7 +111,12 @@ INTEGERS: dict[str, tuple[str, int, str]] = {
     "drain-timeout": ("DRAIN_TIMEOUT", 10, "seconds a shutdown waits for clients to leave before closing the rest"),
     "grpc-workers": ("GRPC_WORKERS", 1100, "gRPC worker threads of the threaded server (each open stream holds one); unused by aio"),
     "grpc-max-streams": ("GRPC_MAX_STREAMS", 1000, "most gRPC streams open at once (threaded: below --grpc-workers)"),
-    "grpc-stream-queue": ("GRPC_STREAM_QUEUE", 1000, "events a gRPC stream may have waiting before it is ended"),
+    "grpc-stream-queue": (
+        "GRPC_STREAM_QUEUE",
+        "the larger of 1000 and 2 x --history-limit",
+        "events a gRPC stream may have waiting before it is ended (a resume's replay, a full room's history, "
+        "is queued at once)",
+    ),
     "signalr-keep-alive": ("SIGNALR_KEEP_ALIVE", 15, "seconds of silence after which the server pings a SignalR client"),
     "signalr-client-timeout": (
         "SIGNALR_CLIENT_TIMEOUT",
@@ -144,6 +151,8 @@ _DERIVED: dict[str, Any] = {
     "max-connection-rate": lambda o: 2 * o["max-message-rate"],
     "connection-burst": lambda o: 2 * o["message-burst"],
     "signalr-max-post": lambda o: 16 * o["read-buffer-size"],
+    "write-buffer-size": lambda o: max(1 << 20, validate.history_bytes(o["history-limit"], o["max-message-length"])),
+    "grpc-stream-queue": lambda o: max(1000, 2 * o["history-limit"]),
 }
 
 # option -> (environment variable, default, help); free text.

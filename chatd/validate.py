@@ -15,9 +15,26 @@ from typing import Any
 ROOM_RULE = "1-64 characters of A-Z a-z 0-9 _ . -"
 USER_RULE = "1-32 characters, letters, digits, spaces and _ . - (no leading or trailing space)"
 
+#: bytes a message's record takes besides its text, at most (see ``Limits.history_bytes``)
+MESSAGE_ENVELOPE = 512
+
 _ROOM_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # \w is Unicode-aware: non-Latin letters and digits are welcome in names.
 _USER_RE = re.compile(r"[\w.\-]([\w .\-]{0,30}[\w.\-])?")
+
+
+def history_bytes(history_limit: int, max_message_length: int) -> int:
+    """The most bytes a full room's history can take on the wire, in any protocol.
+
+    A ``history`` reply, a ``GetHistory`` completion or a resume's replay is
+    written in one go, and a client that reads must be able to take it
+    however slowly it reads: a send budget below this closed such a client
+    as too slow. Each kept message at the longest text, every character at
+    its longest encoded (a control character in JSON is six bytes,
+    ``\u0001``), plus ``MESSAGE_ENVELOPE`` for the rest of its record (id,
+    seq, room, user, time, framing).
+    """
+    return history_limit * (max_message_length * 6 + MESSAGE_ENVELOPE)
 
 
 class ChatError(Exception):
@@ -45,6 +62,7 @@ class Limits:
     connection_burst: int = 100
     #: rooms one connection may be in at once (0: no limit)
     rooms_per_connection: int = 0
+
 
 
 class RateLimited(ChatError):
