@@ -370,8 +370,8 @@ class AioChatServicer(ChatServicer):
             log.failure("gRPC Chat request failed on {session}", session=session)
             self.reactor.callFromThread(session.end, Code.INTERNAL, "internal error")
             return
-        # The client closed its side: the call is complete.
-        self.reactor.callFromThread(session.end, Code.OK, "client finished")
+        # The client closed its side: the call is complete once its sends are answered.
+        self.reactor.callFromThread(self._finished, session)
 
 
 def _leave_when_made(connected: asyncio.Future) -> None:

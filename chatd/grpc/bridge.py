@@ -152,6 +152,8 @@ class GrpcSession(Session):
         self._lock = threading.Lock()
         self._ended = False
         self._replaying = False
+        #: sends of a ``Chat`` call whose replies wait for the store (reactor; see ``ChatServicer._finished``)
+        self.unanswered: set[defer.Deferred] = set()
 
     def _new_queue(self, limit: int) -> Any:
         """Where the reactor leaves responses for the call; needs ``qsize`` and ``put_nowait``."""
@@ -464,8 +466,23 @@ class ChatServicer:
             log.failure("gRPC Chat request failed on {session}", session=session)
             self.reactor.callFromThread(session.end, Code.INTERNAL, "internal error")
             return
-        # The client closed its side: the call is complete.
-        self.reactor.callFromThread(session.end, Code.OK, "client finished")
+        # The client closed its side: the call is complete once its sends are answered.
+        self.reactor.callFromThread(self._finished, session)
+
+    def _finished(self, session: GrpcSession) -> None:
+        """The client closed its side of a ``Chat``: end it OK once every send it made has its reply.
+
+        A half-close says "nothing more from me", not "stop answering": ended
+        at once, the call dropped the ``Sent`` replies (and the client's own
+        echoes) of sends still waiting for the store, although those messages
+        were stored. The replies go out first, then the OK.
+        """
+        if not session.unanswered:
+            session.end(Code.OK, "client finished")
+            return
+        defer.DeferredList(list(session.unanswered)).addCallback(
+            lambda _: session.end(Code.OK, "client finished")
+        )
 
     def _chat_event(self, session: GrpcSession, event: pb.ChatEvent) -> defer.Deferred | None:
         kind = event.WhichOneof("event")
@@ -475,7 +492,7 @@ class ChatServicer:
                 raise ChatError(f"expected join, leave or send, not {kind or 'an empty event'}")
             reply = handler(self.hub, session, getattr(event, kind))  # type: ignore[arg-type]
         except ChatError as e:
-            reply = _error_event(e, kind or "")
+            reply = _error_event(e, kind or "", self.hub)
         if isinstance(reply, defer.Deferred):
             # A send: the reader goes on at once; the reply follows once stored.
             # A resume: the reader waits, so its replay and reply come before
@@ -485,10 +502,13 @@ class ChatServicer:
 
             def refused(failure: Failure) -> pb.ChatEvent:
                 failure.trap(ChatError)
-                return _error_event(failure.value, kind or "")
+                return _error_event(failure.value, kind or "", self.hub)
 
             reply.addCallbacks(answered, refused).addCallback(self._reply, session, event.ref)
             reply.addErrback(lambda f: log.failure("gRPC Chat {kind} failed", f, kind=kind))
+            if not reply.called:
+                session.unanswered.add(reply)
+                reply.addBoth(_answered, session, reply)
             return reply if kind == "join" else None
         self._reply(reply, session, event.ref)
         return None
@@ -499,14 +519,15 @@ class ChatServicer:
             session.put(reply.SerializeToString())
 
 
-def _error_event(error: ChatError, request: str) -> pb.ChatEvent:
-    if isinstance(error, (StoreUnavailable, ShuttingDown)):
-        code = Code.UNAVAILABLE
-    elif isinstance(error, Forbidden):
-        code = Code.PERMISSION_DENIED
-    else:
-        code = Code.INVALID_ARGUMENT
-    return pb.ChatEvent(error=pb.Error(code=code.name, reason=error.reason, request=request))
+def _answered(result: Any, session: GrpcSession, reply: defer.Deferred) -> Any:
+    session.unanswered.discard(reply)
+    return result
+
+
+def _error_event(error: ChatError, request: str, hub: Hub) -> pb.ChatEvent:
+    """A refused ``Chat`` event: the status a unary call would end with (counted the same way), as an event."""
+    code, reason = status_for(error, hub)
+    return pb.ChatEvent(error=pb.Error(code=code.name, reason=reason, request=request))
 
 
 def stats_response(stats: dict) -> pb.StatsResponse:
