@@ -64,6 +64,25 @@ def _records(body: bytes) -> list[dict]:
     return [json.loads(r) for r in body.decode().split(RS) if r]
 
 
+def _long_poll_call(d: Daemon, target: str, arguments: list, polls: int) -> list[dict]:
+    """A long-polling client's invocation of ``target``; every record it polls until a completion or a close."""
+    token = _negotiate(d, "lp")
+    assert _http(d, "GET", f"/signalr?id={token}")[0] == 200  # the first poll opens the transport
+    assert _http(d, "POST", f"/signalr?id={token}", HANDSHAKE)[0] == 200
+    assert _http(d, "GET", f"/signalr?id={token}")[1] == b"{}" + RS.encode()
+    call = {"type": 1, "invocationId": "1", "target": target, "arguments": arguments}
+    assert _http(d, "POST", f"/signalr?id={token}", (json.dumps(call) + RS).encode())[0] == 200
+    seen: list[dict] = []
+    for _ in range(polls):
+        status, body = _http(d, "GET", f"/signalr?id={token}", timeout=30)
+        if status != 200:
+            break
+        seen += _records(body)
+        if any(r.get("type") in (3, 7) for r in seen):
+            break
+    return seen
+
+
 # -- 1. SignalR over HTTP: a room's history is more than the write budget -----------------
 
 
@@ -88,20 +107,7 @@ def test_long_polling_get_history_of_a_full_room_at_default_limits_is_answered(t
     with Daemon("--max-message-rate", "0", "--max-connection-rate", "0") as d:
         d.wait_healthy()
         _fill(d, "big", text)
-        token = _negotiate(d, "lp")
-        assert _http(d, "GET", f"/signalr?id={token}")[0] == 200  # the first poll opens the transport
-        assert _http(d, "POST", f"/signalr?id={token}", HANDSHAKE)[0] == 200
-        assert _http(d, "GET", f"/signalr?id={token}")[1] == b"{}" + RS.encode()
-        call = {"type": 1, "invocationId": "1", "target": "GetHistory", "arguments": ["big"]}
-        assert _http(d, "POST", f"/signalr?id={token}", (json.dumps(call) + RS).encode())[0] == 200
-        seen: list[dict] = []
-        for _ in range(20):
-            status, body = _http(d, "GET", f"/signalr?id={token}", timeout=30)
-            if status != 200:
-                break
-            seen += _records(body)
-            if any(r.get("type") in (3, 7) for r in seen):
-                break
+        seen = _long_poll_call(d, "GetHistory", ["big"], polls=20)
         closes = [r for r in seen if r.get("type") == 7]
         assert not closes, f"a polling client was closed: {closes}"
         completions = [r for r in seen if r.get("type") == 3 and r.get("invocationId") == "1"]
@@ -163,20 +169,7 @@ def test_long_polling_resume_of_a_full_room_at_default_limits_replays_everything
     with Daemon("--max-message-rate", "0", "--max-connection-rate", "0") as d:
         d.wait_healthy()
         _fill(d, "big", EURO_MESSAGE)
-        token = _negotiate(d, "lp")
-        assert _http(d, "GET", f"/signalr?id={token}")[0] == 200
-        assert _http(d, "POST", f"/signalr?id={token}", HANDSHAKE)[0] == 200
-        assert _http(d, "GET", f"/signalr?id={token}")[1] == b"{}" + RS.encode()
-        call = {"type": 1, "invocationId": "1", "target": "JoinRoom", "arguments": ["big", "lp", 0]}
-        assert _http(d, "POST", f"/signalr?id={token}", (json.dumps(call) + RS).encode())[0] == 200
-        seen: list[dict] = []
-        for _ in range(300):
-            status, body = _http(d, "GET", f"/signalr?id={token}", timeout=30)
-            if status != 200:
-                break
-            seen += _records(body)
-            if any(r.get("type") in (3, 7) for r in seen):
-                break
+        seen = _long_poll_call(d, "JoinRoom", ["big", "lp", 0], polls=300)
         closes = [r for r in seen if r.get("type") == 7]
         assert not closes, f"a polling client was closed: {closes}"
         assert sum(1 for r in seen if r.get("target") == "ReceiveMessage") == 100
