@@ -15,7 +15,7 @@ from typing import Any
 ROOM_RULE = "1-64 characters of A-Z a-z 0-9 _ . -"
 USER_RULE = "1-32 characters, letters, digits, spaces and _ . - (no leading or trailing space)"
 
-#: bytes a message's record takes besides its text, at most (see ``Limits.history_bytes``)
+#: bytes a message's record takes besides its text, at most (see ``history_bytes``)
 MESSAGE_ENVELOPE = 512
 
 _ROOM_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -62,7 +62,6 @@ class Limits:
     connection_burst: int = 100
     #: rooms one connection may be in at once (0: no limit)
     rooms_per_connection: int = 0
-
 
 
 class RateLimited(ChatError):

@@ -1036,12 +1036,14 @@ def _history_reply(kept: list[Message], request: dict) -> dict:
     bodies = [m.as_dict() for m in kept]
     envelope = dict(reply, truncated=True)
     _echo_ref(request, envelope)
-    room_left = HISTORY_REPLY_MAX - len(orjson.dumps(envelope))
-    start = len(bodies)
-    while start and room_left >= 0:
-        room_left -= len(orjson.dumps(bodies[start - 1])) + (start < len(bodies))  # the comma between two
-        if room_left >= 0:
-            start -= 1
+    size = len(orjson.dumps(envelope))
+    start = len(bodies)  # newest first, while the next one (and the comma before it) still fits
+    while start:
+        more = len(orjson.dumps(bodies[start - 1])) + (start < len(bodies))
+        if size + more > HISTORY_REPLY_MAX:
+            break
+        size += more
+        start -= 1
     reply["messages"] = bodies[start:]
     if start:
         reply["truncated"] = True
